@@ -1,0 +1,37 @@
+# The README's two commands: `make repro` (set-up + the tiny study) and `make test` (set-up + tests).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Nothing the project runs may reach the network.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export RAGAS_DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+# pip's global config on our machines names local indexes that may be absent: hide that noise.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: setup repro test bench clean
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -c constraints.txt -r requirements.txt 2>&1 | $(QUIET_PIP)
+	$(VENV)/bin/pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
+	$(VENV)/bin/python -c "import torch, transformers, trl, peft, dvc; assert torch.__version__.startswith('2.13.0')"
+	touch $@
+
+setup: $(VENV)/.installed
+	dvc config core.analytics false
+	dvc config core.check_update false
+
+repro: setup
+	dvc repro
+
+test: setup
+	pytest
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,120 @@
+"""Content-addressed teacher-output cache: the teacher runs once per checkpoint and split, not per cell and epoch.
+
+An entry holds, for every aligned answer position of the training split, the teacher's top-k
+log-probabilities (temperature 1) over the student's vocabulary (ids with an identical-string twin)
+plus, implicitly, the residual mass 1 - sum(exp(top-k)). Its address is the sha256 of everything
+that determines it: teacher weights, both tokenizers, chat templates, data, lengths, dtype, top-k.
+The file's own sha256 is checked on every read; a corrupted entry is refused, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+TARGETS = "targets.safetensors"
+MANIFEST = "manifest.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_digest(path: str | Path) -> str:
+    """sha256 over every file (relative name + content) of a checkpoint folder."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class TeacherTargets:
+    offsets: "torch.Tensor"      # [n_examples + 1] rows of example i are offsets[i]:offsets[i+1]
+    student_pos: "torch.Tensor"  # [N] student logit position of each row
+    logprobs: "torch.Tensor"     # [N, k] teacher log-probs (T = 1) at the student ids below
+    ids: "torch.Tensor"          # [N, k] student vocabulary ids
+    mapped_mass: "torch.Tensor"  # [N] teacher mass on ids with a student twin (1 with one vocabulary)
+    answer_tokens: int           # student answer tokens in all examples (aligned or not)
+
+    def rows(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def summary(self) -> dict:
+        return {"positions": int(self.student_pos.numel()), "answer_tokens": self.answer_tokens,
+                "aligned_fraction": round(self.student_pos.numel() / max(1, self.answer_tokens), 4),
+                "mapped_mass": round(float(self.mapped_mass.mean()), 4) if self.mapped_mass.numel() else None,
+                "top_k": int(self.ids.shape[-1])}
+
+
+def compute_targets(teacher, pairs, s_map, t_map, top_k: int, batch_size: int, pad_id: int, desc="teacher") -> TeacherTargets:
+    """Run the frozen teacher over `pairs` [(student_ex, teacher_ex, aligned positions)] and keep its targets."""
+    import torch
+    from tqdm import tqdm
+
+    from .prompts import collate
+
+    teacher.eval()
+    k = min(top_k, len(s_map))
+    offsets, pos, lps, ids, mass = [0], [], [], [], []
+    for b in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", mininterval=2):
+        chunk = pairs[b: b + batch_size]
+        batch = collate([t for _, t, _ in chunk], pad_id)
+        with torch.inference_mode():
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for row, (_, _, aligned) in enumerate(chunk):
+            t_pos = torch.tensor([t for _, t in aligned], dtype=torch.long)
+            lp = torch.log_softmax(logits[row, t_pos].float(), dim=-1)[:, t_map]  # [n, M] in student-id order
+            top = lp.topk(k, dim=-1)
+            lps.append(top.values)
+            ids.append(s_map[top.indices])
+            mass.append(lp.exp().sum(-1))
+            pos.append(torch.tensor([s for s, _ in aligned], dtype=torch.long))
+            offsets.append(offsets[-1] + len(aligned))
+    answer_tokens = sum(len(s.input_ids) - s.prompt_len for s, _, _ in pairs)
+    cat = lambda xs, w: torch.cat(xs) if xs else torch.zeros((0, w) if w else (0,))  # noqa: E731
+    return TeacherTargets(torch.tensor(offsets), cat(pos, 0).long(), cat(lps, k), cat(ids, k).long(),
+                          cat(mass, 0), answer_tokens)
+
+
+def save_targets(targets: TeacherTargets, key: dict, root: str | Path) -> Path:
+    """Write the entry under root/<key digest>/ with a manifest holding the key and the file's sha256."""
+    from safetensors.torch import save_file
+
+    entry = Path(root) / key_digest(key)
+    entry.mkdir(parents=True, exist_ok=True)
+    save_file({"offsets": targets.offsets, "student_pos": targets.student_pos, "logprobs": targets.logprobs.contiguous(),
+               "ids": targets.ids.contiguous(), "mapped_mass": targets.mapped_mass}, str(entry / TARGETS))
+    manifest = {"key": key, "sha256": file_sha256(entry / TARGETS), "answer_tokens": targets.answer_tokens,
+                **targets.summary()}
+    (entry / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return entry
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+def load_targets(root: str | Path, key: dict) -> TeacherTargets:
+    """The entry for `key`, verified; CacheError when it is missing or its content hash does not match."""
+    from safetensors.torch import load_file
+
+    entry = Path(root) / key_digest(key)
+    if not (entry / MANIFEST).exists():
+        raise CacheError(f"no teacher cache entry for this key under {root}: rerun its teacher_cache stage (dvc repro)")
+    manifest = json.loads((entry / MANIFEST).read_text())
+    if file_sha256(entry / TARGETS) != manifest["sha256"]:
+        raise CacheError(f"{entry / TARGETS}: content hash mismatch (corrupted): delete it and rerun dvc repro")
+    t = load_file(str(entry / TARGETS))
+    return TeacherTargets(t["offsets"], t["student_pos"], t["logprobs"], t["ids"], t["mapped_mass"],
+                          manifest["answer_tokens"])

@@ -1,0 +1,311 @@
+"""TeleQuAD loading, validation and group-aware splitting (no torch here: stage start-up stays fast)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ON_INVALID = ("error", "skip")
+IMPOSSIBLE = ("drop", "keep")
+GROUP_BY = ("source", "doc_id")
+FIX_RECORDS = "fix the records, or set data.on_invalid: skip to drop them (they are listed in the skipped file)"
+FIX_FILE = "fix or replace the file (data.on_invalid: skip cannot drop a whole file)"
+EXPECTED = 'expected TeleQuAD JSON: {"version": ..., "data": [{"docid", "title", "source", "paragraphs": [...]}]}'
+
+_SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape turns non-UTF-8 bytes into
+_INT = re.compile(r"\s*-?\d+\s*")
+
+
+@dataclass(frozen=True)
+class QARecord:
+    id: str
+    doc_id: str
+    source: str  # spec the paragraph came from; "" if absent
+    title: str  # "" if absent
+    context: str
+    question: str
+    answers: tuple[str, ...]  # stripped, non-empty, de-duplicated in order (may be () only for impossible questions)
+    answer_starts: tuple[int, ...]  # char offset of each answer in context; -1 if the text is not in it
+    is_impossible: bool
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["answers"], d["answer_starts"] = list(self.answers), list(self.answer_starts)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QARecord:
+        return cls(**{**d, "answers": tuple(d["answers"]), "answer_starts": tuple(d["answer_starts"])})
+
+
+@dataclass(frozen=True)
+class Problem:
+    record_id: str  # question id, or "doc[3].paragraphs[0].qas[5]" when the id itself is missing/bad
+    field: str
+    reason: str
+
+
+class DataValidationError(ValueError):
+    """Every problem found in a data file, one per line, then how to proceed."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        lines = [f"record {p.record_id}: {p.field}: {p.reason}" for p in self.problems]
+        file_only = all(p.field == "file" for p in self.problems)
+        lines.append(FIX_FILE if file_only else FIX_RECORDS)
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class LoadResult:
+    records: list[QARecord]
+    skipped: list[dict]  # {"id", "field", "reason"} per dropped record
+    warnings: list[dict]  # {"id", "field", "reason"} per repaired answer span
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; use one of {', '.join(allowed)}")
+
+
+def _file_error(path: Path, reason: str) -> DataValidationError:
+    return DataValidationError([Problem("<file>", "file", f"{path}: {reason}; {EXPECTED}")])
+
+
+def _read_data(path: Path) -> list:
+    """The top-level "data" list; file-level problems raise DataValidationError."""
+    if not path.is_file():
+        raise FileNotFoundError(f"TeleQuAD file not found or not a regular file: {path} (fix data.source)")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise _file_error(path, "file is empty")
+    text = raw.decode("utf-8-sig", errors="surrogateescape")  # bad bytes inside strings are caught per record
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _file_error(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise _file_error(path, 'top level has no "data" list')
+    return obj["data"]
+
+
+def _bad_bytes(s: str) -> bool:
+    return _SURROGATE.search(s) is not None
+
+
+def _doc_fields(doc: dict) -> tuple[dict, list[tuple[str, str]]]:
+    """(doc_id/title/source values, problems shared by every question of the document)."""
+    probs = []
+    docid = doc.get("docid")
+    if isinstance(docid, int) and not isinstance(docid, bool):
+        docid = str(docid)
+    if not isinstance(docid, str) or not docid.strip():
+        probs.append(("docid", "missing or not a non-empty string/integer"))
+        docid = ""
+    elif _bad_bytes(docid):
+        probs.append(("docid", "non-UTF-8 bytes"))
+    fields = {"doc_id": docid}
+    for key in ("title", "source"):
+        value = doc.get(key, "")
+        if not isinstance(value, str):
+            probs.append((key, f"not a string: {type(value).__name__}"))
+            value = ""
+        elif _bad_bytes(value):
+            probs.append((key, "non-UTF-8 bytes"))
+        fields[key] = value
+    return fields, probs
+
+
+def _context_problem(context) -> tuple[str, str] | None:
+    if not isinstance(context, str) or not context.strip():
+        return ("context", "missing or empty")
+    if _bad_bytes(context):
+        return ("context", "non-UTF-8 bytes")
+    return None
+
+
+def _parse_impossible(value) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
+
+
+def _parse_start(value) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _INT.fullmatch(value):
+        return int(value)
+    return None
+
+
+def _parse_qa(qa, loc: str, context, doc: dict, doc_probs: list) -> tuple[str, dict | None, list[tuple[str, str]]]:
+    """(record id, QARecord fields with raw spans instead of answer_starts, [(field, reason)]) for one question."""
+    if not isinstance(qa, dict):
+        return loc, None, [("qa", f"expected an object, got {type(qa).__name__}")]
+    probs = list(doc_probs)
+    qid = qa.get("id")
+    rid = loc
+    if not isinstance(qid, str) or not qid.strip():
+        probs.append(("id", "missing or not a non-empty string"))
+    elif _bad_bytes(qid):
+        probs.append(("id", "non-UTF-8 bytes"))
+    else:
+        rid = qid
+    ctx_problem = _context_problem(context)
+    if ctx_problem:
+        probs.append(ctx_problem)
+    question = qa.get("question")
+    if not isinstance(question, str) or not question.strip():
+        probs.append(("question", "missing or empty"))
+    elif _bad_bytes(question):
+        probs.append(("question", "non-UTF-8 bytes"))
+    impossible = _parse_impossible(qa.get("is_impossible", False))
+    if impossible is None:
+        probs.append(("is_impossible", f"not a bool or 'True'/'False': {qa.get('is_impossible')!r:.40}"))
+    answers, spans = [], []  # spans: (index in the file, raw text, given start) per kept answer
+    raw_answers = qa.get("answers")
+    if not isinstance(raw_answers, list):
+        probs.append(("answers", "missing or not a list"))
+        raw_answers = []
+    n_before = len(probs)
+    for i, a in enumerate(raw_answers):
+        if not isinstance(a, dict):
+            probs.append((f"answers[{i}]", f"expected an object with text and answer_start, got {type(a).__name__}"))
+            continue
+        text, start = a.get("text"), _parse_start(a.get("answer_start"))
+        if not isinstance(text, str):
+            probs.append((f"answers[{i}].text", f"not a string: {type(text).__name__}"))
+        elif _bad_bytes(text):
+            probs.append((f"answers[{i}].text", "non-UTF-8 bytes"))
+        if start is None:
+            probs.append((f"answers[{i}].answer_start", f"not an integer: {a.get('answer_start')!r:.40}"))
+        if len(probs) > n_before or not text.strip() or text.strip() in answers:
+            continue
+        answers.append(text.strip())
+        spans.append((i, text, start))
+    if len(probs) == n_before and isinstance(qa.get("answers"), list) and not answers and impossible is False:
+        probs.append(("answers", "no non-empty answer"))
+    if probs:
+        return rid, None, probs
+    fields = dict(doc, id=qid, context=context, question=question.strip(), is_impossible=impossible)
+    return rid, dict(fields, answers=answers, spans=spans), []
+
+
+def _locate(context: str, raw: str, start: int) -> tuple[int, str | None]:
+    """(start of raw.strip(), warning or None): the given span if it matches, else the nearest occurrence, else -1."""
+    text, shifted = raw.strip(), start + len(raw) - len(raw.lstrip())
+    if start >= 0 and context[start : start + len(raw)] == raw:
+        return shifted, None
+    if shifted >= 0 and context[shifted : shifted + len(text)] == text:
+        return shifted, f"answer text has surrounding whitespace the context lacks at {start}; stripped, start kept"
+    hits, i = [], context.find(text)
+    while i != -1:
+        hits.append(i)
+        i = context.find(text, i + 1)
+    if not hits:
+        return -1, f"answer_start {start} does not match the context and the text is not in it; set to -1"
+    best = min(hits, key=lambda h: (abs(h - start), h))
+    return best, f"answer_start {start} does not match the context; relocated to {best}"
+
+
+def _qa_items(data: list):
+    """Yield (record id, fields or None, [(field, reason)], location) for every raw question, in file order."""
+    for di, doc in enumerate(data):
+        dloc = f"doc[{di}]"
+        if not isinstance(doc, dict):
+            yield dloc, None, [("doc", f"expected an object, got {type(doc).__name__}")], dloc
+            continue
+        fields, doc_probs = _doc_fields(doc)
+        paragraphs = doc.get("paragraphs")
+        if not isinstance(paragraphs, list):
+            yield dloc, None, [("paragraphs", "missing or not a list")], dloc
+            continue
+        for pi, para in enumerate(paragraphs):
+            ploc = f"{dloc}.paragraphs[{pi}]"
+            if not isinstance(para, dict) or not isinstance(para.get("qas"), list):
+                yield ploc, None, [("qas", "paragraph is not an object with a qas list")], ploc
+                continue
+            for qi, qa in enumerate(para["qas"]):
+                loc = f"{ploc}.qas[{qi}]"
+                yield (*_parse_qa(qa, loc, para.get("context"), fields, doc_probs), loc)
+
+
+def load_telequad(path, on_invalid: str = "error", impossible: str = "drop") -> LoadResult:
+    """Load and validate a TeleQuAD v4 file; on_invalid: error|skip, impossible: drop|keep."""
+    _check_choice("on_invalid", on_invalid, ON_INVALID)
+    _check_choice("impossible", impossible, IMPOSSIBLE)
+    path = Path(path)
+    data = _read_data(path)
+    records, skipped, warnings, problems, first_seen = [], [], [], [], {}
+    for rid, fields, probs, loc in _qa_items(data):
+        if rid != loc:  # a usable id: later occurrences are duplicates
+            if rid in first_seen:
+                probs = probs + [("id", f"duplicate id; first seen at {first_seen[rid]}")]
+            else:
+                first_seen[rid] = loc
+        if probs:
+            problems += [Problem(rid, f, r) for f, r in probs]
+            reason = probs[0][1] if len(probs) == 1 else "; ".join(f"{f}: {r}" for f, r in probs)
+            skipped.append({"id": rid, "field": probs[0][0], "reason": reason})
+            continue
+        if fields["is_impossible"] and impossible == "drop":
+            skipped.append({"id": rid, "field": "is_impossible", "reason": "is_impossible (data.impossible: drop)"})
+            continue
+        starts = []
+        for i, raw, start in fields.pop("spans"):
+            start, warning = _locate(fields["context"], raw, start)
+            starts.append(start)
+            if warning:
+                warnings.append({"id": rid, "field": f"answers[{i}].answer_start", "reason": warning})
+        records.append(QARecord(**dict(fields, answers=tuple(fields["answers"]), answer_starts=tuple(starts))))
+    if problems and on_invalid == "error":
+        raise DataValidationError(problems)
+    return LoadResult(records, skipped, warnings)
+
+
+def _group_key(record: QARecord, group_by: str) -> str:
+    if group_by == "source" and record.source:
+        return "source:" + record.source
+    return "doc_id:" + record.doc_id
+
+
+def split_by_group(records, fractions: dict[str, float], seed: int, group_by: str = "source") -> dict[str, list[QARecord]]:
+    """Split whole groups (by source, or doc_id when a record's source is ""; or by doc_id) to approach fractions.
+
+    Deterministic for a seed across processes: groups are sorted, shuffled by random.Random(seed), then each goes
+    to the split furthest below its target question count (ties: order of fractions). Records keep file order.
+    """
+    _check_choice("group_by", group_by, GROUP_BY)
+    names = list(fractions)
+    bad = {k: v for k, v in fractions.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0}
+    if not names or bad:
+        raise ValueError(f"split fractions must be positive numbers, got {fractions}: fix split.fractions")
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions sum to {sum(fractions.values())}, not 1: fix split.fractions {fractions}")
+    records = list(records)
+    sizes: dict[str, int] = {}
+    for r in records:
+        key = _group_key(r, group_by)
+        sizes[key] = sizes.get(key, 0) + 1
+    if len(sizes) < len(names):
+        raise ValueError(f"{len(sizes)} groups by {group_by}; need at least {len(names)}: use group_by doc_id or more data")
+    keys = sorted(sizes)
+    random.Random(seed).shuffle(keys)
+    target = {s: fractions[s] * len(records) for s in names}
+    count = {s: 0 for s in names}
+    where = {}
+    for i, key in enumerate(keys):
+        empty = [s for s in names if count[s] == 0]
+        candidates = empty if len(keys) - i <= len(empty) else names  # keep enough groups to fill every split
+        split = max(candidates, key=lambda s: (target[s] - count[s], -names.index(s)))
+        where[key] = split
+        count[split] += sizes[key]
+    out = {s: [] for s in names}
+    for r in records:
+        out[where[_group_key(r, group_by)]].append(r)
+    return out

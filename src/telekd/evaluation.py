@@ -1,0 +1,26 @@
+"""Per-sample scores -> files: JSONL keyed by question id (for the statistics), means as DVC metrics, CIs beside."""
+
+from __future__ import annotations
+
+import math
+
+from . import layout
+from .io import read_jsonl, write_json, write_jsonl
+
+
+def load_predictions(name: str) -> list[dict]:
+    return read_jsonl(f"{layout.PREDICTIONS}/{name}.jsonl")
+
+
+def write_scores(name: str, family: str, ids: list[str], scores: list[dict], metric_names, resamples: int, seed: int,
+                 extra: dict | None = None) -> dict:
+    """Write scores/<name>/<family>.jsonl, its summary with bootstrap CIs, and metrics/eval/<name>/<family>.json."""
+    from .metrics import mean_ci
+
+    write_jsonl(f"{layout.SCORES}/{name}/{family}.jsonl", ({"id": i, **s} for i, s in zip(ids, scores)))
+    summary = {m: mean_ci([s[m] for s in scores], resamples=resamples, seed=seed) for m in metric_names}
+    write_json(f"{layout.SCORES}/{name}/{family}.summary.json", {**summary, **(extra or {})})
+    means = {m: (None if summary[m]["mean"] is None or math.isnan(summary[m]["mean"]) else round(summary[m]["mean"], 6))
+             for m in metric_names}
+    write_json(f"{layout.METRICS}/eval/{name}/{family}.json", {**means, **(extra or {})})
+    return means

@@ -1,0 +1,46 @@
+"""Batched answer generation: left-padded, KV-cached, greedy by default, stops at EOS."""
+
+from __future__ import annotations
+
+import time
+
+from .prompts import fit_context, prompt_text
+
+
+def generate_answers(model, tokenizer, records, system: str, max_prompt_length: int, max_new_tokens: int,
+                     batch_size: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     seed: int = 0, desc: str = "generate") -> list[dict]:
+    """One row per record: id, question, context (as seen), prediction, references, generation_s."""
+    import torch
+    from tqdm import tqdm
+
+    tokenizer.padding_side = "left"
+    prompts, contexts = [], []
+    for r in records:
+        ctx, _, _ = fit_context(tokenizer, system, r, max_prompt_length)
+        contexts.append(ctx)
+        prompts.append(prompt_text(tokenizer, system, ctx, r.question))
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    rows: dict[int, dict] = {}
+    torch.manual_seed(seed)
+    model.eval()
+    bar = tqdm(total=len(records), desc=desc, unit="answer", mininterval=2)
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], add_special_tokens=False, padding=True, return_tensors="pt")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **enc.to(model.device), max_new_tokens=max_new_tokens, do_sample=do_sample,
+                temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+                top_k=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+            )
+        per_answer = (time.perf_counter() - t0) / len(idx)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(idx, texts):
+            r = records[i]
+            rows[i] = {"id": r.id, "question": r.question, "context": contexts[i], "prediction": text.strip(),
+                       "references": list(r.answers), "generation_s": round(per_answer, 4)}
+        bar.update(len(idx))
+    bar.close()
+    return [rows[i] for i in range(len(records))]

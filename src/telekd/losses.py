@@ -1,0 +1,391 @@
+"""Knowledge-distillation divergences as pure torch functions.
+
+Definitions follow the DSKD paper (Zhang et al., EMNLP 2024) and its code
+(songmzhang/DSKD, ``code/criterions/various_divergence.py``). Write ``p_t`` for
+the teacher and ``p_s`` for the student distribution over the vocabulary, both
+taken at the same temperature ``T`` (logits are divided by ``T`` before the
+softmax; no ``T**2`` factor is applied, as in DSKD):
+
+===================  ==========================================================
+kind                 per-token value
+===================  ==========================================================
+forward_kl           KL(p_t || p_s) = sum p_t (log p_t - log p_s)
+reverse_kl           KL(p_s || p_t)
+js                   1/2 KL(p_t || m) + 1/2 KL(p_s || m),  m = (p_t + p_s) / 2
+skewed_forward_kl    KL(p_t || lam p_t + (1 - lam) p_s)          (lam = skew_lambda)
+skewed_reverse_kl    KL(p_s || lam p_s + (1 - lam) p_t)
+tvd                  1/2 sum |p_t - p_s|
+adaptive_kl          w_head KL(p_t || p_s) + w_tail KL(p_s || p_t)  (AKL, Wu et al. 2024)
+===================  ==========================================================
+
+Conventions, matching DSKD's implementation:
+
+* JS is the plain (unscaled, natural-log) Jensen-Shannon divergence with the
+  equal-weight mixture, as DSKD's ``compute_js_divergence``. DSKD adds 1e-9
+  inside its logs; here exact zeros are handled by the 0 log 0 = 0 rule instead.
+* Skewed KLs: ``skew_lambda`` is the weight that the mixture gives to the
+  *first* argument of the KL (the distribution that is being matched against),
+  so SFKL mixes ``lam p_t + (1 - lam) p_s`` and SRKL mixes
+  ``lam p_s + (1 - lam) p_t``; DSKD default ``lam = 0.1``. ``lam = 0`` gives
+  back the plain forward/reverse KL, ``lam = 1`` gives 0.
+* AKL: teacher probabilities are sorted in *ascending* order; the "tail" is the
+  set of lowest-probability entries whose ascending cumulative mass is strictly
+  below ``akl_alpha``, the "head" is the rest. With ``g = |p_t - p_s|``,
+  ``g_head``/``g_tail`` are the summed gaps over the two sets and the weights
+  are ``w_head = g_head / (g_head + g_tail)`` (on forward KL) and
+  ``w_tail = g_tail / (g_head + g_tail)`` (on reverse KL), per token. As in
+  DSKD and the AKL reference code, the weights are **detached** (treated as
+  constants for the gradient), so the gradient of ``adaptive_kl`` is the
+  gradient of ``w_head * FKL + w_tail * RKL`` at fixed weights, not the
+  derivative of the (piecewise, non-smooth) weight functions. When
+  ``g_head + g_tail == 0`` (identical distributions) both weights are 1/2 (the
+  value is 0 either way). Ties in teacher probability are broken by a stable
+  sort (lower vocabulary index first).
+
+Reduction: the per-token values of the positions where ``mask`` is true are
+summed and divided by the number of such positions; with no such position the
+result is ``0.0`` (not NaN) with a gradient path to the inputs.
+
+Numerics: computation is in float32 (float64 if an input is float64) whatever
+the input dtype, and the result has that dtype. Log-probabilities come from
+``log_softmax`` (never ``log(softmax)``). Terms ``a (log a - log b)`` are 0
+where ``a == 0`` (0 log 0 = 0, also when ``b == 0`` at the same entry, as with
+a shared vocabulary mask). Where ``a > 0`` but ``b`` is exactly 0 (a ``-inf``
+logit only on the ``b`` side) the true KL is infinite; ``log b`` is then
+replaced by ``log(finfo(float32).tiny)`` ~ -87.3, so the value stays finite
+(large) and that entry sends no gradient to ``b``. A row whose logits are all
+``-inf`` (e.g. a padding position that is nevertheless unmasked) is treated as
+uniform. Mixtures (JS, skewed KLs) are formed in probability space with a
+guarded log, so no ``log(0)`` ever reaches the backward pass.
+
+Memory: only the unmasked positions are gathered (``logits[mask]``). With
+``chunk_size`` the gathered tokens are processed ``chunk_size`` at a time, and,
+when a gradient is needed, each chunk runs under non-reentrant activation
+checkpointing: autograd then stores only the chunk's (view) inputs and
+recomputes the float32 intermediates chunk by chunk in the backward pass, so
+neither the forward nor the backward pass ever holds several full
+``[tokens x V]`` float32 tensors. The chunked result equals the unchunked one up
+to float summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["KINDS", "divergence", "divergence_topk", "per_token_divergence"]
+
+KINDS = (
+    "forward_kl",
+    "reverse_kl",
+    "js",
+    "skewed_forward_kl",
+    "skewed_reverse_kl",
+    "tvd",
+    "adaptive_kl",
+)
+
+# log of the smallest positive normal float32: stands in for log(0) where a
+# finite value is required (see module docstring).
+LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
+
+
+def _check_scalars(temperature: float, skew_lambda: float, akl_alpha: float, chunk_size: Optional[int]) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= skew_lambda <= 1.0:
+        raise ValueError(f"skew_lambda must be in [0, 1], got {skew_lambda}")
+    if not 0.0 <= akl_alpha <= 1.0:
+        raise ValueError(f"akl_alpha must be in [0, 1], got {akl_alpha}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+
+
+def _check_mask(mask: Tensor, positions: torch.Size, what: str) -> Tensor:
+    if tuple(mask.shape) != tuple(positions):
+        raise ValueError(
+            f"shape mismatch: mask has shape {tuple(mask.shape)} but {what} has positions "
+            f"{tuple(positions)} (mask must equal {what}.shape[:-1])"
+        )
+    return mask.bool()
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        if t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# ---------------------------------------------------------------------------
+# numerically safe primitives
+# ---------------------------------------------------------------------------
+
+
+def _log_softmax(x: Tensor) -> Tensor:
+    """log_softmax over the last dim; an all ``-inf`` row becomes uniform instead of NaN."""
+    dead = torch.isneginf(x).all(dim=-1, keepdim=True)
+    return torch.log_softmax(x.masked_fill(dead, 0.0), dim=-1)
+
+
+def _logsumexp(x: Tensor) -> Tensor:
+    """logsumexp over the last dim; ``-inf`` (with a zero, not NaN, gradient) for an all ``-inf`` row."""
+    dead = torch.isneginf(x).all(dim=-1)
+    out = torch.logsumexp(x.masked_fill(dead.unsqueeze(-1), 0.0), dim=-1)
+    return out.masked_fill(dead, float("-inf"))
+
+
+def _safe_log(p: Tensor) -> Tensor:
+    """log p with log 0 = -inf in the value and no NaN in the backward pass."""
+    pos = p > 0
+    return torch.where(pos, torch.where(pos, p, torch.ones_like(p)).log(), torch.full_like(p, float("-inf")))
+
+
+def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Elementwise a (log a - log b) with 0 log 0 = 0; log b = -inf is floored (see module docstring)."""
+    a = log_a.exp()
+    la = log_a.masked_fill(a == 0, 0.0)
+    lb = log_b.masked_fill(torch.isneginf(log_b), LOG_FLOOR)
+    return a * (la - lb)
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    return _kl_terms(log_a, log_b).sum(dim=-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), elementwise."""
+    return _safe_log(weight_a * log_a.exp() + (1.0 - weight_a) * log_b.exp())
+
+
+def _akl_weights(log_s: Tensor, log_t: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        p_t = log_t.exp()
+        gap = (p_t - log_s.exp()).abs()
+        sorted_t, order = torch.sort(p_t, dim=-1, stable=True)  # ascending
+        tail = sorted_t.cumsum(dim=-1) < alpha
+        gap = gap.gather(-1, order)
+        g_tail = (gap * tail).sum(dim=-1)
+        g_head = (gap * ~tail).sum(dim=-1)
+        denom = g_head + g_tail
+        ok = denom > 0
+        safe = torch.where(ok, denom, torch.ones_like(denom))
+        w_head = torch.where(ok, g_head / safe, torch.full_like(denom, 0.5))
+        w_tail = torch.where(ok, g_tail / safe, torch.full_like(denom, 0.5))
+    return w_head, w_tail
+
+
+def per_token_divergence(
+    kind: str,
+    student_log_probs: Tensor,
+    teacher_log_probs: Tensor,
+    skew_lambda: float = 0.1,
+    akl_alpha: float = 0.5,
+) -> Tensor:
+    """Per-position divergence between two normalized log-distributions ``[..., K] -> [...]``.
+
+    Inputs are log-probabilities (already tempered); ``-inf`` marks zero mass.
+    This is the core shared by :func:`divergence` and :func:`divergence_topk`.
+    """
+    _check_kind(kind)
+    ls, lt = student_log_probs, teacher_log_probs
+    if kind == "forward_kl":
+        return _kl(lt, ls)
+    if kind == "reverse_kl":
+        return _kl(ls, lt)
+    if kind == "js":
+        lm = _log_mix(lt, ls, 0.5)
+        return 0.5 * _kl(lt, lm) + 0.5 * _kl(ls, lm)
+    if kind == "skewed_forward_kl":
+        return _kl(lt, _log_mix(lt, ls, skew_lambda))
+    if kind == "skewed_reverse_kl":
+        return _kl(ls, _log_mix(ls, lt, skew_lambda))
+    if kind == "tvd":
+        return 0.5 * (lt.exp() - ls.exp()).abs().sum(dim=-1)
+    # adaptive_kl
+    w_head, w_tail = _akl_weights(ls, lt, akl_alpha)
+    return w_head * _kl(lt, ls) + w_tail * _kl(ls, lt)
+
+
+# ---------------------------------------------------------------------------
+# reduction over (chunks of) the unmasked tokens
+# ---------------------------------------------------------------------------
+
+
+def _masked_mean(
+    chunk_sum: Callable[..., Tensor],
+    flat: Sequence[Tensor],
+    dtype: torch.dtype,
+    chunk_size: Optional[int],
+) -> Tensor:
+    """Mean over the gathered tokens of ``chunk_sum`` (which returns a chunk's summed per-token loss)."""
+    n = flat[0].shape[0]
+    if n == 0:
+        # sums of empty tensors: exactly 0, and a (zero) gradient path to every float input
+        zero = flat[0].new_zeros((), dtype=dtype)
+        for t in flat:
+            if t.is_floating_point():
+                zero = zero + t.to(dtype).sum()
+        return zero
+    if chunk_size is None or chunk_size >= n:
+        return chunk_sum(*flat) / n
+    use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    total: Optional[Tensor] = None
+    for start in range(0, n, int(chunk_size)):
+        parts = [t[start : start + int(chunk_size)] for t in flat]
+        part = checkpoint(chunk_sum, *parts, use_reentrant=False) if use_ckpt else chunk_sum(*parts)
+        total = part if total is None else total + part
+    assert total is not None
+    return total / n
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+
+def divergence(
+    kind: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    temperature: float = 1.0,
+    skew_lambda: float = 0.1,
+    akl_alpha: float = 0.5,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Mean KD divergence of the student from the teacher over the unmasked positions.
+
+    Args:
+        kind: one of :data:`KINDS` (see the module docstring for each definition).
+        student_logits, teacher_logits: ``[..., V]`` logits of the same shape (any float dtype).
+        mask: ``[...]`` bool or 0/1; true marks a position that counts.
+        temperature: divides both logits before the softmax.
+        skew_lambda: mixture weight of the skewed KLs.
+        akl_alpha: cumulative teacher mass that defines AKL's tail.
+        chunk_size: process the unmasked tokens this many at a time (bounded memory,
+            same result); ``None`` processes them in one chunk.
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 inputs).
+    """
+    _check_kind(kind)
+    _check_scalars(temperature, skew_lambda, akl_alpha, chunk_size)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"shape mismatch: student_logits has shape {tuple(student_logits.shape)}, "
+            f"teacher_logits has shape {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.dim() < 1:
+        raise ValueError("logits need a vocabulary dimension")
+    mask = _check_mask(mask, student_logits.shape[:-1], "logits")
+    dtype = _compute_dtype(student_logits, teacher_logits)
+
+    def chunk_sum(s: Tensor, t: Tensor) -> Tensor:
+        ls = _log_softmax(s.to(dtype) / temperature)
+        lt = _log_softmax(t.to(dtype) / temperature)
+        return per_token_divergence(kind, ls, lt, skew_lambda, akl_alpha).sum()
+
+    return _masked_mean(chunk_sum, (student_logits[mask], teacher_logits[mask]), dtype, chunk_size)
+
+
+def divergence_topk(
+    kind: str,
+    student_logits: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_topk_ids: Tensor,
+    mask: Tensor,
+    temperature: float = 1.0,
+    skew_lambda: float = 0.1,
+    akl_alpha: float = 0.5,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """:func:`divergence` against a sparse (cached) teacher that kept only its top-k log-probs.
+
+    Args:
+        student_logits: ``[..., V]``.
+        teacher_topk_logprobs: ``[..., k]`` teacher log-probabilities **at temperature 1**.
+        teacher_topk_ids: ``[..., k]`` their (distinct) vocabulary ids, ``k <= V``.
+        mask, temperature, skew_lambda, akl_alpha, chunk_size: as in :func:`divergence`.
+
+    Representation: both distributions live on ``k + 1`` bins, the ``k`` teacher ids
+    plus one residual bin. The student's residual bin holds its (tempered) mass on all
+    other ids, computed exactly from the full student logits; the teacher's holds
+    ``r = 1 - sum(exp(topk_logprobs))`` (clamped at 0). The divergence of ``kind`` is
+    then computed between these two ``(k+1)``-bin distributions. When ``k = V`` (no
+    id left over) the residual bin is empty on both sides (any rounding residue of the
+    cache is dropped and the k probabilities renormalized).
+
+    Lower bound: merging bins never increases an f-divergence (data-processing
+    inequality), so for ``k < V`` at temperature 1 the forward/reverse KL, JS, both
+    skewed KLs and TVD are lower bounds of their dense values, non-decreasing in
+    ``k`` for nested top-k sets and exact at ``k = V``. AKL is a weighted sum whose
+    weights also change with the binning, so it carries no such guarantee.
+
+    Temperature (approximation): the kept entries are re-tempered exactly up to
+    normalisation (``log p_T = log p / T + const``, since log p is a logit up to a
+    constant). The residual's tempered share is approximated by treating the whole
+    residual as a single pseudo-token of log-probability ``log r``: the teacher bins
+    are ``log_softmax([topk_logprobs, log r] / T)``. This is exact at ``T = 1`` and
+    whenever the residual is empty (so ``k = V`` is exact at any ``T``); otherwise,
+    because ``x**(1/T)`` is subadditive for ``T > 1``, it *under*-estimates the
+    teacher's tempered tail mass for ``T > 1`` (and over-estimates it for ``T < 1``)
+    relative to the unknown true tail ``sum_tail p_i**(1/T)``.
+
+    Precision: the residual is a difference ``1 - sum``; with a float32 (or bf16) cache
+    it is only known to about 1e-7 (1e-3) absolute, so when the true residual is that
+    small and the student puts real mass outside the top-k, the reverse-type terms
+    involving the residual bin are correspondingly uncertain (the bound above holds
+    up to this rounding). Store the cache in float32 or better.
+    """
+    _check_kind(kind)
+    _check_scalars(temperature, skew_lambda, akl_alpha, chunk_size)
+    if teacher_topk_logprobs.shape != teacher_topk_ids.shape:
+        raise ValueError(
+            f"shape mismatch: teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)}, "
+            f"teacher_topk_ids has shape {tuple(teacher_topk_ids.shape)}"
+        )
+    if student_logits.dim() < 1 or student_logits.shape[:-1] != teacher_topk_logprobs.shape[:-1]:
+        raise ValueError(
+            f"shape mismatch: student_logits has shape {tuple(student_logits.shape)}, "
+            f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)} "
+            "(all dims but the last must agree)"
+        )
+    vocab, k = student_logits.shape[-1], teacher_topk_logprobs.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"top-k size k={k} must be in [1, V={vocab}]")
+    mask = _check_mask(mask, student_logits.shape[:-1], "student_logits")
+    dtype = _compute_dtype(student_logits, teacher_topk_logprobs)
+
+    def chunk_sum(s: Tensor, t_lp: Tensor, ids: Tensor) -> Tensor:
+        ids = ids.long()
+        # student: exact tempered distribution collapsed onto k + 1 bins
+        ls_full = _log_softmax(s.to(dtype) / temperature)
+        in_topk = torch.zeros_like(ls_full, dtype=torch.bool).scatter(-1, ids, True)
+        ls_rest = _logsumexp(ls_full.masked_fill(in_topk, float("-inf")))
+        ls = torch.cat([ls_full.gather(-1, ids), ls_rest.unsqueeze(-1)], dim=-1)
+        # teacher: k cached log-probs + residual, re-tempered as k + 1 pseudo-logits
+        lt_k = t_lp.to(dtype)
+        # residual mass 1 - sum(top-k), accumulated in float64 (it is a small difference of O(1) numbers)
+        resid = (-torch.expm1(_logsumexp(lt_k.double()))).clamp_min(0.0).to(dtype)
+        lr = _safe_log(resid).masked_fill(~(~in_topk).any(dim=-1), float("-inf"))
+        lt = _log_softmax(torch.cat([lt_k, lr.unsqueeze(-1)], dim=-1) / temperature)
+        return per_token_divergence(kind, ls, lt, skew_lambda, akl_alpha).sum()
+
+    flat = (student_logits[mask], teacher_topk_logprobs[mask], teacher_topk_ids[mask])
+    return _masked_mean(chunk_sum, flat, dtype, chunk_size)

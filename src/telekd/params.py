@@ -1,0 +1,240 @@
+"""params.yaml, validated: a wrong key or value fails in one line before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Alg = Literal["vanilla", "dskd", "uld"]
+Divergence = Literal[
+    "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd", "adaptive_kl"
+]
+Role = Literal["llama", "mistral", "student"]
+Teacher = Literal["llama", "mistral"]
+Stage = Literal["base", "sft"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Grid(Strict):
+    teachers: list[Teacher] = Field(min_length=1)
+    teacher_sft: list[Stage] = Field(min_length=1)
+    student_sft: list[Stage] = Field(min_length=1)
+
+
+class Data(Strict):
+    source: str
+    on_invalid: Literal["error", "skip"] = "error"
+    impossible: Literal["drop", "keep"] = "drop"
+    max_train: Optional[int] = Field(default=None, ge=1)
+    max_test: Optional[int] = Field(default=None, ge=1)
+
+
+class Split(Strict):
+    group_by: Literal["source", "doc_id"] = "source"
+    seed: int = 0
+    fractions: dict[Literal["train", "validation", "test"], float]
+
+    @field_validator("fractions")
+    @classmethod
+    def _sum_to_one(cls, v):
+        if set(v) != {"train", "validation", "test"} or abs(sum(v.values()) - 1) > 1e-6:
+            raise ValueError("needs train, validation and test fractions that sum to 1")
+        return v
+
+
+class Prompt(Strict):
+    system: str
+
+
+class BaseModels(Strict):
+    vocab_size: int = Field(ge=300)
+    pretrain_steps: dict[Role, int]
+    pretrain_lr: float = Field(gt=0)
+    pretrain_batch: int = Field(ge=1)
+    pretrain_seq_len: int = Field(ge=16)
+
+
+class SFT(Strict):
+    models: list[Role]
+    lora_dropout: float = Field(ge=0, lt=1)
+    lora_targets: list[str] = Field(min_length=1)
+    weight_decay: float = Field(ge=0)
+    lr_scheduler: str
+    max_grad_norm: float = Field(gt=0)
+    eval_steps: int = Field(ge=1)
+
+
+class TeacherCache(Strict):
+    top_k: int = Field(ge=1)
+    hidden_layers: list[int]
+
+
+class KD(Strict):
+    alg: Alg
+    versus: Alg
+    kd_rate: float = Field(ge=0, le=1)
+    temperature: float = Field(gt=0)
+    divergence: Divergence
+    skew_lambda: float = Field(ge=0, le=1)
+    akl_alpha: float = Field(ge=0, le=1)
+    student_lora: bool = False
+    vocab_mismatch: Literal["align", "error"] = "align"
+    use_cache: bool = True
+
+
+class DSKD(Strict):
+    projector_lr: float = Field(gt=0)
+
+
+class ULD(Strict):
+    weight: float = Field(gt=0)
+
+
+class Generate(Strict):
+    do_sample: bool = False
+    temperature: float = Field(gt=0)
+    top_p: float = Field(gt=0, le=1)
+
+
+class EvalEmbed(Strict):
+    model: str
+
+
+class EvalLLM(Strict):
+    backend: Literal["local", "openai"]
+    max_samples: Optional[int] = Field(default=None, ge=1)
+    max_retries: int = Field(ge=0)
+
+
+class Stats(Strict):
+    alpha: float = Field(gt=0, lt=1)
+    alternative: Literal["greater", "two-sided", "less"]
+    correction: Literal["holm", "bonferroni", "fdr_bh", "none"]
+    bootstrap_resamples: int = Field(ge=100)
+
+
+class ModelSource(Strict):
+    """Where a model comes from: built here (`build`), a local `path`, or a `hub` id at a pinned `revision`."""
+
+    build: Optional[Role] = None
+    path: Optional[str] = None
+    hub: Optional[str] = None
+    revision: Optional[str] = None
+    chat_template: Literal["llama2", "mistral", "own"] = "own"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if sum(x is not None for x in (self.build, self.path, self.hub)) != 1:
+            raise ValueError("give exactly one of build, path or hub")
+        if self.hub and not self.revision:
+            raise ValueError(f"hub model {self.hub} needs a pinned revision (a commit hash)")
+        return self
+
+
+class Architecture(Strict):
+    hidden: int = Field(ge=8)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    kv_heads: int = Field(ge=1)
+    mlp: int = Field(ge=8)
+
+
+class Train(Strict):
+    max_length: int = Field(ge=16)
+    max_prompt_length: int = Field(ge=8)
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    epochs: float = Field(gt=0)
+    lr: float = Field(gt=0)
+    lora_r: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _prompt_fits(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length (room for the answer)")
+        return self
+
+
+class GenerateProfile(Strict):
+    batch_size: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+
+
+class EvalProfile(Strict):
+    bertscore_model: str
+    judge_model: str
+
+
+class Profile(Strict):
+    dtype: Literal["float32", "bfloat16", "float16"]
+    models: dict[Role, ModelSource]
+    architectures: dict[Role, Architecture]
+    train: Train
+    generate: GenerateProfile
+    eval: EvalProfile
+
+
+class Models(Strict):
+    trust_remote_code: bool = False
+
+
+class Params(Strict):
+    profile: str
+    seed: int
+    models: Models
+    grid: Grid
+    data: Data
+    split: Split
+    prompt: Prompt
+    base_models: BaseModels
+    sft: SFT
+    teacher_cache: TeacherCache
+    kd: KD
+    vanilla: dict = {}
+    dskd: DSKD
+    uld: ULD
+    generate: Generate
+    eval_ngram: dict = {}
+    eval_embed: EvalEmbed
+    eval_llm: EvalLLM
+    stats: Stats
+    profiles: dict[str, Profile]
+
+    @model_validator(mode="after")
+    def _profile_exists(self):
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} is not one of {sorted(self.profiles)}")
+        missing = {"llama", "mistral", "student"} - set(self.profiles[self.profile].models)
+        if missing:
+            raise ValueError(f"profiles.{self.profile}.models lacks {sorted(missing)}")
+        return self
+
+    @property
+    def active(self) -> Profile:
+        return self.profiles[self.profile]
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError with one line per bad key."""
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            allowed = err.get("ctx", {}).get("expected")
+            lines.append(f"{path}: {key}: {err['msg']}" + (f" (allowed: {allowed})" if allowed else ""))
+        raise ParamsError("\n".join(lines)) from None

@@ -1,0 +1,154 @@
+"""The tiny profile's model zoo, built here from the training split (nothing is downloaded).
+
+Two byte-level BPE tokenizers of the same size are trained on different corpora, so their merges
+differ while most token strings are shared, as with Llama-2's and Mistral's 32k vocabularies. The
+Llama-architecture teacher and the smaller Llama-architecture student share the first; the
+Mistral-architecture teacher (grouped-query attention) uses the second. Each model is briefly
+pre-trained as a causal LM on the training contexts so that "base" models are not random.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+SPECIAL = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama-2 and Mistral
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE over `texts`, wrapped as a transformers fast tokenizer with exactly vocab_size tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise ValueError(
+            f"the corpus gave only {tok.get_vocab_size()} tokens, not base_models.vocab_size={vocab_size}: "
+            "lower vocab_size or use more training data"
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def vocab_overlap(tok_a, tok_b) -> float:
+    """Fraction of token strings of `tok_a` that `tok_b` also has."""
+    a, b = set(tok_a.get_vocab()), set(tok_b.get_vocab())
+    return len(a & b) / len(a)
+
+
+def make_config(family: str, arch, vocab_size: int, max_positions: int):
+    from transformers import LlamaConfig, MistralConfig
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=arch.hidden, intermediate_size=arch.mlp,
+        num_hidden_layers=arch.layers, num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads,
+        max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    if family == "mistral":
+        return MistralConfig(sliding_window=max_positions, **common)
+    return LlamaConfig(**common)
+
+
+def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: int, seq_len: int, seed: int,
+             desc: str = "pretrain") -> list[float]:
+    """Causal-LM training on random windows of the concatenated texts; returns the loss per step."""
+    import torch
+    from tqdm import tqdm
+
+    stream: list[int] = []
+    for t in texts:
+        stream += [tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(stream) <= seq_len + 1:
+        raise ValueError(f"{len(stream)} training tokens is fewer than pretrain_seq_len={seq_len}: lower it")
+    data = torch.tensor(stream)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    losses = []
+    for _ in (bar := tqdm(range(steps), desc=desc, mininterval=2)):
+        starts = [rng.randrange(len(data) - seq_len - 1) for _ in range(batch)]
+        x = torch.stack([data[s: s + seq_len] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return losses
+
+
+def build_tiny(params, contexts: list[str], questions: list[str], out_dir) -> dict:
+    """Train both tokenizers and pre-train the three tiny models into out_dir/<role>; return their summary."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models import count_parameters
+    from .prompts import set_chat_template
+
+    bm, prof = params.base_models, params.active
+    # Different corpora -> different merges, mostly shared strings (as Llama-2 vs Mistral).
+    toks = {
+        "llama": train_tokenizer(contexts, bm.vocab_size),
+        "mistral": train_tokenizer(contexts + questions, bm.vocab_size),
+    }
+    summary = {"vocab_overlap_llama_mistral": round(vocab_overlap(toks["llama"], toks["mistral"]), 4), "models": {}}
+    for role in ("llama", "mistral", "student"):
+        family = "mistral" if role == "mistral" else "llama"
+        tok = toks[family]
+        set_chat_template(tok, prof.models[role].chat_template)
+        torch.manual_seed(params.seed)
+        cfg = make_config(family, prof.architectures[role], bm.vocab_size, max_positions=2 * prof.train.max_length)
+        model = AutoModelForCausalLM.from_config(cfg)
+        losses = pretrain(model, tok, contexts, bm.pretrain_steps[role], bm.pretrain_lr, bm.pretrain_batch,
+                          bm.pretrain_seq_len, params.seed, desc=f"pretrain {role}")
+        model.save_pretrained(Path(out_dir) / role, safe_serialization=True)
+        tok.save_pretrained(Path(out_dir) / role)
+        summary["models"][role] = {
+            "architecture": cfg.architectures[0] if cfg.architectures else type(model).__name__,
+            "parameters": count_parameters(model), "vocab_size": len(tok), "tokenizer": family,
+            "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+            "pretrain_loss_first": round(losses[0], 4) if losses else None,
+            "pretrain_loss_last": round(losses[-1], 4) if losses else None,
+        }
+    return summary
+
+
+def point_to_hub(params, out_dir) -> dict:
+    """Paper profile: write hub.json pointers (pinned revisions) and read sizes from the configs."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    summary = {"models": {}}
+    for role, src in params.active.models.items():
+        if not src.hub:
+            raise ValueError(f"profiles.{params.profile}.models.{role}: the paper profile expects hub + revision")
+        cfg = AutoConfig.from_pretrained(src.hub, revision=src.revision, trust_remote_code=params.models.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src.hub, revision=src.revision)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+        d = Path(out_dir) / role
+        d.mkdir(parents=True)
+        (d / "hub.json").write_text(json.dumps(
+            {"hub": src.hub, "revision": src.revision, "chat_template": src.chat_template}, indent=2) + "\n")
+        summary["models"][role] = {"architecture": cfg.architectures[0], "parameters": n, "vocab_size": len(tok),
+                                   "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+                                   "hub": src.hub, "revision": src.revision}
+    return summary

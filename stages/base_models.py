@@ -1,0 +1,27 @@
+"""Stage base_models: build the tiny profile's tokenizers and models here, or pin the paper's hub checkpoints."""
+
+from telekd import layout
+from telekd.data import QARecord
+from telekd.io import atomic_path, read_jsonl, write_json
+from telekd.params import load_params
+
+
+def main() -> None:
+    p = load_params()
+    from telekd import zoo
+
+    with atomic_path(layout.BASE) as out:
+        if all(m.build for m in p.active.models.values()):
+            train = [QARecord.from_dict(r) for r in read_jsonl(layout.split_file("train"))]
+            contexts = list(dict.fromkeys(r.context for r in train))  # unique, in order
+            summary = zoo.build_tiny(p, contexts, [r.question for r in train], out)
+        else:
+            summary = zoo.point_to_hub(p, out)
+    summary["profile"] = p.profile
+    write_json(f"{layout.METRICS}/base_models.json", summary)
+    for role, m in summary["models"].items():
+        print(f"base_models: {role}: {m['parameters']:,} parameters, vocabulary {m['vocab_size']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Stage generate: answer every test question with one model (a distilled cell or a reference model)."""
+
+import argparse
+
+from telekd import layout
+from telekd.io import write_json, write_jsonl
+from telekd.layout import Cell
+from telekd.params import load_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--cell", help="a study cell, e.g. llama-sft-base-dskd")
+    g.add_argument("--ref", help="a reference model without KD: role-stage, e.g. student-sft")
+    a = ap.parse_args()
+    p = load_params()
+    from telekd.examples import load_split
+    from telekd.generation import generate_answers
+    from telekd.models import load_model
+
+    if a.cell:
+        name, model_dir = a.cell, Cell.parse(a.cell).student_dir
+    else:
+        role, stage = a.ref.split("-")
+        name, model_dir = f"ref-{a.ref}", layout.model_dir(role, stage)
+    model, tok = load_model(model_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
+    g, t = p.generate, p.active
+    rows = generate_answers(model, tok, load_split("test"), p.prompt.system, t.train.max_prompt_length,
+                            t.generate.max_new_tokens, t.generate.batch_size, g.do_sample, g.temperature, g.top_p,
+                            seed=p.seed, desc=name)
+    write_jsonl(f"{layout.PREDICTIONS}/{name}.jsonl", rows)
+    total = sum(r["generation_s"] for r in rows)
+    write_json(f"{layout.METRICS}/generate/{name}.json",
+               {"answers": len(rows), "answers_per_s": round(len(rows) / max(total, 1e-9), 2),
+                "empty_answers": sum(not r["prediction"] for r in rows)})
+    print(f"generate {name}: {len(rows)} answers, {len(rows) / max(total, 1e-9):.1f} answers/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Stage prepare: load TeleQuAD-schema data, validate it, split it by document group."""
+
+from telekd import layout
+from telekd.data import load_telequad, split_by_group
+from telekd.io import write_json, write_jsonl
+from telekd.params import load_params
+
+
+def main() -> None:
+    p = load_params()
+    loaded = load_telequad(p.data.source, on_invalid=p.data.on_invalid, impossible=p.data.impossible)
+    splits = split_by_group(loaded.records, dict(p.split.fractions), seed=p.split.seed, group_by=p.split.group_by)
+    caps = {"train": p.data.max_train, "test": p.data.max_test}
+    for name, recs in splits.items():
+        if caps.get(name):
+            splits[name] = recs[: caps[name]]  # a prefix of a fixed, seeded order: stable across runs
+        write_jsonl(layout.split_file(name), (r.to_dict() for r in splits[name]))
+    write_jsonl(f"{layout.PREPARED}/skipped.jsonl", loaded.skipped)
+    write_jsonl(f"{layout.PREPARED}/warnings.jsonl", loaded.warnings)
+    groups = {name: len({getattr(r, p.split.group_by) or r.doc_id for r in recs}) for name, recs in splits.items()}
+    write_json(f"{layout.METRICS}/prepare.json", {
+        "questions": {name: len(recs) for name, recs in splits.items()},
+        "groups": groups,
+        "skipped": len(loaded.skipped),
+        "warnings": len(loaded.warnings),
+    })
+    print(f"prepare: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; "
+          f"skipped {len(loaded.skipped)}, warnings {len(loaded.warnings)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Stage sft: LoRA SFT of one model (llama | mistral | student) on the training split."""
+
+import argparse
+
+from telekd import layout
+from telekd.io import atomic_path, write_json, write_jsonl
+from telekd.params import load_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True, choices=["llama", "mistral", "student"])
+    role = ap.parse_args().model
+    p = load_params()
+    from telekd.examples import load_split, tokenized
+    from telekd.models import load_model
+    from telekd.sft import SFTSettings, run_sft
+
+    t, s = p.active.train, p.sft
+    settings = SFTSettings(
+        max_length=t.max_length, max_prompt_length=t.max_prompt_length, batch_size=t.batch_size,
+        grad_accum=t.grad_accum, epochs=t.epochs, lr=t.lr, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
+        lora_dropout=s.lora_dropout, lora_targets=tuple(s.lora_targets), weight_decay=s.weight_decay,
+        lr_scheduler=s.lr_scheduler, max_grad_norm=s.max_grad_norm, eval_steps=s.eval_steps,
+        dtype=p.active.dtype, seed=p.seed)
+    model, tok = load_model(layout.model_dir(role, "base"), dtype=p.active.dtype,
+                            trust_remote_code=p.models.trust_remote_code)
+    train = tokenized(load_split("train"), tok, p.prompt.system, t.max_length, t.max_prompt_length)
+    val = tokenized(load_split("validation"), tok, p.prompt.system, t.max_length, t.max_prompt_length)
+    with atomic_path(layout.model_dir(role, "sft")) as out:
+        result = run_sft(model, tok, train, val, settings, out)
+    write_jsonl(f"{layout.LOGS}/sft/{role}/train_loss.jsonl", result["train_log"])
+    write_jsonl(f"{layout.LOGS}/sft/{role}/eval_loss.jsonl", result["eval_log"])
+    write_json(f"{layout.METRICS}/sft/{role}.json", result["metrics"])
+    m = result["metrics"]
+    print(f"sft {role}: eval loss {m['eval_loss_initial']:.3f} -> {m['eval_loss_best']:.3f}, {m['tokens_per_s']} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Cross-tokenizer alignment, the teacher cache and the vanilla KD loop."""
+
+import torch
+
+from telekd.align import aligned_positions, same_vocab, vocab_map
+from telekd.cache import compute_targets, load_targets, save_targets
+from telekd.distill import KDSettings, build_pairs, train_kd
+from telekd.losses import divergence
+from telekd.prompts import build_example
+
+SYSTEM = "Answer from the context."
+
+
+def _pairs(tokenizers, records, teacher="llama"):
+    s_tok, t_tok = tokenizers["llama"], tokenizers[teacher]
+    exs = [build_example(s_tok, r, SYSTEM, 600, 500) for r in records]
+    return exs, build_pairs(exs, records, s_tok, t_tok, SYSTEM, 600, 500)
+
+
+def test_identical_tokenizers_align_every_answer_token(tokenizers, sample_records):
+    tok = tokenizers["llama"]
+    s_map, t_map = vocab_map(tok, tok)
+    assert same_vocab(tok, tok) and torch.equal(s_map, t_map) and len(s_map) == len(tok)
+    exs, pairs = _pairs(tokenizers, sample_records[:8])
+    for s_ex, t_ex, aligned in pairs:
+        n = len(s_ex.input_ids) - s_ex.prompt_len
+        assert aligned == [(s_ex.prompt_len + j - 1, t_ex.prompt_len + j - 1) for j in range(n)]
+
+
+def test_different_tokenizers_align_equal_spans_only(tokenizers, sample_records):
+    s_tok, t_tok = tokenizers["llama"], tokenizers["mistral"]
+    assert not same_vocab(s_tok, t_tok)
+    s_map, t_map = vocab_map(s_tok, t_tok)
+    s_strings, t_strings = s_tok.convert_ids_to_tokens(s_map.tolist()), t_tok.convert_ids_to_tokens(t_map.tolist())
+    assert s_strings == t_strings and len(s_map) < len(s_tok)
+    exs, pairs = _pairs(tokenizers, sample_records[:20], teacher="mistral")
+    total = sum(len(s.input_ids) - s.prompt_len for s, _, _ in pairs)
+    aligned = sum(len(a) for _, _, a in pairs)
+    assert 0.5 < aligned / total < 1.0
+    for s_ex, t_ex, pos in pairs:
+        for sp, tp in pos:  # the tokens predicted at paired positions decode to the same text
+            assert s_tok.decode([s_ex.input_ids[sp + 1]]) == t_tok.decode([t_ex.input_ids[tp + 1]])
+    # the teacher saw the same text in its own template
+    assert all(s.context == t.context and s.completion == t.completion for s, t, _ in pairs)
+
+
+def test_cached_full_vocabulary_targets_equal_the_live_teacher(tokenizers, sample_records, tmp_path):
+    from conftest import tiny_model
+
+    tok = tokenizers["llama"]
+    teacher = tiny_model("llama", len(tok), hidden=48)
+    exs, pairs = _pairs(tokenizers, sample_records[:6])
+    s_map, t_map = vocab_map(tok, tok)
+    live = compute_targets(teacher, pairs, s_map, t_map, top_k=len(tok), batch_size=3, pad_id=tok.pad_token_id)
+    key = {"test": 1}
+    save_targets(live, key, tmp_path)
+    cached = load_targets(tmp_path, key)
+    # k = V: the cached top-k form gives the dense teacher's divergence
+    student = tiny_model("llama", len(tok), hidden=32, seed=1)
+    batch_logits = [student(input_ids=torch.tensor([s.input_ids])).logits[0] for s in exs]
+    with torch.no_grad():
+        t_logits = [teacher(input_ids=torch.tensor([t.input_ids])).logits[0] for _, t, _ in pairs]
+    from telekd.losses import divergence_topk
+
+    for i, (s_ex, t_ex, aligned) in enumerate(pairs):
+        rows = cached.rows(i)
+        s_pos = torch.tensor([a for a, _ in aligned])
+        t_pos = torch.tensor([b for _, b in aligned])
+        mask = torch.ones(len(aligned), dtype=torch.bool)
+        dense = divergence("forward_kl", batch_logits[i][s_pos], t_logits[i][t_pos], mask, temperature=2.0)
+        sparse = divergence_topk("forward_kl", batch_logits[i][cached.student_pos[rows]], cached.logprobs[rows],
+                                 cached.ids[rows], mask, temperature=2.0)
+        assert torch.allclose(dense, sparse, atol=1e-5)
+
+
+def test_corrupted_cache_entry_is_refused(tokenizers, sample_records, tmp_path):
+    import pytest
+
+    from conftest import tiny_model
+    from telekd.cache import TARGETS, CacheError, key_digest
+
+    tok = tokenizers["llama"]
+    exs, pairs = _pairs(tokenizers, sample_records[:2])
+    s_map, t_map = vocab_map(tok, tok)
+    save_targets(compute_targets(tiny_model("llama", len(tok)), pairs, s_map, t_map, 8, 2, tok.pad_token_id), {"k": 1}, tmp_path)
+    f = tmp_path / key_digest({"k": 1}) / TARGETS
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="hash mismatch"):
+        load_targets(tmp_path, {"k": 1})
+    with pytest.raises(CacheError, match="no teacher cache entry"):
+        load_targets(tmp_path, {"k": 2})
+
+
+def test_two_kd_steps_change_the_student_not_the_teacher(tokenizers, sample_records):
+    from conftest import tiny_model
+
+    tok = tokenizers["mistral"]
+    s_tok = tokenizers["llama"]
+    teacher = tiny_model("mistral", len(tok), hidden=48)
+    student = tiny_model("llama", len(s_tok), hidden=32, seed=1)
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s_before = {k: v.clone() for k, v in student.state_dict().items()}
+    exs, pairs = _pairs(tokenizers, sample_records[:4], teacher="mistral")
+    s_map, t_map = vocab_map(s_tok, tok)
+    targets = compute_targets(teacher, pairs, s_map, t_map, top_k=32, batch_size=2, pad_id=tok.pad_token_id)
+    s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+                   lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    out = train_kd(student, exs, s, s_tok.pad_token_id, targets=targets)
+    assert out["metrics"]["steps"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in out["log"])
+    assert any(not torch.equal(s_before[k], v) for k, v in out["model"].state_dict().items())
+    assert all(torch.equal(t_before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_lora_student_is_merged_back(tokenizers, sample_records):
+    from conftest import tiny_model
+
+    tok = tokenizers["llama"]
+    teacher, student = tiny_model("llama", len(tok), hidden=48), tiny_model("llama", len(tok), hidden=32, seed=1)
+    exs, pairs = _pairs(tokenizers, sample_records[:4])
+    s_map, t_map = vocab_map(tok, tok)
+    targets = compute_targets(teacher, pairs, s_map, t_map, top_k=16, batch_size=2, pad_id=tok.pad_token_id)
+    s = KDSettings(kd_rate=0.5, temperature=1.0, divergence="reverse_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+                   lr=1e-2, batch_size=2, grad_accum=2, max_grad_norm=1.0, weight_decay=0.0, seed=0,
+                   student_lora=True, lora_r=4, lora_alpha=8, lora_targets=("q_proj", "v_proj"))
+    out = train_kd(student, exs, s, tok.pad_token_id, targets=targets, val_examples=exs[:2])
+    names = [n for n, _ in out["model"].named_parameters()]
+    assert not any("lora" in n for n in names)
+    assert out["metrics"]["val_ce_after"] is not None

@@ -1,0 +1,171 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from telekd import metrics as M
+
+# (prediction, references): multi-reference, punctuation, exact match, disjoint, partial
+PAIRS = [
+    ("The UE sends an RRC connection request to the eNodeB.",
+     ["The UE transmits an RRC Connection Request to the eNB.", "An RRC connection request is sent by the UE."]),
+    ("Handover, i.e. HO, reduces call drops!", ["Handover (HO) reduces dropped calls."]),
+    ("5G NR uses OFDM in the downlink", ["5G NR uses OFDM in the downlink"]),
+    ("alpha beta gamma", ["delta epsilon zeta"]),
+    ("the cat sat on the mat", ["a cat was sitting on a mat", "the dog sat on the log"]),
+]
+
+
+# -----------------------------------------------------------------------------
+# n-gram
+
+
+@pytest.mark.parametrize("pred,refs", PAIRS)
+def test_ngram_matches_libraries(pred, refs):
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    got = M.ngram_scores(pred, refs)
+    assert tuple(got) == M.NGRAM_METRICS
+    for n in (1, 2, 3, 4):
+        want = BLEU(max_ngram_order=n, effective_order=True).sentence_score(pred, refs).score / 100
+        assert got[f"bleu{n}"] == pytest.approx(want, abs=1e-12)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    per_ref = [scorer.score(r, pred) for r in refs]
+    for k in ("rouge1", "rouge2", "rougeL"):
+        assert got[k] == pytest.approx(max(s[k].fmeasure for s in per_ref), abs=1e-12)
+    assert all(0.0 <= v <= 1.0 for v in got.values())
+
+
+def test_ngram_exact_and_disjoint():
+    exact = M.ngram_scores(*PAIRS[2])
+    assert all(v == pytest.approx(1.0) for v in exact.values())
+    disjoint = M.ngram_scores(*PAIRS[3])
+    assert all(v == 0.0 for v in disjoint.values())
+
+
+def test_bleu1_by_hand():
+    # brevity penalty 1 (4 vs 4 words), unigram precision 3/4
+    assert M.ngram_scores("the cat sat down", ["the cat sat up"])["bleu1"] == pytest.approx(0.75)
+
+
+def test_bleu_effective_order_short_exact_match():
+    # 2-word hypothesis has no 3/4-grams: effective order drops those orders instead of scoring 0
+    assert M.ngram_scores("hello world", ["hello world"])["bleu4"] == pytest.approx(1.0)
+
+
+def test_ngram_empty_prediction_is_zero():
+    got = M.ngram_scores("", ["some reference"])
+    assert got == dict.fromkeys(M.NGRAM_METRICS, 0.0)
+    assert M.ngram_scores("   ", ["x"])["rougeL"] == 0.0
+
+
+def test_ngram_bad_references():
+    with pytest.raises(ValueError, match="references is empty"):
+        M.ngram_scores("a", [])
+    with pytest.raises(TypeError, match=r"wrap it as \[text\]"):
+        M.ngram_scores("a", "a")
+
+
+def test_ngram_batch():
+    preds, refs = [p for p, _ in PAIRS], [r for _, r in PAIRS]
+    assert M.ngram_batch(preds, refs) == [M.ngram_scores(p, r) for p, r in PAIRS]
+    with pytest.raises(ValueError, match="one reference list per prediction"):
+        M.ngram_batch(preds, refs[:-1])
+
+
+def test_ngram_path_does_not_import_torch():
+    code = (
+        "import sys; from telekd import metrics as M; M.ngram_batch(['a b'], [['a b']]); M.mean_ci([1.0, 2.0]);"
+        "bad = [m for m in ('torch', 'sentence_transformers', 'bert_score', 'transformers') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+# -----------------------------------------------------------------------------
+# embeddings (MiniLM is loaded once: the models are cached in telekd.metrics)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = M.minilm_path()
+    assert os.path.isdir(path)
+    return path
+
+
+def test_resolve_embedding_model(minilm, tmp_path):
+    assert M.resolve_embedding_model("minilm") == minilm
+    assert M.resolve_embedding_model(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ValueError, match="use 'minilm' or a local sentence-transformers folder") as e:
+        M.resolve_embedding_model("sentence-transformers/all-mpnet-base-v2")
+    assert "\n" not in str(e.value)
+
+
+def test_cosine(minilm):
+    got = M.cosine_scores(
+        ["5G NR uses OFDM", "the UE attaches", "the UE attaches", ""],
+        [["5G NR uses OFDM"], ["cell reselection", "the UE attaches", "paging"], ["cell reselection"], ["x"]],
+    )
+    assert got[0] == pytest.approx(1.0, abs=1e-5)
+    assert got[1] == pytest.approx(1.0, abs=1e-5)  # max over references
+    assert got[2] < got[1]
+    assert got[3] == 0.0  # empty prediction
+    assert all(math.isfinite(v) for v in got)
+
+
+def test_bertscore(minilm):
+    preds = ["5G NR uses OFDM in the downlink", "the UE sends a request", "the UE sends a request", ""]
+    refs = [["5G NR uses OFDM in the downlink"], ["the eNB pages the UE"],
+            ["the eNB pages the UE", "the UE transmits a request"], ["anything"]]
+    got = M.bertscore_scores(preds, refs)
+    assert all(tuple(d) == M.EMBED_METRICS[1:] for d in got)
+    assert all(math.isfinite(v) for d in got for v in d.values())
+    assert got[0]["bertscore_f1"] > 0.999
+    for k in M.EMBED_METRICS[1:]:
+        assert got[2][k] >= got[1][k]  # multi-ref max >= single-ref
+    assert got[3] == dict.fromkeys(M.EMBED_METRICS[1:], 0.0)  # empty prediction: no crash, 0
+    with pytest.raises(ValueError, match="pass num_layers"):
+        M.bertscore_scores(["a"], [["a"]], model_name=minilm)
+    assert M.bertscore_scores(["a b"], [["a b"]], model_name=minilm, num_layers=6)[0]["bertscore_f1"] > 0.999
+
+
+def test_embed_batch(minilm):
+    got = M.embed_batch(["handover reduces drops"], [["handover reduces call drops"]])
+    assert set(got[0]) == set(M.EMBED_METRICS)
+    assert all(0.0 < v <= 1.0 + 1e-5 for v in got[0].values())
+
+
+# -----------------------------------------------------------------------------
+# mean_ci
+
+
+def test_mean_ci_basic():
+    from scipy.stats import bootstrap
+
+    x = [0.1, 0.5, float("nan"), 0.7, 0.2, float("nan"), 0.9, 0.4]
+    got = M.mean_ci(x, seed=3)
+    assert got["n"] == 6 and got["n_nan"] == 2
+    assert got["mean"] == pytest.approx(np.nanmean(x))
+    assert got["ci_low"] <= got["mean"] <= got["ci_high"]
+    assert got["ci_low"] < got["ci_high"]
+    assert M.mean_ci(x, seed=3) == got  # deterministic
+    clean = np.array([v for v in x if not math.isnan(v)])
+    ref = bootstrap((clean,), np.mean, n_resamples=2000, confidence_level=0.95, method="percentile",
+                    random_state=np.random.default_rng(3)).confidence_interval
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((ref.low, ref.high))
+
+
+def test_mean_ci_degenerate():
+    assert M.mean_ci([0.4]) == {"mean": 0.4, "ci_low": 0.4, "ci_high": 0.4, "n": 1, "n_nan": 0}
+    assert M.mean_ci([0.3, 0.3, float("nan")]) == {"mean": 0.3, "ci_low": 0.3, "ci_high": 0.3, "n": 2, "n_nan": 1}
+    assert M.mean_ci([]) == {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "n_nan": 0}
+    assert M.mean_ci([float("nan")] * 3) == {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "n_nan": 3}
