@@ -1,4 +1,4 @@
-"""Stage kd: distil one cell's teacher into its student (algorithm from the cell name)."""
+"""Stage kd: distil one cell's teacher into its student with the cell's algorithm (vanilla | dskd | uld)."""
 
 import argparse
 
@@ -10,48 +10,66 @@ from telekd.params import load_params
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--cell", required=True, help="teacher-teacher_sft-student_sft-alg, e.g. llama-sft-base-vanilla")
+    ap.add_argument("--cell", required=True, help="teacher-teacher_sft-student_sft-alg, e.g. llama-sft-base-dskd")
     cell = Cell.parse(ap.parse_args().cell)
     p = load_params()
+    from telekd import terms
     from telekd.cache import load_targets
-    from telekd.distill import KDSettings, kd_inputs, live_teacher, train_kd
+    from telekd.distill import KDSettings, kd_inputs, live_term, make_projectors, train_kd
+    from telekd.examples import load_split, tokenized
     from telekd.models import load_model
 
-    if cell.alg != "vanilla":  # DSKD and ULD arrive with issue 4: the cell passes its student through, untrained
-        import shutil
-
-        with atomic_path(cell.student_dir) as out:
-            shutil.copytree(cell.student_init_dir, out)
-        write_jsonl(f"{layout.LOGS}/kd/{cell.name}.jsonl", [])
-        write_json(f"{layout.METRICS}/kd/{cell.name}.json", {"trained": False, "reason": f"{cell.alg} not implemented yet"})
-        print(f"kd {cell.name}: {cell.alg} is not implemented yet; student passed through untrained")
-        return
     t, kd = p.active.train, p.kd
     settings = KDSettings(
         kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
         akl_alpha=kd.akl_alpha, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
         max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=p.seed, student_lora=kd.student_lora,
         lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout, lora_targets=tuple(p.sft.lora_targets))
-    inp = kd_inputs(p, cell.teacher_dir)
-    student, s_tok = load_model(cell.student_init_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
-    pad = s_tok.pad_token_id
+    inp = kd_inputs(p, cell.teacher_dir, need_alignment=cell.alg == "vanilla")
+    load = dict(dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
+    student, s_tok = load_model(cell.student_init_dir, **load)
+    teacher = None
+    if cell.alg == "dskd" or not kd.use_cache:  # DSKD needs the teacher's head and embeddings, never its forward pass
+        teacher, _ = load_model(cell.teacher_dir, **load)
+        teacher.requires_grad_(False)
+
+    projectors, variant = None, cell.alg
+    if cell.alg == "vanilla":
+        make = lambda tg, pairs: terms.vanilla_term(tg, pairs, settings)  # noqa: E731
+    elif cell.alg == "uld":
+        make = lambda tg, pairs: terms.uld_term(tg, pairs, settings, p.uld.weight)  # noqa: E731
+    else:
+        variant = "dskd" if inp.vocab_match else "dskd_cma"
+        projectors = make_projectors(student.config.hidden_size, teacher.config.hidden_size, cma=not inp.vocab_match,
+                                     seed=p.seed)
+        heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
+        if inp.vocab_match:
+            make = lambda tg, pairs: terms.dskd_term(tg, pairs, projectors, *heads, settings)  # noqa: E731
+        else:
+            embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+            make = lambda tg, pairs: terms.cma_term(tg, pairs, projectors, *embeds, *heads, settings)  # noqa: E731
+
     if kd.use_cache:
         targets = load_targets(f"{layout.CACHE}/{cell.teacher}-{cell.teacher_sft}", inp.key)
-        result = train_kd(student, inp.examples, settings, pad, targets=targets, val_examples=inp.val_examples, desc=cell.name)
+        if cell.alg == "dskd" and targets.hidden is None:
+            raise SystemExit("kd: DSKD needs teacher hidden states in the cache: set teacher_cache.hidden: true")
+        term = make(targets, inp.pairs)
     else:
-        teacher, _ = load_model(cell.teacher_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
-        fn = live_teacher(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, inp.teacher_tok.pad_token_id)
-        targets = None
-        result = train_kd(student, inp.examples, settings, pad, teacher_fn=fn, val_examples=inp.val_examples, desc=cell.name)
+        term = live_term(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, inp.teacher_tok.pad_token_id, make)
+    val = tokenized(load_split("validation"), s_tok, p.prompt.system, t.max_length, t.max_prompt_length)
+    result = train_kd(student, inp.examples, settings, s_tok.pad_token_id, term, extra_modules=projectors,
+                      projector_lr=p.dskd.projector_lr, val_examples=val, desc=cell.name)
     with atomic_path(cell.student_dir) as out:
         result["model"].save_pretrained(out, safe_serialization=True)
         s_tok.save_pretrained(out)
     write_jsonl(f"{layout.LOGS}/kd/{cell.name}.jsonl", result["log"])
-    m = {"trained": True, **result["metrics"], "vocab_match": inp.vocab_match, "use_cache": kd.use_cache}
-    if targets is not None:
+    m = {"algorithm": variant, **result["metrics"], "vocab_match": inp.vocab_match, "use_cache": kd.use_cache,
+         "teacher_forward_examples": getattr(term, "examples", 0)}
+    if kd.use_cache and cell.alg == "vanilla":  # alignment statistics of token-level KD
         m.update({k: v for k, v in targets.summary().items() if k in ("aligned_fraction", "mapped_mass", "top_k")})
     write_json(f"{layout.METRICS}/kd/{cell.name}.json", m)
-    print(f"kd {cell.name}: val CE {m['val_ce_before']:.3f} -> {m['val_ce_after']:.3f}, {m['tokens_per_s']} tokens/s")
+    print(f"kd {cell.name} ({variant}): val CE {m['val_ce_before']:.3f} -> {m['val_ce_after']:.3f}, "
+          f"{m['tokens_per_s']} tokens/s")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def main() -> None:
     inp = kd_inputs(p, teacher_dir)
     teacher, _ = load_model(teacher_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
     targets = compute_targets(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k,
-                              p.active.train.batch_size, inp.teacher_tok.pad_token_id, desc=f"teacher {a.teacher}-{a.teacher_sft}")
+                              p.active.train.batch_size, inp.teacher_tok.pad_token_id, hidden=p.teacher_cache.hidden,
+                              desc=f"teacher {a.teacher}-{a.teacher_sft}")
     name = f"{a.teacher}-{a.teacher_sft}"
     with atomic_path(f"{layout.CACHE}/{name}") as out:
         entry = save_targets(targets, inp.key, out)

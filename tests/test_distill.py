@@ -2,9 +2,10 @@
 
 import torch
 
-from telekd.align import aligned_positions, same_vocab, vocab_map
+from telekd.align import same_vocab, vocab_map
 from telekd.cache import compute_targets, load_targets, save_targets
-from telekd.distill import KDSettings, build_pairs, train_kd
+from telekd.distill import KDSettings, build_pairs, live_term, make_projectors, train_kd
+from telekd.terms import cma_term, vanilla_term
 from telekd.losses import divergence
 from telekd.prompts import build_example
 
@@ -107,7 +108,7 @@ def test_two_kd_steps_change_the_student_not_the_teacher(tokenizers, sample_reco
     targets = compute_targets(teacher, pairs, s_map, t_map, top_k=32, batch_size=2, pad_id=tok.pad_token_id)
     s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
-    out = train_kd(student, exs, s, s_tok.pad_token_id, targets=targets)
+    out = train_kd(student, exs, s, s_tok.pad_token_id, vanilla_term(targets, pairs, s))
     assert out["metrics"]["steps"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in out["log"])
     assert any(not torch.equal(s_before[k], v) for k, v in out["model"].state_dict().items())
     assert all(torch.equal(t_before[k], v) for k, v in teacher.state_dict().items())
@@ -125,7 +126,51 @@ def test_lora_student_is_merged_back(tokenizers, sample_records):
     s = KDSettings(kd_rate=0.5, temperature=1.0, divergence="reverse_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=2, max_grad_norm=1.0, weight_decay=0.0, seed=0,
                    student_lora=True, lora_r=4, lora_alpha=8, lora_targets=("q_proj", "v_proj"))
-    out = train_kd(student, exs, s, tok.pad_token_id, targets=targets, val_examples=exs[:2])
+    out = train_kd(student, exs, s, tok.pad_token_id, vanilla_term(targets, pairs, s), val_examples=exs[:2])
     names = [n for n, _ in out["model"].named_parameters()]
     assert not any("lora" in n for n in names)
     assert out["metrics"]["val_ce_after"] is not None
+
+
+def test_dskd_with_cross_model_attention_trains_student_and_projectors(tokenizers, sample_records):
+    from conftest import tiny_model
+
+    t_tok, s_tok = tokenizers["mistral"], tokenizers["llama"]
+    teacher = tiny_model("mistral", len(t_tok), hidden=48).requires_grad_(False)
+    student = tiny_model("llama", len(s_tok), hidden=32, seed=1)
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s_before = {k: v.clone() for k, v in student.state_dict().items()}
+    exs, pairs = _pairs(tokenizers, sample_records[:4], teacher="mistral")
+    s_map, t_map = vocab_map(s_tok, t_tok)
+    proj = make_projectors(32, 48, cma=True)
+    p_before = {k: v.clone() for k, v in proj.state_dict().items()}
+    s = KDSettings(kd_rate=0.5, temperature=1.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+                   lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
+    embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    make = lambda tg, ps: cma_term(tg, ps, proj, *embeds, *heads, s)  # noqa: E731
+    term = live_term(teacher, pairs, s_map, t_map, top_k=len(t_tok), pad_id=t_tok.pad_token_id, make_term=make)
+    out = train_kd(student, exs, s, s_tok.pad_token_id, term, extra_modules=proj)
+    assert out["metrics"]["steps"] == 2 and term.examples == 4
+    assert {"ce_t2s", "kd_stu", "kd_tea", "t2s_acc"} <= set(out["log"][0])
+    assert any(not torch.equal(s_before[k], v) for k, v in out["model"].state_dict().items())
+    assert all(not torch.equal(p_before[k], v) for k, v in proj.state_dict().items())
+    assert all(torch.equal(t_before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_uld_trains_across_vocabularies_without_projectors(tokenizers, sample_records):
+    from conftest import tiny_model
+    from telekd.terms import uld_term
+
+    t_tok, s_tok = tokenizers["mistral"], tokenizers["llama"]
+    teacher = tiny_model("mistral", len(t_tok), hidden=48)
+    student = tiny_model("llama", len(s_tok), hidden=32, seed=1)
+    exs, pairs = _pairs(tokenizers, sample_records[:4], teacher="mistral")
+    s_map, t_map = vocab_map(s_tok, t_tok)
+    targets = compute_targets(teacher, pairs, s_map, t_map, top_k=len(t_tok), batch_size=2, pad_id=t_tok.pad_token_id,
+                              hidden=False)
+    assert targets.hidden is None and int(targets.t_offsets[-1]) == sum(len(t.input_ids) - t.prompt_len for _, t, _ in pairs)
+    s = KDSettings(kd_rate=0.5, temperature=1.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+                   lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    out = train_kd(student, exs, s, s_tok.pad_token_id, uld_term(targets, pairs, s, weight=1.0))
+    assert out["metrics"]["steps"] == 2 and all(0 <= r["kd"] <= 2 for r in out["log"])

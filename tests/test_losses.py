@@ -11,16 +11,6 @@ import torch.nn.functional as F
 from telekd.losses import KINDS, _akl_weights, divergence, divergence_topk, per_token_divergence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # On small CPU boxes torch's intra-op thread pool costs milliseconds per tiny op
-    # (log_softmax on a [6, 5] tensor: ~7 ms with 2 threads, ~2 us with 1); these
-    # tests only use tiny tensors, so run them single-threaded to stay fast.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # f-divergences: merging bins can only lower them (data-processing inequality)
 F_DIVERGENCES = ("forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd")
 SMOOTH_KINDS = tuple(k for k in KINDS if k != "adaptive_kl")  # AKL has detached weights

@@ -1,7 +1,5 @@
 """params.yaml validation: one line naming the key and the allowed values."""
 
-import shutil
-
 import pytest
 import yaml
 

@@ -2,8 +2,10 @@
 
 An entry holds, for every aligned answer position of the training split, the teacher's top-k
 log-probabilities (temperature 1) over the student's vocabulary (ids with an identical-string twin)
-plus, implicitly, the residual mass 1 - sum(exp(top-k)). Its address is the sha256 of everything
-that determines it: teacher weights, both tokenizers, chat templates, data, lengths, dtype, top-k.
+plus, implicitly, the residual mass 1 - sum(exp(top-k)) (vanilla KD); and, for every teacher answer
+position, the top-k over the teacher's own vocabulary and the last layer's hidden state (DSKD, ULD).
+Its address is the sha256 of everything that determines it: teacher weights, both tokenizers, chat
+templates, data, lengths, dtype, top-k.
 The file's own sha256 is checked on every read; a corrupted entry is refused, never used.
 """
 
@@ -13,6 +15,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 TARGETS = "targets.safetensors"
 MANIFEST = "manifest.json"
@@ -46,6 +52,10 @@ class TeacherTargets:
     ids: "torch.Tensor"          # [N, k] student vocabulary ids
     mapped_mass: "torch.Tensor"  # [N] teacher mass on ids with a student twin (1 with one vocabulary)
     answer_tokens: int           # student answer tokens in all examples (aligned or not)
+    t_offsets: "torch.Tensor"    # [n_examples + 1] teacher-space rows of example i (its answer positions, in order)
+    t_logprobs: "torch.Tensor"   # [Nt, k] teacher log-probs (T = 1) over the teacher's vocabulary
+    t_ids: "torch.Tensor"        # [Nt, k] their teacher ids
+    hidden: "torch.Tensor | None" = None  # [Nt, d_t] last-layer hidden states (float32), when kept
 
     def rows(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
@@ -54,37 +64,54 @@ class TeacherTargets:
         return {"positions": int(self.student_pos.numel()), "answer_tokens": self.answer_tokens,
                 "aligned_fraction": round(self.student_pos.numel() / max(1, self.answer_tokens), 4),
                 "mapped_mass": round(float(self.mapped_mass.mean()), 4) if self.mapped_mass.numel() else None,
-                "top_k": int(self.ids.shape[-1])}
+                "top_k": int(self.ids.shape[-1]), "teacher_positions": int(self.t_ids.shape[0]),
+                "hidden": self.hidden is not None}
 
 
-def compute_targets(teacher, pairs, s_map, t_map, top_k: int, batch_size: int, pad_id: int, desc="teacher") -> TeacherTargets:
-    """Run the frozen teacher over `pairs` [(student_ex, teacher_ex, aligned positions)] and keep its targets."""
+def compute_targets(teacher, pairs, s_map, t_map, top_k: int, batch_size: int, pad_id: int, hidden: bool = True,
+                    desc="teacher") -> TeacherTargets:
+    """Run the frozen teacher over `pairs` [(student_ex, teacher_ex, aligned positions)] and keep its targets:
+    student-space top-k at aligned positions (vanilla KD) and, at every teacher answer position,
+    teacher-space top-k and (when `hidden`) the last layer's hidden state (DSKD, ULD)."""
     import torch
     from tqdm import tqdm
 
     from .prompts import collate
 
     teacher.eval()
-    k = min(top_k, len(s_map))
+    k_s = min(top_k, len(s_map))
+    k_t = min(top_k, teacher.get_output_embeddings().weight.shape[0])
     offsets, pos, lps, ids, mass = [0], [], [], [], []
+    t_offsets, t_lps, t_ids, hid = [0], [], [], []
     for b in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", mininterval=2):
         chunk = pairs[b: b + batch_size]
         batch = collate([t for _, t, _ in chunk], pad_id)
         with torch.inference_mode():
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        for row, (_, _, aligned) in enumerate(chunk):
-            t_pos = torch.tensor([t for _, t in aligned], dtype=torch.long)
-            lp = torch.log_softmax(logits[row, t_pos].float(), dim=-1)[:, t_map]  # [n, M] in student-id order
-            top = lp.topk(k, dim=-1)
+            out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          output_hidden_states=hidden)
+        for row, (_, t_ex, aligned) in enumerate(chunk):
+            answer = torch.arange(t_ex.prompt_len - 1, len(t_ex.input_ids) - 1)
+            full = torch.log_softmax(out.logits[row, answer].float(), dim=-1)       # [n_t, V_t]
+            top_t = full.topk(k_t, dim=-1)
+            t_lps.append(top_t.values)
+            t_ids.append(top_t.indices)
+            if hidden:
+                hid.append(out.hidden_states[-1][row, answer].float())
+            t_offsets.append(t_offsets[-1] + len(answer))
+            rel = torch.tensor([t - (t_ex.prompt_len - 1) for _, t in aligned], dtype=torch.long)
+            lp = full[rel][:, t_map]                                                 # [n, M] in student-id order
+            top = lp.topk(k_s, dim=-1)
             lps.append(top.values)
             ids.append(s_map[top.indices])
             mass.append(lp.exp().sum(-1))
             pos.append(torch.tensor([s for s, _ in aligned], dtype=torch.long))
             offsets.append(offsets[-1] + len(aligned))
     answer_tokens = sum(len(s.input_ids) - s.prompt_len for s, _, _ in pairs)
-    cat = lambda xs, w: torch.cat(xs) if xs else torch.zeros((0, w) if w else (0,))  # noqa: E731
-    return TeacherTargets(torch.tensor(offsets), cat(pos, 0).long(), cat(lps, k), cat(ids, k).long(),
-                          cat(mass, 0), answer_tokens)
+    d = teacher.config.hidden_size
+    cat = lambda xs, *w: torch.cat(xs) if xs else torch.zeros((0, *w))  # noqa: E731
+    return TeacherTargets(torch.tensor(offsets), cat(pos).long(), cat(lps, k_s), cat(ids, k_s).long(), cat(mass),
+                          answer_tokens, torch.tensor(t_offsets), cat(t_lps, k_t), cat(t_ids, k_t).long(),
+                          cat(hid, d) if hidden else None)
 
 
 def save_targets(targets: TeacherTargets, key: dict, root: str | Path) -> Path:
@@ -93,8 +120,12 @@ def save_targets(targets: TeacherTargets, key: dict, root: str | Path) -> Path:
 
     entry = Path(root) / key_digest(key)
     entry.mkdir(parents=True, exist_ok=True)
-    save_file({"offsets": targets.offsets, "student_pos": targets.student_pos, "logprobs": targets.logprobs.contiguous(),
-               "ids": targets.ids.contiguous(), "mapped_mass": targets.mapped_mass}, str(entry / TARGETS))
+    tensors = {"offsets": targets.offsets, "student_pos": targets.student_pos, "logprobs": targets.logprobs,
+               "ids": targets.ids, "mapped_mass": targets.mapped_mass, "t_offsets": targets.t_offsets,
+               "t_logprobs": targets.t_logprobs, "t_ids": targets.t_ids}
+    if targets.hidden is not None:
+        tensors["hidden"] = targets.hidden
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(entry / TARGETS))
     manifest = {"key": key, "sha256": file_sha256(entry / TARGETS), "answer_tokens": targets.answer_tokens,
                 **targets.summary()}
     (entry / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -117,4 +148,4 @@ def load_targets(root: str | Path, key: dict) -> TeacherTargets:
         raise CacheError(f"{entry / TARGETS}: content hash mismatch (corrupted): delete it and rerun dvc repro")
     t = load_file(str(entry / TARGETS))
     return TeacherTargets(t["offsets"], t["student_pos"], t["logprobs"], t["ids"], t["mapped_mass"],
-                          manifest["answer_tokens"])
+                          manifest["answer_tokens"], t["t_offsets"], t["t_logprobs"], t["t_ids"], t.get("hidden"))

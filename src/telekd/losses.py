@@ -74,10 +74,11 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["KINDS", "divergence", "divergence_topk", "per_token_divergence"]
+__all__ = ["KINDS", "divergence", "divergence_topk", "per_token_divergence", "dskd_loss", "cma_loss", "uld_loss"]
 
 KINDS = (
     "forward_kl",
@@ -389,3 +390,100 @@ def divergence_topk(
 
     flat = (student_logits[mask], teacher_topk_logprobs[mask], teacher_topk_ids[mask])
     return _masked_mean(chunk_sum, flat, dtype, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dual-Space KD (Zhang et al., EMNLP 2024) and ULD (Boizard et al.): loss terms as pure functions.
+# Teacher distributions come as top-k log-probabilities (k = V is exact), as the cache stores them.
+# ----------------------------------------------------------------------------------------------
+
+
+def dskd_loss(kind: str, student_logits: Tensor, student_hidden: Tensor, targets: Tensor, teacher_hidden: Tensor,
+              teacher_topk_logprobs: Tensor, teacher_topk_ids: Tensor, t2s, s2t, student_head: Tensor,
+              teacher_head: Tensor, temperature: float = 1.0, skew_lambda: float = 0.1,
+              akl_alpha: float = 0.5) -> dict[str, Tensor]:
+    """DSKD with one vocabulary, on N paired answer positions (rows of every argument).
+
+    Student space: z_t2s = head_s(P_t2s(h_t)) with the student head detached; CE(z_t2s, y) trains
+    the projector, and the student learns D(student || z_t2s detached). Teacher space:
+    z_s2t = head_t(P_s2t(h_s)) with the frozen teacher head; forward KL(p_t || p_s2t).
+    Each term is summed over the N target tokens and divided by N.
+    """
+    n = torch.tensor(float(targets.numel()), device=targets.device)
+    ones = torch.ones_like(targets, dtype=torch.bool)
+    z_t2s = t2s(teacher_hidden.to(student_hidden.dtype)) @ student_head.detach().T
+    ce_t2s = F.cross_entropy(_up(z_t2s), targets, reduction="sum") / n
+    kd_stu = divergence(kind, student_logits, z_t2s.detach(), ones, temperature, skew_lambda, akl_alpha)
+    z_s2t = s2t(student_hidden) @ teacher_head.detach().T
+    kd_tea = divergence_topk("forward_kl", z_s2t, teacher_topk_logprobs, teacher_topk_ids, ones, temperature)
+    return {"ce_t2s": ce_t2s, "kd_stu": kd_stu, "kd_tea": kd_tea, "kd": ce_t2s + kd_stu + kd_tea,
+            "t2s_acc": (z_t2s.argmax(-1) == targets).float().mean()}
+
+
+def _up(x: Tensor) -> Tensor:
+    """float32 for low-precision inputs, float64 kept (as the divergences do)."""
+    return x.to(_compute_dtype(x))
+
+
+def _std(x: Tensor, mask: Tensor) -> Tensor:
+    """Standard deviation of the entries of x at valid positions (mask [..., T])."""
+    return _up(x[mask.bool()]).std().clamp_min(1e-6)
+
+
+def cma_loss(kind: str, student_logits: Tensor, student_hidden: Tensor, s_in_emb: Tensor, s_tgt_emb: Tensor,
+             s_targets: Tensor, s_mask: Tensor, teacher_hidden: Tensor, t_in_emb: Tensor, t_tgt_emb: Tensor,
+             t_topk_logprobs: Tensor, t_topk_ids: Tensor, t_mask: Tensor, query, t2s, s2t, student_head: Tensor,
+             teacher_head: Tensor, temperature: float = 1.0, skew_lambda: float = 0.1,
+             akl_alpha: float = 0.5) -> dict[str, Tensor]:
+    """DSKD with cross-model attention for two vocabularies, on a batch of answer positions.
+
+    Shapes: student side [B, Ts, ·] and teacher side [B, Tt, ·], padded; s_mask/t_mask mark real
+    answer positions (prompt and padding are never attended to). Embeddings are detached tables'
+    rows for the input token (x) and the next token (y) at each position.
+    Q = P_query([E_s(x); E_s(y)]); K = [E_t(x)/std; E_t(y)/std]; V_t = P_t2s(h_t/std + E_t(y)/std);
+    V_s = P_s2t(h_s); A = Q Kᵀ / sqrt(2 d_t).
+    t→s: softmax over teacher positions, A V_t through the student head: CE trains the projectors,
+    and D(student || z_t2s detached) counts only where z_t2s predicts the target. s→t: softmax of Aᵀ
+    over student positions, Aᵀ V_s through the teacher head: forward KL against the teacher.
+    Student terms are divided by the number of student target tokens, the teacher term by the teacher's.
+    """
+    s_mask, t_mask = s_mask.bool(), t_mask.bool()
+    d_t = teacher_hidden.shape[-1]
+    q = query(torch.cat([s_in_emb, s_tgt_emb], -1).detach())
+    k = torch.cat([t_in_emb / _std(t_in_emb, t_mask), t_tgt_emb / _std(t_tgt_emb, t_mask)], -1).detach()
+    v_t = t2s((teacher_hidden / _std(teacher_hidden, t_mask) + t_tgt_emb / _std(t_tgt_emb, t_mask)).detach())
+    v_s = s2t(student_hidden)
+    a = _up(q @ k.transpose(-1, -2)) / math.sqrt(2 * d_t)  # [B, Ts, Tt]
+    pair = s_mask[:, :, None] & t_mask[:, None, :]
+    a = a.masked_fill(~pair, float("-inf"))
+    w_t2s = torch.softmax(a, -1).nan_to_num(0.0)                  # rows without a teacher position -> 0
+    w_s2t = torch.softmax(a.transpose(-1, -2), -1).nan_to_num(0.0)
+    z_t2s = (w_t2s.to(v_t.dtype) @ v_t) @ student_head.detach().T  # [B, Ts, V_s]
+    z_s2t = (w_s2t.to(v_s.dtype) @ v_s) @ teacher_head.detach().T  # [B, Tt, V_t]
+    n_s = s_mask.sum()
+    ce_t2s = F.cross_entropy(_up(z_t2s[s_mask]), s_targets[s_mask], reduction="sum") / n_s.clamp_min(1)
+    acc = s_mask & (z_t2s.argmax(-1) == s_targets)
+    n_acc = acc.sum()
+    kd_stu = divergence(kind, student_logits, z_t2s.detach(), acc, temperature, skew_lambda, akl_alpha) * n_acc / n_s.clamp_min(1)
+    kd_tea = divergence_topk("forward_kl", z_s2t, t_topk_logprobs, t_topk_ids, t_mask, temperature)
+    return {"ce_t2s": ce_t2s, "kd_stu": kd_stu, "kd_tea": kd_tea, "kd": ce_t2s + kd_stu + kd_tea,
+            "t2s_acc": n_acc.float() / n_s.clamp_min(1)}
+
+
+def uld_loss(student_logits: Tensor, teacher_topk_logprobs: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Universal Logit Distillation: L1 between sorted probability vectors, mean over masked positions.
+
+    Rows are paired positions of the two models (aligned from the answer start). Both vectors are
+    sorted in decreasing order and zero-padded to the larger size; the teacher's mass outside its top-k
+    is unknown and treated as 0 (exact when k covers the vocabulary).
+    """
+    mask = mask.bool()
+    s = torch.softmax(_up(student_logits[mask]) / temperature, -1).sort(-1, descending=True).values
+    t = torch.softmax(_up(teacher_topk_logprobs[mask]) / temperature, -1) if temperature != 1.0 \
+        else _up(teacher_topk_logprobs[mask]).exp()
+    t = t.sort(-1, descending=True).values
+    width = max(s.shape[-1], t.shape[-1])
+    s, t = F.pad(s, (0, width - s.shape[-1])), F.pad(t, (0, width - t.shape[-1]))
+    if not mask.any():
+        return student_logits.sum() * 0.0
+    return (s - t).abs().sum(-1).mean()

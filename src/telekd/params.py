@@ -72,7 +72,7 @@ class SFT(Strict):
 
 class TeacherCache(Strict):
     top_k: int = Field(ge=1)
-    hidden_layers: list[int]
+    hidden: bool = True
 
 
 class KD(Strict):

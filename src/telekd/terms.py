@@ -1,0 +1,103 @@
+"""KD terms per algorithm: each maps (student outputs on a batch, example indices) to (kd loss, logs)."""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import TeacherTargets
+
+
+def _student_rows(targets: TeacherTargets, idx):
+    """Student-space rows (vanilla): batch row of each position, student positions, log-probs, ids."""
+    slices = [targets.rows(i) for i in idx]
+    b_index = torch.cat([torch.full((s.stop - s.start,), j, dtype=torch.long) for j, s in enumerate(slices)])
+    rows = torch.cat([torch.arange(s.start, s.stop) for s in slices])
+    return b_index, targets.student_pos[rows], targets.logprobs[rows], targets.ids[rows]
+
+
+def _teacher_row(targets: TeacherTargets, pairs, i: int, t_pos: int) -> int:
+    """Row in the teacher-space arrays of example i's teacher logit position t_pos."""
+    return int(targets.t_offsets[i]) + t_pos - (pairs[i][1].prompt_len - 1)
+
+
+def vanilla_term(targets: TeacherTargets, pairs, kd):
+    from .losses import divergence_topk
+
+    def term(logits, hidden, batch, idx):
+        b, pos, lp, ids = _student_rows(targets, idx)
+        mask = torch.ones_like(pos, dtype=torch.bool)
+        loss = divergence_topk(kd.divergence, logits[b, pos], lp, ids, mask, kd.temperature, kd.skew_lambda,
+                               kd.akl_alpha, chunk_size=kd.chunk_size)
+        return loss, {}
+    return term
+
+
+def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_head, kd):
+    """DSKD with one vocabulary on the aligned answer positions."""
+    from .losses import dskd_loss
+
+    def term(logits, hidden, batch, idx):
+        b, s_pos, t_rows = [], [], []
+        for j, i in enumerate(idx):
+            for sp, tp in pairs[i][2]:
+                b.append(j), s_pos.append(sp), t_rows.append(_teacher_row(targets, pairs, i, tp))
+        b, s_pos, t_rows = torch.tensor(b), torch.tensor(s_pos), torch.tensor(t_rows)
+        y = batch["input_ids"][b, s_pos + 1]
+        out = dskd_loss(kd.divergence, logits[b, s_pos], hidden[b, s_pos], y, targets.hidden[t_rows],
+                        targets.t_logprobs[t_rows], targets.t_ids[t_rows], projectors.t2s, projectors.s2t,
+                        student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha)
+        return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
+    return term
+
+
+def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_embed, student_head, teacher_head, kd):
+    """DSKD with cross-model attention: every student answer position attends to every teacher one."""
+    from .losses import cma_loss
+
+    def term(logits, hidden, batch, idx):
+        B = len(idx)
+        s_pos = [list(range(pairs[i][0].prompt_len - 1, len(pairs[i][0].input_ids) - 1)) for i in idx]
+        t_n = [int(targets.t_offsets[i + 1] - targets.t_offsets[i]) for i in idx]
+        Ts, Tt = max(map(len, s_pos)), max(t_n)
+        s_mask = torch.zeros(B, Ts, dtype=torch.bool)
+        t_mask = torch.zeros(B, Tt, dtype=torch.bool)
+        s_idx = torch.zeros(B, Ts, dtype=torch.long)
+        t_rows = torch.zeros(B, Tt, dtype=torch.long)
+        t_in = torch.zeros(B, Tt, dtype=torch.long)
+        t_tgt = torch.zeros(B, Tt, dtype=torch.long)
+        for j, i in enumerate(idx):
+            s_mask[j, : len(s_pos[j])] = True
+            s_idx[j, : len(s_pos[j])] = torch.tensor(s_pos[j])
+            t_ex = pairs[i][1]
+            start = int(targets.t_offsets[i])
+            t_mask[j, : t_n[j]] = True
+            t_rows[j, : t_n[j]] = torch.arange(start, start + t_n[j])
+            ids = torch.tensor(t_ex.input_ids)
+            p = torch.arange(t_ex.prompt_len - 1, t_ex.prompt_len - 1 + t_n[j])
+            t_in[j, : t_n[j]], t_tgt[j, : t_n[j]] = ids[p], ids[p + 1]
+        rows = torch.arange(B)[:, None]
+        s_in_ids, s_tgt_ids = batch["input_ids"][rows, s_idx], batch["input_ids"][rows, s_idx + 1]
+        out = cma_loss(
+            kd.divergence, logits[rows, s_idx], hidden[rows, s_idx], student_embed[s_in_ids], student_embed[s_tgt_ids],
+            s_tgt_ids, s_mask, targets.hidden[t_rows], teacher_embed[t_in], teacher_embed[t_tgt],
+            targets.t_logprobs[t_rows], targets.t_ids[t_rows], t_mask, projectors.query, projectors.t2s,
+            projectors.s2t, student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha)
+        return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
+    return term
+
+
+def uld_term(targets: TeacherTargets, pairs, kd, weight: float):
+    """ULD: answer positions paired by their index from the answer start."""
+    from .losses import uld_loss
+
+    def term(logits, hidden, batch, idx):
+        b, s_pos, t_rows = [], [], []
+        for j, i in enumerate(idx):
+            s_ex = pairs[i][0]
+            n = min(len(s_ex.input_ids) - s_ex.prompt_len, int(targets.t_offsets[i + 1] - targets.t_offsets[i]))
+            for k in range(n):
+                b.append(j), s_pos.append(s_ex.prompt_len - 1 + k), t_rows.append(int(targets.t_offsets[i]) + k)
+        b, s_pos, t_rows = torch.tensor(b), torch.tensor(s_pos), torch.tensor(t_rows)
+        mask = torch.ones_like(s_pos, dtype=torch.bool)
+        return weight * uld_loss(logits[b, s_pos], targets.t_logprobs[t_rows], mask), {}
+    return term
