@@ -35,7 +35,7 @@ class KDSettings:
     lora_alpha: float = 32
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    chunk_size: int | None = 1024
+    chunk_size: int | None = 128   # rows per chunk of the divergence: bounded memory at large vocabularies
 
 
 def build_pairs(student_examples, records, student_tok, teacher_tok, system: str, max_length: int, max_prompt_length: int):

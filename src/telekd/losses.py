@@ -58,14 +58,13 @@ replaced by ``log(finfo(float32).tiny)`` ~ -87.3, so the value stays finite
 uniform. Mixtures (JS, skewed KLs) are formed in probability space with a
 guarded log, so no ``log(0)`` ever reaches the backward pass.
 
-Memory: only the unmasked positions are gathered (``logits[mask]``). With
-``chunk_size`` the gathered tokens are processed ``chunk_size`` at a time, and,
-when a gradient is needed, each chunk runs under non-reentrant activation
-checkpointing: autograd then stores only the chunk's (view) inputs and
-recomputes the float32 intermediates chunk by chunk in the backward pass, so
-neither the forward nor the backward pass ever holds several full
-``[tokens x V]`` float32 tensors. The chunked result equals the unchunked one up
-to float summation order.
+Memory: with ``chunk_size`` the unmasked positions are processed ``chunk_size`` rows at a time,
+gathered by index chunk by chunk (the full ``[tokens x V]`` input is never copied), and each chunk's
+gradient is computed in the forward pass straight into one preallocated buffer per input that needs
+it (``_ChunkedSum``); the backward pass only scales that buffer. Peak memory is the gradient itself
+plus one chunk's float32 intermediates, instead of several full ``[tokens x V]`` float32 tensors. The
+chunked result equals the unchunked one up to float summation order. (First-order gradients only:
+the chunked path does not support double backward.)
 """
 
 from __future__ import annotations
@@ -76,7 +75,6 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["KINDS", "divergence", "divergence_topk", "per_token_divergence", "dskd_loss", "cma_loss", "uld_loss"]
 
@@ -228,31 +226,60 @@ def per_token_divergence(
 # ---------------------------------------------------------------------------
 
 
+class _ChunkedSum(torch.autograd.Function):
+    """sum over row chunks of fn(*rows); gradients are computed chunk by chunk during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, fn, rows, chunk, *tensors):  # tensors: [R, ...] row-aligned, rows: indices to use
+        need = ctx.needs_input_grad[3:]
+        bufs = [torch.zeros_like(t) if n else None for t, n in zip(tensors, need)]
+        total = None
+        for start in range(0, rows.numel(), chunk):
+            r = rows[start: start + chunk]
+            parts = [t[r].detach().requires_grad_(n) for t, n in zip(tensors, need)]
+            with torch.enable_grad():
+                value = fn(*parts)
+            wanted = [p for p, n in zip(parts, need) if n]
+            if wanted:
+                grads = iter(torch.autograd.grad(value, wanted))
+                for buf, n in zip(bufs, need):
+                    if n:
+                        buf.index_copy_(0, r, next(grads).to(buf.dtype))
+            total = value.detach() if total is None else total + value.detach()
+        ctx.bufs = bufs
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [None if b is None else (b if bool(grad_out == 1) else b * grad_out) for b in ctx.bufs]
+        ctx.bufs = None
+        return (None, None, None, *grads)
+
+
 def _masked_mean(
     chunk_sum: Callable[..., Tensor],
-    flat: Sequence[Tensor],
+    tensors: Sequence[Tensor],
+    mask: Tensor,
     dtype: torch.dtype,
     chunk_size: Optional[int],
 ) -> Tensor:
-    """Mean over the gathered tokens of ``chunk_sum`` (which returns a chunk's summed per-token loss)."""
-    n = flat[0].shape[0]
+    """Mean over the unmasked positions of ``chunk_sum`` (which returns a chunk's summed per-token loss).
+
+    ``tensors`` share the leading (masked) dimensions of ``mask``.
+    """
+    flat = [t.reshape(-1, *t.shape[mask.dim():]) for t in tensors]
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    n = rows.numel()
     if n == 0:
         # sums of empty tensors: exactly 0, and a (zero) gradient path to every float input
         zero = flat[0].new_zeros((), dtype=dtype)
         for t in flat:
             if t.is_floating_point():
-                zero = zero + t.to(dtype).sum()
+                zero = zero + t[rows].to(dtype).sum()
         return zero
     if chunk_size is None or chunk_size >= n:
-        return chunk_sum(*flat) / n
-    use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
-    total: Optional[Tensor] = None
-    for start in range(0, n, int(chunk_size)):
-        parts = [t[start : start + int(chunk_size)] for t in flat]
-        part = checkpoint(chunk_sum, *parts, use_reentrant=False) if use_ckpt else chunk_sum(*parts)
-        total = part if total is None else total + part
-    assert total is not None
-    return total / n
+        return chunk_sum(*[t[rows] for t in flat]) / n
+    return _ChunkedSum.apply(chunk_sum, rows, int(chunk_size), *flat) / n
 
 
 # ---------------------------------------------------------------------------
@@ -302,7 +329,7 @@ def divergence(
         lt = _log_softmax(t.to(dtype) / temperature)
         return per_token_divergence(kind, ls, lt, skew_lambda, akl_alpha).sum()
 
-    return _masked_mean(chunk_sum, (student_logits[mask], teacher_logits[mask]), dtype, chunk_size)
+    return _masked_mean(chunk_sum, (student_logits, teacher_logits), mask, dtype, chunk_size)
 
 
 def divergence_topk(
@@ -388,8 +415,7 @@ def divergence_topk(
         lt = _log_softmax(torch.cat([lt_k, lr.unsqueeze(-1)], dim=-1) / temperature)
         return per_token_divergence(kind, ls, lt, skew_lambda, akl_alpha).sum()
 
-    flat = (student_logits[mask], teacher_topk_logprobs[mask], teacher_topk_ids[mask])
-    return _masked_mean(chunk_sum, flat, dtype, chunk_size)
+    return _masked_mean(chunk_sum, (student_logits, teacher_topk_logprobs, teacher_topk_ids), mask, dtype, chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------

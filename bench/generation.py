@@ -1,0 +1,55 @@
+"""Batched vs one-question-at-a-time generation on the same model and test split (A B A B).
+
+Run after `make repro`:  .venv/bin/python bench/generation.py [--model models/kd/llama-sft-sft-vanilla] [--reps 2]
+Writes bench/results/generation.json.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from telekd.examples import load_split
+from telekd.generation import generate_answers
+from telekd.models import load_model
+from telekd.params import load_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="models/kd/llama-sft-sft-vanilla")
+    ap.add_argument("--reps", type=int, default=2)
+    a = ap.parse_args()
+    p = load_params()
+    model, tok = load_model(a.model)
+    records = load_split("test")
+    g = p.active.generate
+    runs: dict[str, list[float]] = {"batched": [], "single": []}
+    outputs = {}
+    for _ in range(a.reps):
+        for mode, bs in (("batched", g.batch_size), ("single", 1)):
+            t0 = time.perf_counter()
+            rows = generate_answers(model, tok, records, p.prompt.system, p.active.train.max_prompt_length,
+                                    g.max_new_tokens, bs, desc=mode)
+            runs[mode].append(round(len(rows) / (time.perf_counter() - t0), 2))
+            outputs[mode] = [r["prediction"] for r in rows]
+    best = {m: max(v) for m, v in runs.items()}
+    result = {"benchmark": "generation", "model": a.model, "answers": len(records), "batch_size": g.batch_size,
+              "max_new_tokens": g.max_new_tokens, "answers_per_s": runs, "best_answers_per_s": best,
+              "speedup_batched_over_single": round(best["batched"] / best["single"], 2),
+              "identical_answers": outputs["batched"] == outputs["single"],
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+              "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "command": f"python bench/generation.py --model {a.model} --reps {a.reps}"}
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path("bench/results/generation.json").write_text(json.dumps(result, indent=2) + "\n")
+    for m, v in runs.items():
+        print(f"{m:<8} answers/s {v}  best {best[m]}")
+    print(f"batched / single = {result['speedup_batched_over_single']}x; identical answers: {result['identical_answers']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""KD step throughput with the teacher-output cache vs a live teacher (same cell, data, batch; A B A B).
+
+Run after `make repro` (it reads the tiny study's models and splits):
+    .venv/bin/python bench/kd_cache.py [--teacher llama|mistral] [--alg vanilla|dskd] [--reps 2]
+Writes bench/results/kd_cache-<teacher>-<alg>.json.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from telekd import layout, terms
+from telekd.cache import compute_targets
+from telekd.distill import KDSettings, kd_inputs, live_term, make_projectors, train_kd
+from telekd.models import load_model
+from telekd.params import load_params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--teacher", default="llama", choices=["llama", "mistral"])
+    ap.add_argument("--alg", default="vanilla", choices=["vanilla", "dskd"])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    a = ap.parse_args()
+    p = load_params()
+    t, kd = p.active.train, p.kd
+    s = KDSettings(kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
+                   akl_alpha=kd.akl_alpha, epochs=a.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                   max_grad_norm=1.0, weight_decay=0.01, seed=p.seed)
+    teacher_dir = layout.model_dir(a.teacher, "base")
+    inp = kd_inputs(p, teacher_dir)
+    teacher, t_tok = load_model(teacher_dir)
+    t0 = time.perf_counter()
+    cached = compute_targets(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, t.batch_size,
+                             t_tok.pad_token_id)
+    cache_build_s = time.perf_counter() - t0
+
+    def make(tg, pairs, proj):
+        if a.alg == "vanilla":
+            return terms.vanilla_term(tg, pairs, s)
+        heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
+        if inp.vocab_match:
+            return terms.dskd_term(tg, pairs, proj, *heads, s)
+        embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+        return terms.cma_term(tg, pairs, proj, *embeds, *heads, s)
+
+    runs = {"cache": [], "live": []}
+    for _ in range(a.reps):
+        for mode in ("cache", "live"):
+            student, _ = load_model(layout.model_dir("student", "base"))
+            proj = make_projectors(student.config.hidden_size, teacher.config.hidden_size, not inp.vocab_match) \
+                if a.alg == "dskd" else None
+            term = make(cached, inp.pairs, proj) if mode == "cache" else \
+                live_term(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, t_tok.pad_token_id,
+                          lambda tg, pairs: make(tg, pairs, proj))
+            out = train_kd(student, inp.examples, s, t_tok.pad_token_id, term, extra_modules=proj, desc=mode)
+            runs[mode].append(out["metrics"]["tokens_per_s"])
+    best = {m: max(v) for m, v in runs.items()}
+    result = {
+        "benchmark": "kd_cache", "teacher": a.teacher, "alg": a.alg, "epochs": a.epochs, "examples": len(inp.examples),
+        "tokens_per_s": runs, "best_tokens_per_s": best, "speedup_cache_over_live": round(best["cache"] / best["live"], 2),
+        "cache_build_s": round(cache_build_s, 2),
+        "teacher_forward_examples": {"cache": len(inp.pairs), "live": int(len(inp.pairs) * a.epochs * a.reps)},
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "command": f"python bench/kd_cache.py --teacher {a.teacher} --alg {a.alg} --reps {a.reps} --epochs {a.epochs}",
+    }
+    out = Path("bench/results") / f"kd_cache-{a.teacher}-{a.alg}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'mode':<8}{'tokens/s (per rep)':<30}best")
+    for m, v in runs.items():
+        print(f"{m:<8}{str(v):<30}{best[m]}")
+    print(f"cache / live = {result['speedup_cache_over_live']}x; cache built once in {cache_build_s:.1f} s -> {out}")
+
+
+if __name__ == "__main__":
+    main()
