@@ -19,6 +19,8 @@ QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c constraints.txt -r requirements.txt 2>&1 | $(QUIET_PIP)
+	# xgrammar (the local judge's constrained decoding) declares triton (~1 GB, unused on CPU): no deps
+	$(VENV)/bin/pip install -q --no-deps xgrammar==0.2.8 2>&1 | $(QUIET_PIP)
 	$(VENV)/bin/pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	$(VENV)/bin/python -c "import torch, transformers, trl, peft, dvc; assert torch.__version__.startswith('2.13.0')"
 	touch $@

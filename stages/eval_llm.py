@@ -1,6 +1,7 @@
 """Stage eval_llm: oracle-LLM metrics (ragas) of one model's predictions."""
 
 import argparse
+import sys
 
 from telekd.params import load_params
 
@@ -11,14 +12,20 @@ def main() -> None:
     name = ap.parse_args().name
     p = load_params()
     from telekd.evaluation import load_predictions, write_scores
-    from telekd.judge import LLM_METRICS, judge_rows
+    from telekd.judge import LLM_METRICS, JudgeConfig, JudgeSetupError, judge_rows
+    from telekd.models import ModelLoadError
 
     rows = load_predictions(name)
-    scores = judge_rows(rows, p.eval_llm.max_samples)
-    failures = sum(1 for s in scores if s.get("judge_error"))
+    try:
+        scores, report = judge_rows(rows, JudgeConfig.from_params(p))
+    except (JudgeSetupError, ModelLoadError) as e:
+        sys.exit(f"eval_llm {name}: {e}")
     write_scores(name, "llm", [r["id"] for r in rows], scores, LLM_METRICS, p.stats.bootstrap_resamples, p.seed,
-                 extra={"judge_failures": failures, "judged": len(scores)})
-    print(f"eval_llm {name}: {len(scores)} samples, {failures} judge failures")
+                 extra=report.extra())
+    per = report.seconds / report.judged if report.judged else 0.0
+    print(f"eval_llm {name}: {report.judged} judged, {report.failures} with judge failures "
+          f"{report.failed_metrics}, {report.not_judged} not judged (max_samples), {report.undefined} undefined; "
+          f"{report.calls} judge calls, {report.cache_hits} cached, {report.seconds:.1f}s ({per:.1f}s/sample)")
 
 
 if __name__ == "__main__":

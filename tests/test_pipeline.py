@@ -42,6 +42,7 @@ def reduce(params: dict) -> dict:
     tiny["generate"].update(max_new_tokens=4)
     params["data"].update(max_train=48, max_test=12)
     params["stats"]["bootstrap_resamples"] = 200
+    params["eval_llm"].update(max_samples=1, max_chars=16, max_items=1, max_new_tokens=256)
     return params
 
 
@@ -70,7 +71,8 @@ def test_repro_writes_every_declared_output(repo):
             assert (repo / "scores" / cell / f"{fam}.jsonl").exists()
             assert json.loads((repo / "metrics/eval" / cell / f"{fam}.json").read_text())
     kd = json.loads((repo / "metrics/kd/mistral-base-sft-vanilla.json").read_text())
-    assert kd["trained"] and kd["vocab_match"] is False and 0 < kd["aligned_fraction"] <= 1
+    assert kd["algorithm"] == "vanilla" and kd["vocab_match"] is False and 0 < kd["aligned_fraction"] <= 1
+    assert json.loads((repo / "metrics/kd/mistral-base-sft-dskd.json").read_text())["algorithm"] == "dskd_cma"
     assert json.loads((repo / "metrics/kd/llama-base-sft-vanilla.json").read_text())["vocab_match"] is True
     assert (repo / "report/README.md").read_text().startswith("# telekd study report")
     assert json.loads((repo / "metrics/stats.json").read_text())["comparisons"] > 0

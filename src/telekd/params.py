@@ -109,7 +109,24 @@ class EvalEmbed(Strict):
 class EvalLLM(Strict):
     backend: Literal["local", "openai"]
     max_samples: Optional[int] = Field(default=None, ge=1)
-    max_retries: int = Field(ge=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    timeout_s: float = Field(default=120.0, gt=0)
+    base_url: Optional[str] = None          # openai backend: e.g. http://127.0.0.1:8011/v1
+    model: Optional[str] = None             # openai backend: the served model id
+    api_key_env: str = Field(default="TELEKD_JUDGE_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    max_new_tokens: int = Field(default=1024, ge=16)
+    max_chars: int = Field(default=100, ge=8, le=4000)   # bound on every string of a judge answer
+    max_items: int = Field(default=3, ge=1, le=64)       # bound on every list of a judge answer
+
+    @model_validator(mode="after")
+    def _openai_endpoint(self):
+        if self.backend == "openai":
+            missing = [f"eval_llm.{k}" for k in ("base_url", "model") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"backend openai needs {' and '.join(missing)}")
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url {self.base_url!r} is not an http(s) URL")
+        return self
 
 
 class Stats(Strict):
