@@ -3,7 +3,7 @@
 import argparse
 
 from telekd import layout
-from telekd.io import atomic_path, write_json, write_jsonl
+from telekd.io import atomic_path, write_json
 from telekd.layout import Cell
 from telekd.params import load_params
 
@@ -62,7 +62,7 @@ def main() -> None:
     with atomic_path(cell.student_dir) as out:
         result["model"].save_pretrained(out, safe_serialization=True)
         s_tok.save_pretrained(out)
-    write_jsonl(f"{layout.LOGS}/kd/{cell.name}.jsonl", result["log"])
+    write_json(f"{layout.LOGS}/kd/{cell.name}.json", result["log"])  # a JSON array: dvc plots reads it
     m = {"algorithm": variant, **result["metrics"], "vocab_match": inp.vocab_match, "use_cache": kd.use_cache,
          "teacher_forward_examples": getattr(term, "examples", 0)}
     if kd.use_cache and cell.alg == "vanilla":  # alignment statistics of token-level KD

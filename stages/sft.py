@@ -3,7 +3,7 @@
 import argparse
 
 from telekd import layout
-from telekd.io import atomic_path, write_json, write_jsonl
+from telekd.io import atomic_path, write_json
 from telekd.params import load_params
 
 
@@ -29,8 +29,8 @@ def main() -> None:
     val = tokenized(load_split("validation"), tok, p.prompt.system, t.max_length, t.max_prompt_length)
     with atomic_path(layout.model_dir(role, "sft")) as out:
         result = run_sft(model, tok, train, val, settings, out)
-    write_jsonl(f"{layout.LOGS}/sft/{role}/train_loss.jsonl", result["train_log"])
-    write_jsonl(f"{layout.LOGS}/sft/{role}/eval_loss.jsonl", result["eval_log"])
+    write_json(f"{layout.LOGS}/sft/{role}/train_loss.json", result["train_log"])
+    write_json(f"{layout.LOGS}/sft/{role}/eval_loss.json", result["eval_log"])
     write_json(f"{layout.METRICS}/sft/{role}.json", result["metrics"])
     m = result["metrics"]
     print(f"sft {role}: eval loss {m['eval_loss_initial']:.3f} -> {m['eval_loss_best']:.3f}, {m['tokens_per_s']} tokens/s")

@@ -64,14 +64,14 @@ def make_study(root):
                                              "val_ce_after": 5.5, "aligned_fraction": 1.0, "mapped_mass": 1.0,
                                              "tokens_per_s": 12345.6})
         off = 0.3 * CELLS.index(c)
-        write(root / f"logs/kd/{c}.jsonl", "\n".join(json.dumps({"step": s, "loss": 3 + off - s / 10, "ce": 4 - off - s / 9,
-                                                                 "kd": 2.0}) for s in range(1, 13)) + "\n")
+        write(root / f"logs/kd/{c}.json", "[" + ",".join(json.dumps({"step": s, "loss": 3 + off - s / 10, "ce": 4 - off - s / 9,
+                                                                 "kd": 2.0}) for s in range(1, 13)) + "]")
     write(root / "metrics/sft/student.json", {"steps": 12, "train_loss_first": 4.0, "train_loss_last": 3.0,
                                               "eval_loss_initial": 6.8, "eval_loss_best": 5.9, "best_step": 10,
                                               "tokens_per_s": 9000.0})
-    write(root / "logs/sft/student/train_loss.jsonl", "".join(json.dumps({"step": s, "loss": 4 - s / 12}) + "\n"
-                                                             for s in range(1, 13)))
-    write(root / "logs/sft/student/eval_loss.jsonl", '{"step": 5, "loss": 6.0}\n{"step": 10, "loss": 5.9}\n')
+    write(root / "logs/sft/student/train_loss.json", "[" + ",".join(json.dumps({"step": s, "loss": 4 - s / 12})
+                                                             for s in range(1, 13)) + "]")
+    write(root / "logs/sft/student/eval_loss.json", '[{"step": 5, "loss": 6.0}, {"step": 10, "loss": 5.9}]')
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """LoRA SFT through trl: completion-only loss, merged checkpoint + adapter, loss logs."""
 
+import json
+
 import pytest
 
 from telekd.prompts import IGNORE, build_example
@@ -35,5 +37,7 @@ def test_sft_trains_lora_and_writes_merged_model_and_adapter(saved_models, sampl
     assert (tmp_path / "sft" / "model.safetensors").exists()
     assert (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").exists()
     assert len(out["train_log"]) == 8 and out["eval_log"]
+    cfg = json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(cfg["target_modules"])  # stable across processes (hash seeds)
     merged, _ = load_model(str(tmp_path / "sft"))  # an ordinary model: no peft wrapper needed
     assert not any("lora" in n for n, _ in merged.named_parameters())

@@ -35,12 +35,6 @@ def _read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
@@ -213,7 +207,7 @@ def fig_family(summ: dict, names: list[str], fam: str, algs: list[str], path: Pa
 
 def fig_loss_sft(logs_dir: Path, metrics_dir: Path, models: list[str], path: Path) -> bool:
     """SFT training and validation loss per model."""
-    logs = {m: (_read_jsonl(logs_dir / "sft" / m / "train_loss.jsonl"), _read_jsonl(logs_dir / "sft" / m / "eval_loss.jsonl"))
+    logs = {m: (_read(logs_dir / "sft" / m / "train_loss.json") or [], _read(logs_dir / "sft" / m / "eval_loss.json") or [])
             for m in models}
     logs = {m: v for m, v in logs.items() if v[0] or v[1]}
     if not logs:
@@ -246,7 +240,7 @@ def fig_loss_sft(logs_dir: Path, metrics_dir: Path, models: list[str], path: Pat
 
 def fig_loss_kd(logs_dir: Path, cells: list[str], path: Path) -> bool:
     """KD loss curves: columns teacher × algorithm, rows total loss and its CE term, one line per SFT setting."""
-    logs = {c: _read_jsonl(logs_dir / "kd" / f"{c}.jsonl") for c in cells}
+    logs = {c: _read(logs_dir / "kd" / f"{c}.json") or [] for c in cells}
     logs = {c: v for c, v in logs.items() if v and _parse(c)}
     if not logs:
         return False
@@ -564,7 +558,7 @@ def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: s
               table(["cell", "algorithm", "same vocabulary", "val CE before", "val CE after", "aligned", "mapped mass",
                      "tokens/s"], kd_rows), ""]
     if "loss_kd" in figs:
-        parts += ["Training loss per step (logs/kd/<cell>.jsonl): the total loss and its cross-entropy term on the "
+        parts += ["Training loss per step (logs/kd/<cell>.json): the total loss and its cross-entropy term on the "
                   "reference answers; the total loss of different algorithms is not on one scale.", "",
                   _figure(figs["loss_kd"], "KD loss curves"), ""]
 

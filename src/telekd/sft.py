@@ -41,6 +41,16 @@ def loss_logs(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def _canonical_adapter_config(path: Path) -> None:
+    """peft writes target_modules from a set, in hash-seed order: sort it so identical runs give identical files."""
+    import json
+
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_dir: str | Path) -> dict:
     """Train LoRA adapters on `model`; write the merged model to out_dir and the adapter to out_dir/adapter."""
     import tempfile
@@ -73,6 +83,7 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
         wall = time.perf_counter() - t0
         best_eval = trainer.evaluate()["eval_loss"]  # the best checkpoint is loaded at the end
         trainer.model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+        _canonical_adapter_config(out_dir / "adapter" / "adapter_config.json")
         merged = trainer.model.merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
