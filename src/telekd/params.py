@@ -205,6 +205,7 @@ class Models(Strict):
 class Params(Strict):
     profile: str
     seed: int
+    launcher: str = Field(default="python", min_length=1)
     models: Models
     grid: Grid
     data: Data
