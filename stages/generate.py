@@ -11,7 +11,7 @@ from telekd.params import load_params
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--cell", help="a study cell, e.g. llama-sft-base-dskd")
+    g.add_argument("--cell", help="a study cell's run, e.g. llama-sft-base-dskd-s0")
     g.add_argument("--ref", help="a reference model without KD: role-stage, e.g. student-sft")
     a = ap.parse_args()
     p = load_params()
@@ -19,8 +19,10 @@ def main() -> None:
     from telekd.generation import generate_answers
     from telekd.models import load_model
 
+    seed = p.seed
     if a.cell:
-        name, model_dir = a.cell, Cell.parse(a.cell).student_dir
+        cell = Cell.parse(a.cell)
+        name, model_dir, seed = cell.name, cell.student_dir, p.seed if cell.seed is None else cell.seed
     else:
         role, stage = a.ref.split("-")
         name, model_dir = f"ref-{a.ref}", layout.model_dir(role, stage)
@@ -28,7 +30,7 @@ def main() -> None:
     g, t = p.generate, p.active
     rows = generate_answers(model, tok, load_split("test"), p.prompt.system, t.train.max_prompt_length,
                             t.generate.max_new_tokens, t.generate.batch_size, g.do_sample, g.temperature, g.top_p,
-                            seed=p.seed, desc=name)
+                            seed=seed, desc=name)
     write_jsonl(f"{layout.PREDICTIONS}/{name}.jsonl", rows)
     total = sum(r["generation_s"] for r in rows)
     write_json(f"{layout.METRICS}/generate/{name}.json",

@@ -10,7 +10,7 @@ from telekd.params import load_params
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--cell", required=True, help="teacher-teacher_sft-student_sft-alg, e.g. llama-sft-base-dskd")
+    ap.add_argument("--cell", required=True, help="teacher-teacher_sft-student_sft-alg-s<seed>, e.g. llama-sft-base-dskd-s0")
     cell = Cell.parse(ap.parse_args().cell)
     p = load_params()
     from telekd import terms
@@ -20,10 +20,11 @@ def main() -> None:
     from telekd.models import load_model
 
     t, kd = p.active.train, p.kd
+    seed = p.seed if cell.seed is None else cell.seed  # the run's seed: batch order and projector initialisation
     settings = KDSettings(
         kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
         akl_alpha=kd.akl_alpha, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-        max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=p.seed, student_lora=kd.student_lora,
+        max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed, student_lora=kd.student_lora,
         lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout, lora_targets=tuple(p.sft.lora_targets))
     inp = kd_inputs(p, cell.teacher_dir, need_alignment=cell.alg == "vanilla")
     load = dict(dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
@@ -41,7 +42,7 @@ def main() -> None:
     else:
         variant = "dskd" if inp.vocab_match else "dskd_cma"
         projectors = make_projectors(student.config.hidden_size, teacher.config.hidden_size, cma=not inp.vocab_match,
-                                     seed=p.seed)
+                                     seed=seed)
         heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
         if inp.vocab_match:
             make = lambda tg, pairs: terms.dskd_term(tg, pairs, projectors, *heads, settings)  # noqa: E731

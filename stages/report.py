@@ -26,12 +26,13 @@ def main() -> None:
         "kd": {"kd_rate": p.kd.kd_rate, "temperature": p.kd.temperature, "divergence": p.kd.divergence,
                "projector_lr": p.dskd.projector_lr},
         "alpha": p.stats.alpha, "alternative": p.stats.alternative, "correction": p.stats.correction,
+        "resamples": p.stats.bootstrap_resamples, "seed": p.seed,
     }
     with atomic_path("report/figures") as figures:  # a fresh folder: no stale figure survives
         figures.mkdir()
         md = build(layout.METRICS, cells, refs, p.profile, p.data.source, scores_dir=layout.SCORES,
                    logs_dir=layout.LOGS, stats_table="report/stats_table.json", figures_dir=figures,
-                   figures_link="figures", settings=settings)
+                   figures_link="figures", settings=settings, seeds=list(p.grid.seeds), scores_json="report/scores.json")
         n_figs = len(list(Path(figures).glob("*.png")))
     write_text("report/README.md", md)
     print(f"report: report/README.md ({len(cells)} cells, {len(refs)} reference rows, {n_figs} figures)")

@@ -201,7 +201,8 @@ def test_failing_judge_gives_none_with_reason(mode, tmp_path, monkeypatch):
     evaluation.write_scores("cell", "llm", [r["id"] for r in ROWS[:2]], scores, LLM_METRICS, 200, 0,
                             extra=report.extra())
     assert all(r["answer_correctness"] is None for r in read_jsonl(f"{layout.SCORES}/cell/llm.jsonl"))
-    assert read_json(f"{layout.METRICS}/eval/cell/llm.json")["judge_failures"] == 2
+    assert read_json(f"{layout.SCORES}/cell/llm.summary.json")["judge_failures"] == 2
+    assert set(read_json(f"{layout.METRICS}/eval/cell/llm.json")) == set(LLM_METRICS)  # the metric: means only
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
     assert SECRET not in written and SECRET not in repr(scores) and SECRET not in repr(report)
     if mode == "garbage":

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from telekd.metrics import NGRAM_METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def run(cmd: list[str], cwd: Path) -> str:
 
 def reduce(params: dict) -> dict:
     """4 cells (both teachers, base teachers, SFT student, vanilla vs dskd) with models of a few thousand weights."""
-    params["grid"] = {"teachers": ["llama", "mistral"], "teacher_sft": ["base"], "student_sft": ["sft"]}
+    params["grid"].update(teachers=["llama", "mistral"], teacher_sft=["base"], student_sft=["sft"])
     params["sft"]["models"] = ["student"]
     params["sft"]["eval_steps"] = 4
     params["base_models"].update(vocab_size=400, pretrain_steps={"llama": 4, "mistral": 4, "student": 4},
@@ -61,7 +62,7 @@ def repo(tmp_path_factory) -> Path:
     return d
 
 
-CELLS = ["llama-base-sft-vanilla", "llama-base-sft-dskd", "mistral-base-sft-vanilla", "mistral-base-sft-dskd"]
+CELLS = ["llama-base-sft-vanilla-s0", "llama-base-sft-dskd-s0", "mistral-base-sft-vanilla-s0", "mistral-base-sft-dskd-s0"]
 
 
 def test_repro_writes_every_declared_output(repo):
@@ -70,10 +71,10 @@ def test_repro_writes_every_declared_output(repo):
         for fam in ("ngram", "embed", "llm"):
             assert (repo / "scores" / cell / f"{fam}.jsonl").exists()
             assert json.loads((repo / "metrics/eval" / cell / f"{fam}.json").read_text())
-    kd = json.loads((repo / "metrics/kd/mistral-base-sft-vanilla.json").read_text())
+    kd = json.loads((repo / "metrics/kd/mistral-base-sft-vanilla-s0.json").read_text())
     assert kd["algorithm"] == "vanilla" and kd["vocab_match"] is False and 0 < kd["aligned_fraction"] <= 1
-    assert json.loads((repo / "metrics/kd/mistral-base-sft-dskd.json").read_text())["algorithm"] == "dskd_cma"
-    assert json.loads((repo / "metrics/kd/llama-base-sft-vanilla.json").read_text())["vocab_match"] is True
+    assert json.loads((repo / "metrics/kd/mistral-base-sft-dskd-s0.json").read_text())["algorithm"] == "dskd_cma"
+    assert json.loads((repo / "metrics/kd/llama-base-sft-vanilla-s0.json").read_text())["vocab_match"] is True
     assert (repo / "report/README.md").read_text().startswith("# telekd study report")
     assert json.loads((repo / "metrics/stats.json").read_text())["comparisons"] > 0
 
@@ -87,8 +88,9 @@ def test_second_repro_is_a_no_op(repo):
 def test_metrics_read_as_cell_and_metric(repo):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo))
     files = next(iter(shown.values()))["data"]
-    assert "metrics/eval/llama-base-sft-dskd/ngram.json" in files
-    assert "bleu4" in files["metrics/eval/llama-base-sft-dskd/ngram.json"]["data"]
+    assert "metrics/eval/llama-base-sft-dskd-s0/ngram.json" in files
+    assert set(files["metrics/eval/llama-base-sft-dskd-s0/ngram.json"]["data"]) == set(NGRAM_METRICS)
+    assert "metrics/stats.json" in files and not any(f.startswith(("metrics/kd/", "metrics/generate/")) for f in files)
 
 
 def test_exp_run_dskd_reuses_everything_already_built(repo):
@@ -101,4 +103,4 @@ def test_exp_run_dskd_reuses_everything_already_built(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["kd"]["alg"] == "dskd"
     names = run(["dvc", "stage", "list", "--name-only"], repo).split()
-    assert "kd@llama-base-sft-dskd" in names and not any(n.endswith("-vanilla") for n in names)
+    assert "kd@llama-base-sft-dskd-0" in names and not any(n.endswith("-vanilla-0") for n in names)

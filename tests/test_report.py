@@ -1,10 +1,11 @@
-"""The report builds from a small study written into tmp_path: 4 cells, 2 reference rows, no LLM scores."""
+"""The report builds from a small study written into tmp_path: 4 cells x 2 seeds, 2 reference rows, no LLM scores."""
 
 from __future__ import annotations
 
 import json
 import re
 import runpy
+import statistics
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from telekd.judge import LLM_METRICS
 from telekd.metrics import EMBED_METRICS, NGRAM_METRICS, mean_ci
 
 CELLS = ["llama-base-base-vanilla", "llama-base-base-dskd", "llama-sft-base-vanilla", "llama-sft-base-dskd"]
+SEEDS = [0, 1]
+RUNS = [f"{c}-s{s}" for c in CELLS for s in SEEDS]
 REFS = ["ref-student-base", "ref-student-sft"]
 FAMS = {"ngram": NGRAM_METRICS, "embed": EMBED_METRICS, "llm": LLM_METRICS}
 N = 12
@@ -29,7 +32,7 @@ def make_study(root):
     """What the pipeline leaves behind for the stats and report stages (numbers only)."""
     rng = np.random.default_rng(0)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["grid"] = {"teachers": ["llama"], "teacher_sft": ["base", "sft"], "student_sft": ["base"]}
+    params["grid"] = {"teachers": ["llama"], "teacher_sft": ["base", "sft"], "student_sft": ["base"], "seeds": SEEDS}
     params["sft"]["models"] = ["student"]
     params["stats"]["bootstrap_resamples"] = 200
     write(root / "params.yaml", yaml.safe_dump(params, sort_keys=False))
@@ -39,7 +42,7 @@ def make_study(root):
         r: {"architecture": a, "parameters": p, "vocab_size": 400, "tokenizer": r if r != "student" else "llama",
             "hidden_size": h, "layers": 2} for r, a, p, h in (("llama", "LlamaForCausalLM", 50_000, 48),
                                                                 ("student", "LlamaForCausalLM", 20_000, 32))}})
-    for i, name in enumerate(CELLS + REFS):
+    for name in RUNS + REFS:
         shift = 0.25 * ("sft-base" in name)
         for fam, metrics in FAMS.items():
             rows = []
@@ -59,11 +62,11 @@ def make_study(root):
                 head.update(judge_failures=N, judged=N)
             write(root / f"scores/{name}/{fam}.summary.json", summ)
             write(root / f"metrics/eval/{name}/{fam}.json", head)
-    for c in CELLS:
-        write(root / f"metrics/kd/{c}.json", {"algorithm": c.split("-")[-1], "vocab_match": True, "val_ce_before": 6.0,
+    for c in RUNS:
+        write(root / f"metrics/kd/{c}.json", {"algorithm": c.split("-")[3], "vocab_match": True, "val_ce_before": 6.0,
                                              "val_ce_after": 5.5, "aligned_fraction": 1.0, "mapped_mass": 1.0,
                                              "tokens_per_s": 12345.6})
-        off = 0.3 * CELLS.index(c)
+        off = 0.3 * RUNS.index(c)
         write(root / f"logs/kd/{c}.json", "[" + ",".join(json.dumps({"step": s, "loss": 3 + off - s / 10, "ce": 4 - off - s / 9,
                                                                  "kd": 2.0}) for s in range(1, 13)) + "]")
     write(root / "metrics/sft/student.json", {"steps": 12, "train_loss_first": 4.0, "train_loss_last": 3.0,
@@ -123,12 +126,12 @@ def test_report_has_sections_and_figures(study):
 def test_report_content(study):
     md = (study / "report/README.md").read_text()
     assert "Profile **tiny**" in md and "judge model `models/base/llama`" in md and "checks the plumbing" in md
-    assert f"{N * 6} of {N * 6} samples failed" in md  # judge failures over 4 cells + 2 refs
+    assert f"{N * 10} of {N * 10} samples failed" in md  # judge failures over 4 cells x 2 seeds + 2 refs
     for c in CELLS + REFS:
         assert f"`{c}`" in md
     assert "ROUGE-L" in md and "(rouge-score" in md and "sacrebleu" in md and "holm" in md
     assert "70/10/20" in md and "LoRA r 16" in md
-    assert "| llama-base-base-dskd | dskd | yes |" in md  # distillation runs table keeps its columns
+    assert "| llama-base-base-dskd-s1 | dskd | yes |" in md  # distillation runs: one row per run
     assert re.search(r"\| H_T \| llama \| vanilla \| `llama-sft-base-vanilla` vs `llama-base-base-vanilla` \| 11–12 \| "
                      r"\*\*\d+/11\*\*", md)
     assert "nan" not in md.lower().replace("n_nan", "")
@@ -142,3 +145,31 @@ def test_build_without_stats_or_logs(tmp_path):
     md = build(tmp_path / "metrics", CELLS, REFS, "paper", "x.json", figures_dir=tmp_path / "figs")
     assert "## Statistics" in md and "No comparison could be made" in md and "checks the plumbing" not in md
     assert list((tmp_path / "figs").glob("*.png")) == []
+
+
+def test_seeds_are_pooled_and_their_spread_reported(study):
+    """Each cell's table row pools its two runs (per-question means); the seed-variance table shows the spread."""
+    from telekd.report import summaries
+    from telekd.stats import read_scores
+
+    runs = {c: [f"{c}-s{s}" for s in SEEDS] for c in CELLS}
+    summ = summaries(study / "metrics", study / "scores", CELLS, runs, resamples=100)
+    a, b = (read_scores(study / "scores", r)["rouge1"] for r in runs[CELLS[0]])
+    pooled = [(a[q] + b[q]) / 2 for q in a]
+    assert summ[CELLS[0]]["rouge1"]["mean"] == pytest.approx(sum(pooled) / len(pooled))
+    assert summ[CELLS[0]]["rouge1"]["n"] == N
+    md = (study / "report/README.md").read_text()
+    assert "### Seed variance" in md and "seeds 0, 1" in md
+    sd = statistics.stdev([json.loads((study / f"scores/{r}/ngram.summary.json").read_text())["bleu1"]["mean"]
+                           for r in runs[CELLS[0]]])
+    assert f"| `{CELLS[0]}` | 2 | {sd:.3f} |" in md  # the first metric column is BLEU-1
+
+
+def test_scores_json_feeds_dvc_plots(study):
+    """report/scores.json: one row per cell (pooled over seeds) and reference row, the 14 means (dvc.yaml plots)."""
+    rows = json.loads((study / "report/scores.json").read_text())
+    assert [r["name"] for r in rows] == CELLS + REFS
+    assert all(set(r) == {"name", *NGRAM_METRICS, *EMBED_METRICS, *LLM_METRICS} for r in rows)
+    assert all(r[m] is None for r in rows for m in LLM_METRICS)
+    plotted = {p_[next(iter(p_))]["x"] for p_ in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]}
+    assert plotted == set(NGRAM_METRICS + EMBED_METRICS + LLM_METRICS)

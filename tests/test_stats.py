@@ -190,3 +190,20 @@ def test_read_scores(tmp_path):
     assert s["bleu1"] == {"a": 0.5, "b": 1.0} and math.isnan(s["rouge1"]["a"])
     assert s["faithfulness"] == {"a": None} and "note" not in s
     assert st.read_scores(tmp_path, "missing") is None
+
+
+def test_read_cell_scores_means_over_seeds(tmp_path):
+    """A cell's score per question is the mean over its runs <cell>-s<seed>; a run's None drops only that run."""
+    rows = {0: [{"id": "a", "bleu1": 0.2, "rouge1": None}, {"id": "b", "bleu1": 0.4, "rouge1": 0.5}],
+            1: [{"id": "a", "bleu1": 0.6, "rouge1": None}, {"id": "b", "bleu1": 0.0, "rouge1": 0.1}],
+            2: [{"id": "a", "bleu1": 0.1, "rouge1": 0.9}, {"id": "b", "bleu1": 0.2, "rouge1": float("nan")}]}
+    for seed, rs in rows.items():
+        d = tmp_path / f"llama-base-base-vanilla-s{seed}"
+        d.mkdir()
+        (d / "ngram.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    s = st.read_cell_scores(tmp_path, "llama-base-base-vanilla", [0, 1])
+    assert s["bleu1"] == pytest.approx({"a": 0.4, "b": 0.2})
+    assert s["rouge1"]["a"] is None and s["rouge1"]["b"] == pytest.approx(0.3)
+    three = st.read_cell_scores(tmp_path, "llama-base-base-vanilla", [0, 1, 2])
+    assert three["rouge1"] == pytest.approx({"a": 0.9, "b": 0.3})  # NaN and None dropped per run
+    assert st.read_cell_scores(tmp_path, "llama-base-base-vanilla", [7]) is None

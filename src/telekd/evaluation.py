@@ -1,4 +1,5 @@
-"""Per-sample scores -> files: JSONL keyed by question id (for the statistics), means as DVC metrics, CIs beside."""
+"""Per-sample scores -> files: JSONL keyed by question id (for the statistics), CIs and counts beside, and the
+headline means alone as DVC metrics (what `dvc metrics show/diff` lists as <name>/<metric>)."""
 
 from __future__ import annotations
 
@@ -22,5 +23,5 @@ def write_scores(name: str, family: str, ids: list[str], scores: list[dict], met
     write_json(f"{layout.SCORES}/{name}/{family}.summary.json", {**summary, **(extra or {})})
     means = {m: (None if summary[m]["mean"] is None or math.isnan(summary[m]["mean"]) else round(summary[m]["mean"], 6))
              for m in metric_names}
-    write_json(f"{layout.METRICS}/eval/{name}/{family}.json", {**means, **(extra or {})})
+    write_json(f"{layout.METRICS}/eval/{name}/{family}.json", means)
     return means

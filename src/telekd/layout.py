@@ -26,23 +26,40 @@ def model_dir(role: str, stage: str) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell of the study; its name is the DVC matrix suffix, e.g. llama-sft-base-dskd."""
+    """One cell of the study and, when `seed` is set, one training run of it.
+
+    Names are the DVC matrix suffixes: llama-sft-base-dskd for the cell, llama-sft-base-dskd-s1 for its run with
+    seed 1 (KD's batch order and projector initialisation). Every run's artefacts carry the seed.
+    """
 
     teacher: str
     teacher_sft: str
     student_sft: str
     alg: str
+    seed: int | None = None
+
+    @property
+    def study(self) -> str:
+        """The cell's name without the seed: what the statistics and the report compare."""
+        return f"{self.teacher}-{self.teacher_sft}-{self.student_sft}-{self.alg}"
 
     @property
     def name(self) -> str:
-        return f"{self.teacher}-{self.teacher_sft}-{self.student_sft}-{self.alg}"
+        return self.study if self.seed is None else f"{self.study}-s{self.seed}"
+
+    def run(self, seed: int) -> "Cell":
+        return Cell(self.teacher, self.teacher_sft, self.student_sft, self.alg, seed)
 
     @classmethod
     def parse(cls, name: str) -> "Cell":
         parts = name.split("-")
+        seed = None
+        if len(parts) == 5 and parts[4][:1] == "s" and parts[4][1:].isdigit():
+            seed = int(parts.pop()[1:])
         if len(parts) != 4:
-            raise ValueError(f"cell {name!r} is not teacher-teacher_sft-student_sft-alg, e.g. llama-sft-base-dskd")
-        return cls(*parts)
+            raise ValueError(f"cell {name!r} is not teacher-teacher_sft-student_sft-alg[-s<seed>], "
+                             "e.g. llama-sft-base-dskd-s0")
+        return cls(*parts, seed=seed)
 
     @property
     def teacher_dir(self) -> str:

@@ -25,6 +25,14 @@ class Grid(Strict):
     teachers: list[Teacher] = Field(min_length=1)
     teacher_sft: list[Stage] = Field(min_length=1)
     student_sft: list[Stage] = Field(min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if len(set(v)) != len(v) or min(v) < 0:
+            raise ValueError(f"needs distinct non-negative seeds, got {v}")
+        return v
 
 
 class Data(Strict):

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from .judge import LLM_METRICS
+from .layout import Cell
 from .metrics import EMBED_METRICS, NGRAM_METRICS
 
 METRICS = NGRAM_METRICS + EMBED_METRICS + LLM_METRICS
@@ -56,9 +57,14 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def _parse(name: str):
-    """(teacher, teacher_sft, student_sft, alg) of a cell name, or None for a reference row."""
-    parts = name.split("-")
-    return tuple(parts) if len(parts) == 4 and not name.startswith("ref-") else None
+    """(teacher, teacher_sft, student_sft, alg) of a cell or run name (…-s<seed>), or None for a reference row."""
+    if name.startswith("ref-"):
+        return None
+    try:
+        c = Cell.parse(name)
+    except ValueError:
+        return None
+    return c.teacher, c.teacher_sft, c.student_sft, c.alg
 
 
 def _setting(name: str) -> str:
@@ -70,14 +76,29 @@ def _setting(name: str) -> str:
 # reading
 
 
-def summaries(metrics_dir: Path, scores_dir: Path | None, names: list[str]) -> dict[str, dict[str, dict]]:
-    """name -> metric -> {mean, ci_low, ci_high, n, n_nan} (summary files; headline means when absent)."""
+def summaries(metrics_dir: Path, scores_dir: Path | None, names: list[str], runs: dict[str, list[str]] | None = None,
+              resamples: int = 2000, seed: int = 0) -> dict[str, dict[str, dict]]:
+    """name -> metric -> {mean, ci_low, ci_high, n, n_nan}.
+
+    A name with one run (`runs`, default: itself) reads that run's summary files (headline means when absent);
+    a cell with several seeds pools them: per-question means over its runs, with a fresh bootstrap CI.
+    """
+    runs = runs or {}
     out = {}
     for name in names:
+        rs = runs.get(name, [name])
+        if len(rs) > 1 and scores_dir is not None:
+            from .metrics import mean_ci
+            from .stats import read_cell_scores
+
+            seeds = [Cell.parse(r).seed for r in rs]
+            pooled = read_cell_scores(scores_dir, name, seeds) or {}
+            out[name] = {m: mean_ci(list(pooled.get(m, {}).values()), resamples=resamples, seed=seed) for m in METRICS}
+            continue
         per = {}
         for fam, metrics in FAMILIES.items():
-            s = _read(scores_dir / name / f"{fam}.summary.json") if scores_dir else None
-            head = _read(metrics_dir / "eval" / name / f"{fam}.json") or {}
+            s = _read(scores_dir / rs[0] / f"{fam}.summary.json") if scores_dir else None
+            head = _read(metrics_dir / "eval" / rs[0] / f"{fam}.json") or {}
             for m in metrics:
                 if s and isinstance(s.get(m), dict):
                     per[m] = s[m]
@@ -86,6 +107,20 @@ def summaries(metrics_dir: Path, scores_dir: Path | None, names: list[str]) -> d
                     per[m] = {"mean": v if _num(v) else None, "ci_low": None, "ci_high": None, "n": None, "n_nan": None}
         out[name] = per
     return out
+
+
+def seed_spread(summ_runs: dict[str, dict[str, dict]], runs: dict[str, list[str]], cells: list[str]) -> list[list]:
+    """Rows [cell, runs, SD across seeds of the runs' means for each metric] (sample SD; None below two runs)."""
+    import statistics
+
+    rows = []
+    for c in cells:
+        sds = []
+        for m in METRICS:
+            means = [summ_runs[r][m]["mean"] for r in runs[c] if summ_runs[r][m].get("mean") is not None]
+            sds.append(statistics.stdev(means) if len(means) >= 2 else None)
+        rows.append([f"`{c}`", len(runs[c])] + sds)
+    return rows
 
 
 def _mean_ci(s: dict) -> str:
@@ -398,10 +433,14 @@ def _figure(link: str, alt: str) -> str:
 def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: str, data_source: str, *,
           scores_dir: str | Path | None = None, logs_dir: str | Path | None = None,
           stats_table: str | Path | None = None, figures_dir: str | Path | None = None, figures_link: str = "figures",
-          settings: dict | None = None) -> str:
+          settings: dict | None = None, seeds: list[int] | None = None, scores_json: str | Path | None = None) -> str:
     """The report's Markdown; figures are written into `figures_dir` (linked as `figures_link/<name>.png`).
 
-    `settings`: what the report states about the run (judge, split, hyper-parameters), from params.yaml.
+    `cells` are study cells (teacher-teacher_sft-student_sft-alg); with `seeds` each has the runs
+    <cell>-s<seed>, pooled in the tables (several seeds add a seed-variance table). Without `seeds`
+    the names are read as they are. `settings`: what the report states about the run (judge, split,
+    hyper-parameters), from params.yaml. `scores_json`: where to write the means per cell and reference
+    row as a JSON array (`dvc plots` draws one bar chart per metric from it).
     """
     m = Path(metrics_dir)
     sc = Path(scores_dir) if scores_dir else None
@@ -418,7 +457,15 @@ def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: s
     correction = stats_doc.get("correction", st.get("correction", "holm"))
     alternative = stats_doc.get("alternative", st.get("alternative", "greater"))
     ks = _k_summary(stat_rows)
-    summ = summaries(m, sc, cells + refs)
+    runs = {c: [Cell.parse(c).run(s).name for s in seeds] if seeds else [c] for c in cells}
+    run_names = [r for c in cells for r in runs[c]]
+    resamples, boot_seed = st.get("resamples", 2000), st.get("seed", 0)
+    summ = summaries(m, sc, cells + refs, runs, resamples=resamples, seed=boot_seed)
+    summ_runs = summaries(m, sc, run_names) if seeds and len(seeds) > 1 else None
+    if scores_json is not None:
+        from .io import write_json
+
+        write_json(scores_json, [{"name": n, **{x: summ[n][x]["mean"] for x in METRICS}} for n in cells + refs])
     figs: dict[str, str] = {}
 
     def fig(name: str, draw) -> None:
@@ -430,11 +477,11 @@ def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: s
     if lg is not None:
         fig("loss_sft", lambda p: fig_loss_sft(lg, m, [r for r in ("llama", "mistral", "student")
                                                         if (lg / "sft" / r).exists()], p))
-        fig("loss_kd", lambda p: fig_loss_kd(lg, cells, p))
+        fig("loss_kd", lambda p: fig_loss_kd(lg, run_names, p))
     fig("significance", lambda p: fig_significance(stat_rows, alpha, correction, p))
 
     judge_backend, judge_model = st.get("judge_backend", "–"), st.get("judge_model", "–")
-    llm_heads = [_read(m / "eval" / c / "llm.json") or {} for c in cells + refs]
+    llm_heads = [_read(sc / c / "llm.summary.json") or {} for c in run_names + refs] if sc else []
     judged = sum(h.get("judged", 0) or 0 for h in llm_heads)
     failures = sum(h.get("judge_failures", 0) or 0 for h in llm_heads)
     any_llm = any(summ[c][x].get("mean") is not None for c in cells + refs for x in LLM_METRICS)
@@ -530,11 +577,21 @@ def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: s
             parts += [_figure(figs["loss_sft"], "SFT loss curves"), ""]
 
     # ---- scores
+    n_seeds = len(seeds) if seeds else 1
+    pooled_txt = (f"Each cell pools its {n_seeds} runs (seeds {', '.join(map(str, seeds))}): a question's score is "
+                  "its mean over the runs, and the statistics below test those means." if n_seeds > 1 else
+                  f"One run per cell (seed {seeds[0]}; more with `grid.seeds`)." if seeds else "")
     parts += ["## Distilled students (mean over test questions)", "",
               "Mean per-question score with its 95% percentile-bootstrap CI in brackets, n = questions scored "
-              "(scores/<cell>/<family>.summary.json).", ""]
+              f"(scores/<run>/<family>.summary.json). {pooled_txt}", ""]
     for fam in FAMILIES:
         parts += [f"### {FAMILY_TITLE[fam]}", "", family_table(summ, cells, fam), ""]
+    if summ_runs is not None:
+        spread = seed_spread(summ_runs, runs, cells)
+        parts += ["### Seed variance", "",
+                  "Standard deviation across seeds of each run's mean score (sample SD over the cell's runs). A "
+                  "difference between two cells smaller than this is within seed noise.", "",
+                  table(["cell", "runs"] + [METRIC_LABEL[m] for m in METRICS], spread), ""]
     parts += ["## Reference rows (no KD)", "",
               "Each model without distillation, base and after SFT, on the same test questions.", ""]
     for fam in FAMILIES:
@@ -548,7 +605,7 @@ def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: s
 
     # ---- distillation runs
     kd_rows = []
-    for c in cells:
+    for c in run_names:
         k = _read(m / "kd" / f"{c}.json") or {}
         kd_rows.append([c, k.get("algorithm"), k.get("vocab_match"), k.get("val_ce_before"), k.get("val_ce_after"),
                         k.get("aligned_fraction"), k.get("mapped_mass"), k.get("tokens_per_s")])

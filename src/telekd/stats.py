@@ -128,6 +128,24 @@ def read_scores(scores_dir: str | Path, name: str) -> dict[str, dict[str, float 
     return out if found else None
 
 
+def read_cell_scores(scores_dir: str | Path, cell: str, seeds) -> dict[str, dict[str, float | None]] | None:
+    """metric -> question id -> the cell's score averaged over its runs <cell>-s<seed> (grid.seeds).
+
+    A question's mean uses the runs that scored it (a judge failure in one run drops only that run's score);
+    None when no run of the cell has score files.
+    """
+    runs = [s for seed in seeds if (s := read_scores(scores_dir, f"{cell}-s{seed}")) is not None]
+    if not runs:
+        return None
+    out: dict[str, dict] = {}
+    for m in {m for r in runs for m in r}:
+        ids = dict.fromkeys(i for r in runs for i in r.get(m, {}))
+        for i in ids:
+            vals = [float(r[m][i]) for r in runs if _ok(r.get(m, {}).get(i))]
+            out.setdefault(m, {})[i] = sum(vals) / len(vals) if vals else None
+    return out
+
+
 # -----------------------------------------------------------------------------
 # one comparison
 
