@@ -1,25 +1,25 @@
 """Stage eval_llm: oracle-LLM metrics (ragas) of one model's predictions."""
 
-import argparse
 import sys
 
-from telekd.params import load_params
+from telekd.evaluation import stage_args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--name", required=True, help="predictions/<name>.jsonl (a cell or ref-<role>-<stage>)")
-    name = ap.parse_args().name
-    p = load_params()
+    name, p = stage_args(__doc__)
+    from telekd import shard
     from telekd.evaluation import load_predictions, write_scores
     from telekd.judge import LLM_METRICS, JudgeConfig, JudgeSetupError, judge_rows
     from telekd.models import ModelLoadError
 
+    main_process = shard.is_main()  # first: under a launcher this binds the process to its GPU before the judge loads
     rows = load_predictions(name)
     try:
         scores, report = judge_rows(rows, JudgeConfig.from_params(p))
     except (JudgeSetupError, ModelLoadError) as e:
         sys.exit(f"eval_llm {name}: {e}")
+    if not main_process:
+        return
     write_scores(name, "llm", [r["id"] for r in rows], scores, LLM_METRICS, p.stats.bootstrap_resamples, p.seed,
                  extra=report.extra())
     per = report.seconds / report.judged if report.judged else 0.0

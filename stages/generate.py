@@ -1,8 +1,9 @@
-"""Stage generate: answer every test question with one model (a distilled cell or a reference model)."""
+"""Stage generate: answer every test question with one model (a distilled cell or a reference model).
+Under `accelerate launch` each process answers its share of the batches; the main process writes."""
 
 import argparse
 
-from telekd import layout
+from telekd import layout, shard
 from telekd.io import write_json, write_jsonl
 from telekd.layout import Cell
 from telekd.params import load_params
@@ -26,11 +27,14 @@ def main() -> None:
     else:
         role, stage = a.ref.split("-")
         name, model_dir = f"ref-{a.ref}", layout.model_dir(role, stage)
-    model, tok = load_model(model_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
+    model, tok = load_model(model_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
+                            device=shard.device())
     g, t = p.generate, p.active
     rows = generate_answers(model, tok, load_split("test"), p.prompt.system, t.train.max_prompt_length,
                             t.generate.max_new_tokens, t.generate.batch_size, g.do_sample, g.temperature, g.top_p,
                             seed=seed, desc=name)
+    if not shard.is_main():
+        return
     write_jsonl(f"{layout.PREDICTIONS}/{name}.jsonl", rows)
     total = sum(r["generation_s"] for r in rows)
     write_json(f"{layout.METRICS}/generate/{name}.json",

@@ -1,5 +1,6 @@
-"""Per-sample scores -> files: JSONL keyed by question id (for the statistics), CIs and counts beside, and the
-headline means alone as DVC metrics (what `dvc metrics show/diff` lists as <name>/<metric>)."""
+"""The eval stages' shared steps: their command line, the predictions they read, and per-sample scores ->
+files: JSONL keyed by question id (for the statistics), CIs and counts beside, and the headline means
+alone as DVC metrics (what `dvc metrics show/diff` lists as <name>/<metric>)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ import math
 
 from . import layout
 from .io import read_jsonl, write_json, write_jsonl
+
+
+def stage_args(doc: str):
+    """(name, params) for an eval stage: `--name` picks predictions/<name>.jsonl."""
+    import argparse
+
+    from .params import load_params
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--name", required=True, help="predictions/<name>.jsonl (a cell or ref-<role>-<stage>)")
+    return ap.parse_args().name, load_params()
 
 
 def load_predictions(name: str) -> list[dict]:

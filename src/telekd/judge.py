@@ -25,13 +25,15 @@ Design
   An empty prediction states nothing correct: answer and factual correctness are 0.0 without a judge
   call, and faithfulness is undefined (None, reason recorded, counted as ``undefined``, not as a failure).
 * Judge calls are cached on disk, keyed by sha256(judge identity + prompt + bounded schema), in
-  ``cache/judge/`` (one JSON file per call); only outputs that parsed into the response model are
+  ``cache/judge/`` (one JSON file per call, written to a temporary name and renamed, so processes that
+  share the cache never read a partial entry); only outputs that parsed into the response model are
   written, so a failed call is retried on the next run.
 * Failures (timeouts, HTTP errors, refusals, unparseable output, ragas exceptions, NaN) are retried up to
   ``max_retries`` times with exponential backoff; after that the metric is None and the sample's
   ``judge_error`` says why. A missing score is never turned into a number.
 * Only the first ``max_samples`` samples in sorted question-id order are judged (the same subset in
-  every cell); the rest get None with the reason ``not judged: beyond eval_llm.max_samples``.
+  every cell); the rest get None with the reason ``not judged: beyond eval_llm.max_samples``. Under
+  ``accelerate launch`` the processes share the judged samples (telekd.shard) and all get every score.
 * The API key is read only from the environment variable named by ``api_key_env``; it is never written
   anywhere, and every message that leaves this module is scrubbed of it.
 
@@ -650,14 +652,29 @@ class Judge:
     def score_rows(self, rows: list[dict], progress: bool = True) -> tuple[list[dict], JudgeReport]:
         from tqdm.auto import tqdm
 
+        from . import shard
+
         chosen = judged_ids([r["id"] for r in rows], self.cfg.max_samples)
         report = JudgeReport(judge=self.backend.identity)
         scores: list[Optional[dict]] = [None] * len(rows)
         todo = sorted((i for i, r in enumerate(rows) if r["id"] in chosen), key=lambda i: rows[i]["id"])
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(todo), unit="sample", desc="judge", disable=not progress, dynamic_ncols=True)
-        for i in todo:
-            values, reasons = self.score_row(rows[i])
+        stats = self.llm.stats
+
+        def run(share):  # under a launcher each process judges its share of `todo`
+            out, failures = [], 0
+            bar = tqdm(total=len(share), unit="sample", desc="judge", disable=not progress or not shard.is_main(),
+                       dynamic_ncols=True)
+            for i in share:
+                calls, hits, t0 = stats.calls, stats.cache_hits, time.perf_counter()
+                values, reasons = self.score_row(rows[i])
+                out.append((values, reasons, stats.calls - calls, stats.cache_hits - hits, time.perf_counter() - t0))
+                failures += any(reasons[m] != EMPTY_PREDICTION for m in reasons)
+                bar.update(1)
+                bar.set_postfix(failures=failures, calls=stats.calls, cached=stats.cache_hits)
+            bar.close()
+            return out
+
+        for i, (values, reasons, calls, hits, seconds) in zip(todo, shard.map_sharded(run, todo)):
             failed = [m for m in LLM_METRICS if m in reasons and reasons[m] != EMPTY_PREDICTION]
             if EMPTY_PREDICTION in reasons.values():
                 report.undefined += 1
@@ -667,15 +684,13 @@ class Judge:
             report.judged += 1
             error = "; ".join(f"{m}: {reasons[m]}" for m in LLM_METRICS if m in reasons) or None
             scores[i] = {**{m: values.get(m) for m in LLM_METRICS}, "judge_error": error}
-            bar.update(1)
-            bar.set_postfix(failures=report.failures, calls=self.llm.stats.calls, cached=self.llm.stats.cache_hits)
-        bar.close()
+            report.calls += calls
+            report.cache_hits += hits
+            report.seconds += seconds
         for i, s in enumerate(scores):
             if s is None:
                 scores[i] = {**{m: None for m in LLM_METRICS}, "judge_error": NOT_JUDGED}
                 report.not_judged += 1
-        report.calls, report.cache_hits = self.llm.stats.calls, self.llm.stats.cache_hits
-        report.seconds = time.perf_counter() - t0
         return scores, report
 
 
