@@ -7,18 +7,20 @@ def main() -> None:
     name, p = stage_args(__doc__)
     from telekd import shard
     from telekd.evaluation import load_predictions, write_scores
-    from telekd.metrics import EMBED_METRICS, bertscore_scores, cosine_scores
-
-    device = shard.device()
-
-    def score(share):
-        preds, refs = [r["prediction"] for r in share], [r["references"] for r in share]
-        cos = cosine_scores(preds, refs, model_name=p.eval_embed.model, device=device)
-        bert = bertscore_scores(preds, refs, model_name=p.active.eval.bertscore_model, device=device)
-        return [{"cosine": c, **b} for c, b in zip(cos, bert)]
+    from telekd.metrics import EMBED_METRICS, bertscore_scores, bertscore_units, cosine_scores
 
     rows = load_predictions(name)
-    scores = shard.map_sharded(score, rows)
+    preds, refs = [r["prediction"] for r in rows], [r["references"] for r in rows]
+    device = shard.device()
+
+    def score(units):  # a run of whole units: bert-score batches it as it does among all rows
+        ps, rs = [preds[i] for u in units for i in u], [refs[i] for u in units for i in u]
+        cos = cosine_scores(ps, rs, model_name=p.eval_embed.model, device=device)
+        bert = bertscore_scores(ps, rs, model_name=p.active.eval.bertscore_model, device=device)
+        flat = iter([{"cosine": c, **b} for c, b in zip(cos, bert)])
+        return [[next(flat) for _ in u] for u in units]
+
+    scores = [s for unit in shard.map_sharded(score, bertscore_units(preds, refs)) for s in unit]
     if not shard.is_main():
         return
     means = write_scores(name, "embed", [r["id"] for r in rows], scores, EMBED_METRICS,

@@ -169,3 +169,16 @@ def test_mean_ci_degenerate():
     assert M.mean_ci([0.3, 0.3, float("nan")]) == {"mean": 0.3, "ci_low": 0.3, "ci_high": 0.3, "n": 2, "n_nan": 1}
     assert M.mean_ci([]) == {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "n_nan": 0}
     assert M.mean_ci([float("nan")] * 3) == {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "n_nan": 3}
+
+
+def test_bertscore_units_score_alone_as_among_all(minilm):
+    """Equal up to float32 rounding: the embeddings' own batches (hence padding) still differ."""
+    preds = ["the UE sends a request", "", "paging", "5G NR uses OFDM", "handover"]
+    refs = [["the eNB pages the UE", "a request"], ["x"], ["the paging channel"], ["OFDM in the downlink"],
+            ["handover reduces call drops"]]
+    units = M.bertscore_units(preds, refs, batch_size=2)
+    assert units == [[0], [1], [2, 3], [4]]  # pairs 2 | 2 (empty prediction: none) | 3, 4 | 5
+    whole = M.bertscore_scores(preds, refs, batch_size=2)
+    for k in (1, 2, 4):  # every unit boundary
+        parts = M.bertscore_scores(preds[:k], refs[:k], batch_size=2) + M.bertscore_scores(preds[k:], refs[k:], batch_size=2)
+        assert [tuple(d.values()) for d in parts] == [pytest.approx(tuple(d.values()), abs=1e-6) for d in whole]

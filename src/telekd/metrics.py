@@ -13,6 +13,7 @@ from functools import lru_cache
 
 NGRAM_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL")
 EMBED_METRICS = ("cosine", "bertscore_p", "bertscore_r", "bertscore_f1")
+BERTSCORE_BATCH = 32  # (prediction, reference) pairs per bert-score batch
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 # -----------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def _bert_scorer(path: str, num_layers: int, device: str):
 
 
 def bertscore_scores(predictions: list[str], references: list[list[str]], model_name: str = "minilm",
-                     num_layers: int | None = None, batch_size: int = 32, device: str = "cpu") -> list[dict]:
+                     num_layers: int | None = None, batch_size: int = BERTSCORE_BATCH, device: str = "cpu") -> list[dict]:
     """BERTScore P/R/F1 per sample (0 if either side is empty); over several references bert-score takes
     the max of P, of R and of F1 separately, so the three may come from different references."""
     _check_lengths(predictions, references)
@@ -154,6 +155,21 @@ def bertscore_scores(predictions: list[str], references: list[list[str]], model_
     for (i, _, _), a, b, c in zip(keep, p.tolist(), r.tolist(), f.tolist()):
         out[i] = {"bertscore_p": float(a), "bertscore_r": float(b), "bertscore_f1": float(c)}
     return out
+
+
+def bertscore_units(predictions: list[str], references: list[list[str]],
+                    batch_size: int = BERTSCORE_BATCH) -> list[list[int]]:
+    """Consecutive groups of sample indices, each ending where one of bert-score's pair batches ends. bert-score
+    pads a batch to its longest pair and the padding (similarity 0) wins a token's max when all its similarities
+    are negative, so a score depends on its batch: any run of whole groups scores as it does among all samples."""
+    units, unit, pairs = [], [], 0
+    for i, (p, refs) in enumerate(zip(predictions, references)):
+        unit.append(i)
+        pairs += len(_nonempty(refs)) if p.strip() else 0  # bertscore_scores skips the rest
+        if pairs % batch_size == 0:
+            units.append(unit)
+            unit = []
+    return units + [unit] if unit else units
 
 
 def embed_batch(predictions: list[str], references: list[list[str]], model_name: str = "minilm",

@@ -3,12 +3,15 @@
 Under a multi-process launcher, accelerate's `PartialState` joins the process group (and binds the
 process to its GPU), `split_between_processes` hands each process a contiguous share, and
 `gather_object` concatenates the shares in process order, i.e. the original order. With one process
-(`python stages/...`) every helper is a no-op and accelerate (hence torch) is never imported.
+(`python stages/...`) `map_sharded` and `is_main` are no-ops that import nothing (eval_ngram never
+loads torch). Under accelerate 1.15, `accelerate launch --cpu` starts one process whatever
+`--num_processes` says (several CPU processes need mpirun); `--multi_gpu` (torchrun) starts N.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Callable
 
 # The variables accelerate's PartialState reads to decide that it runs on several processes.
@@ -20,9 +23,17 @@ def world_size() -> int:
 
 
 def state():
+    """accelerate's PartialState. Without CUDA it is asked for CPU processes joined over gloo (under
+    `accelerate launch --multi_gpu`, i.e. torchrun, it would otherwise leave N unconnected processes)."""
+    import torch
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    return PartialState()
+    s = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    if s.num_processes != world_size():
+        raise RuntimeError(f"{world_size()} processes were launched but accelerate joined {s.num_processes} "
+                           "(see README: Scale beyond one process)")
+    return s
 
 
 def is_main() -> bool:
@@ -38,12 +49,13 @@ def device() -> str:
 def map_sharded(fn: Callable[[list], list], items: list) -> list:
     """fn(share) -> one result per item of the share, run on this process's share of `items`;
     every process gets all the results, in the order of `items`."""
-    if world_size() == 1:
-        return fn(items)
-    from accelerate.utils import gather_object
-
-    with state().split_between_processes(items) as share:
+    one = world_size() == 1
+    with nullcontext(items) if one else state().split_between_processes(items) as share:
         out = list(fn(share)) if share else []
     if len(out) != len(share):
         raise ValueError(f"map_sharded: {fn.__name__} gave {len(out)} results for {len(share)} items (must be one each)")
+    if one:
+        return out
+    from accelerate.utils import gather_object
+
     return gather_object(out)
