@@ -180,5 +180,6 @@ def test_bertscore_units_score_alone_as_among_all(minilm):
     assert units == [[0], [1], [2, 3], [4]]  # pairs 2 | 2 (empty prediction: none) | 3, 4 | 5
     whole = M.bertscore_scores(preds, refs, batch_size=2)
     for k in (1, 2, 4):  # every unit boundary
-        parts = M.bertscore_scores(preds[:k], refs[:k], batch_size=2) + M.bertscore_scores(preds[k:], refs[k:], batch_size=2)
+        parts = [*M.bertscore_scores(preds[:k], refs[:k], batch_size=2),
+                 *M.bertscore_scores(preds[k:], refs[k:], batch_size=2)]
         assert [tuple(d.values()) for d in parts] == [pytest.approx(tuple(d.values()), abs=1e-6) for d in whole]

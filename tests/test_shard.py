@@ -1,5 +1,5 @@
-"""Generation and evaluation under `accelerate launch --multi_gpu --num_processes 2` (two CPU processes) give the one-process
-outputs, written by the main process only (telekd.shard)."""
+"""Generation and evaluation under `accelerate launch --multi_gpu --num_processes 2` (two CPU processes)
+give the one-process outputs, written by the main process only (telekd.shard)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def map_sharded(fn: Callable[[list], list], items: list) -> list:
     with nullcontext(items) if one else state().split_between_processes(items) as share:
         out = list(fn(share)) if share else []
     if len(out) != len(share):
-        raise ValueError(f"map_sharded: {fn.__name__} gave {len(out)} results for {len(share)} items (must be one each)")
+        raise ValueError(f"map_sharded: {fn.__name__} gave {len(out)} results for {len(share)} items (one each)")
     if one:
         return out
     from accelerate.utils import gather_object
