@@ -93,3 +93,28 @@ class Checkpoint:
     def clear(self) -> None:
         if Path(self.dir).exists():
             shutil.rmtree(self.dir)
+
+
+def trainer_resume_point(ckpt: Checkpoint) -> str | None:
+    """The newest complete checkpoint-N folder of a transformers Trainer run in ckpt.dir, if it is this run's.
+
+    A folder of a different run (fingerprint differs) is removed with a one-line message; so are
+    incomplete checkpoint-N folders (killed mid-save: trainer_state.json is written last).
+    The main process writes ckpt.dir/fingerprint.txt for the run that starts now.
+    """
+    proc = process()
+    d = Path(ckpt.dir)
+    stamp = d / FINGERPRINT
+    if proc.is_main_process:
+        if d.exists() and (not stamp.exists() or stamp.read_text().strip() != ckpt.fingerprint):
+            print(f"{d}: checkpoints of a different run (fingerprint differs): ignored and removed, starting over",
+                  file=sys.stderr)
+            shutil.rmtree(d)
+        for c in d.glob("checkpoint-*"):
+            if not (c / "trainer_state.json").exists():
+                shutil.rmtree(c)
+        d.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(ckpt.fingerprint + "\n")
+    proc.wait_for_everyone()
+    done = [c for c in d.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+    return str(max(done, key=lambda c: int(c.name.split("-")[1]))) if done else None
