@@ -50,10 +50,14 @@ class SigtermFlag:
 
 
 def process():
-    """accelerate's view of this process (rank, world size, main or not); one process without a launcher."""
+    """accelerate's view of this process (rank, world size, main or not); one process without a launcher.
+
+    Without a GPU the processes of `accelerate launch` talk over gloo on CPU (as the Trainer's use_cpu does).
+    """
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 @dataclass(frozen=True)
