@@ -17,7 +17,7 @@ def main() -> None:
     ap.add_argument("--cell", required=True, help="teacher-teacher_sft-student_sft-alg, e.g. llama-sft-base-dskd")
     cell = Cell.parse(ap.parse_args().cell)
     p = load_params()
-    from dataclasses import asdict
+    from dataclasses import asdict, fields, replace
 
     from telekd import terms
     from telekd.cache import dir_digest, file_sha256, load_targets
@@ -33,11 +33,12 @@ def main() -> None:
         max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=p.seed, student_lora=kd.student_lora,
         lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout, lora_targets=tuple(p.sft.lora_targets))
     inp = kd_inputs(p, cell.teacher_dir, need_alignment=cell.alg == "vanilla")
+    device = process().device  # CPU, or this process's GPU under accelerate launch
     load = dict(dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
     student, s_tok = load_model(cell.student_init_dir, **load)
     teacher = None
     if cell.alg == "dskd" or not kd.use_cache:  # DSKD needs the teacher's head and embeddings, never its forward pass
-        teacher, _ = load_model(cell.teacher_dir, **load)
+        teacher, _ = load_model(cell.teacher_dir, **load, device=str(device))
         teacher.requires_grad_(False)
 
     projectors, variant = None, cell.alg
@@ -58,6 +59,8 @@ def main() -> None:
 
     if kd.use_cache:
         targets = load_targets(f"{layout.CACHE}/{cell.teacher}-{cell.teacher_sft}", inp.key)
+        targets = replace(targets, **{f.name: getattr(targets, f.name).to(device) for f in fields(targets)
+                                      if hasattr(getattr(targets, f.name), "to")})
         if cell.alg == "dskd" and targets.hidden is None:
             raise SystemExit("kd: DSKD needs teacher hidden states in the cache: set teacher_cache.hidden: true")
         term = make(targets, inp.pairs)

@@ -66,10 +66,11 @@ def eval_ce(model, examples, pad_id: int, batch_size: int) -> float:
     import torch.nn.functional as F
 
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
         for b in range(0, len(examples), batch_size):
-            batch = collate(examples[b: b + batch_size], pad_id)
+            batch = {k: v.to(device) for k, v in collate(examples[b: b + batch_size], pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
@@ -110,6 +111,9 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
 
         student = get_peft_model(student, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                                                      target_modules=list(s.lora_targets), task_type="CAUSAL_LM"))
+    student.to(proc.device)  # the process's device: CPU, or its GPU under accelerate launch
+    if extra_modules is not None:
+        extra_modules.to(proc.device)
     trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable], "lr": s.lr}]
     if extra_modules is not None:
@@ -155,7 +159,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
 
     def reduce_(values: list[float]) -> list[float]:
         """Sum over ranks (each value already weighted by the rank's token share)."""
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=proc.device)
         torch.distributed.all_reduce(t)
         return t.tolist()
 
@@ -169,7 +173,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
             share = (sum(_answer_tokens(examples[i]) for i in idx) /
                      max(1, sum(_answer_tokens(examples[i]) for i in batches[n]))) if world > 1 else 1.0
             if idx:
-                batch = collate([examples[i] for i in idx], pad_id)
+                batch = {k: v.to(proc.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
                 out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=extra_modules is not None)
                 logits = out.logits
