@@ -80,8 +80,8 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
 
     `checkpoint` (telekd.checkpoint.Checkpoint): the Trainer saves there every eval_steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised) and resumes from this run's newest checkpoint.
-    Under `accelerate launch` each of N processes takes batch_size / N examples (the global batch stays
-    batch_size) and only the main process writes; out_dir None writes nothing.
+    Under `accelerate launch` each of N processes takes batch_size / N training examples (the global batch
+    stays batch_size) and only the main process writes; out_dir None writes nothing.
     """
     import tempfile
     from contextlib import nullcontext
@@ -102,7 +102,9 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
           tempfile.TemporaryDirectory(prefix="telekd-sft-")) as work, SigtermFlag() as flag:
         args = SFTConfig(
             output_dir=work, seed=s.seed, data_seed=s.seed, max_length=s.max_length,
-            per_device_train_batch_size=s.batch_size // world, per_device_eval_batch_size=s.batch_size // world,
+            # each process takes batch_size / N training examples (the global batch stays batch_size) and whole
+            # evaluation batches (the eval loss, a mean of per-batch means, stays that of one process)
+            per_device_train_batch_size=s.batch_size // world, per_device_eval_batch_size=s.batch_size,
             gradient_accumulation_steps=s.grad_accum, num_train_epochs=s.epochs, learning_rate=s.lr,
             lr_scheduler_type=s.lr_scheduler, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
             optim="adamw_torch", logging_steps=1, eval_strategy="steps", eval_steps=s.eval_steps,
@@ -118,6 +120,11 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
                              eval_dataset=examples_dataset(val_examples), processing_class=tokenizer, peft_config=lora,
                              callbacks=[stop, *callbacks])
         initial_eval = trainer.evaluate()["eval_loss"]
+        # evaluate() before train() marks the model as prepared (for evaluation: no DDP wrapper) and accelerate
+        # would then train it unwrapped, each rank apart (transformers 5.24 / accelerate 1.15): unmark it.
+        if trainer.model in trainer.accelerator._models:
+            trainer.model._is_accelerate_prepared = False
+            trainer.accelerator._models.remove(trainer.model)
         if resume:
             print(f"sft: resuming from {resume}", flush=True)
         t0 = time.perf_counter()
@@ -127,6 +134,7 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
             raise Interrupted(f"sft: stopped by SIGTERM at step {trainer.state.global_step}/{trainer.state.max_steps}; "
                               f"checkpoint saved in {work}: rerun (dvc repro) to resume")
         best_eval = trainer.evaluate()["eval_loss"]  # the best checkpoint is loaded at the end
+        train_log, eval_log = loss_logs(trainer.state.log_history)
         main = trainer.is_world_process_zero()
         if out_dir is not None and main:
             out_dir = Path(out_dir)
@@ -134,7 +142,6 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
             _canonical_adapter_config(out_dir / "adapter" / "adapter_config.json")
             trainer.model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
-    train_log, eval_log = loss_logs(trainer.state.log_history)
     tokens = sum(len(e.input_ids) for e in train_examples) * s.epochs
     return {
         "metrics": {

@@ -26,13 +26,14 @@ CELL = "llama-base-base-vanilla"
 
 
 def _study(tmp: Path, models: dict, records) -> Path:
-    """A study folder with prepared splits, base models and the teacher cache: what the kd stage reads."""
+    """A study folder with prepared splits, base models and the teacher cache: what the kd and sft stages read."""
     from telekd.io import write_jsonl
 
     d = tmp / "study"
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["profiles"]["tiny"]["train"].update(max_length=300, max_prompt_length=256, batch_size=4, epochs=1)
     params["kd"].update(save_steps=2, alg="vanilla")
+    params["sft"].update(eval_steps=2, lora_dropout=0.0)  # dropout off: the ranks' RNG streams differ
     d.mkdir()
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_jsonl(d / "data/prepared/train.jsonl", [r.to_dict() for r in records[:16]])
@@ -54,8 +55,8 @@ def _stage(cwd: Path, name: str, args: list[str]) -> None:
         sys.argv = old_argv
 
 
-def _observe_and_run(record: Path) -> None:
-    """Run the kd stage here, recording this rank's weight digest and every file it writes."""
+def _observe_and_run(record: Path, stage: str = "kd", args: tuple = ("--cell", CELL)) -> None:
+    """Run a stage here, recording this rank's KD weight digest and every file it writes."""
     import hashlib
 
     import telekd.checkpoint as ckpt
@@ -85,7 +86,7 @@ def _observe_and_run(record: Path) -> None:
 
     distill.train_kd, tio.atomic_path, ckpt.Checkpoint.save = train_kd, atomic_path, save
     try:
-        _stage(Path.cwd(), "kd", ["--cell", CELL])
+        _stage(Path.cwd(), stage, list(args))
     finally:
         (record / f"rank{rank}.writes.json").write_text(json.dumps(writes))
 
@@ -96,31 +97,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_kd_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, sample_records, tmp_path):
-    import torch
-    from safetensors.torch import load_file
-
-    study = _study(tmp_path, saved_models, sample_records)
-    single = tmp_path / "single"
+def _run_both(tmp_path, study, stage: str, args: tuple) -> tuple[Path, Path, Path, float]:
+    """The stage under accelerate launch (2 CPU processes) in `study`, and in this process in a copy of it."""
+    single = tmp_path / f"single-{stage}"
     shutil.copytree(study, single)
-    one, two = tmp_path / "rec1", tmp_path / "rec2"
+    one, two = tmp_path / f"rec1-{stage}", tmp_path / f"rec2-{stage}"
     one.mkdir(), two.mkdir()
-
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "configs/accelerate/cpu-ddp.yaml"), "--main_process_port", str(_free_port())]
-    p = subprocess.run([*launch, __file__, str(two)], cwd=study, env=env, capture_output=True, text=True, timeout=240)
+    p = subprocess.run([*launch, __file__, str(two), stage, *args], cwd=study, env=env, capture_output=True, text=True,
+                       timeout=240)
     wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr[-4000:]
-
     old = os.getcwd()
     os.chdir(single)
     try:
-        _observe_and_run(one)  # the same stage in this process: one rank
+        _observe_and_run(one, stage, args)  # the same stage in this process: one rank
     finally:
         os.chdir(old)
+    return single, one, two, wall
+
+
+def test_kd_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, sample_records, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    study = _study(tmp_path, saved_models, sample_records)
+    single, one, two, wall = _run_both(tmp_path, study, "kd", ("--cell", CELL))
 
     # both ranks hold identical weights
     d0, d1 = (two / "rank0.digest").read_text(), (two / "rank1.digest").read_text()
@@ -144,8 +149,32 @@ def test_kd_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, s
     ma, mb = (json.loads((s / "metrics/kd" / f"{CELL}.json").read_text()) for s in (study, single))
     assert (ma["processes"], mb["processes"]) == (2, 1) and ma["tokens"] == mb["tokens"]
     assert abs(ma["val_ce_after"] - mb["val_ce_after"]) < 1e-5
-    print(f"2-process KD: ranks identical; max |w_2proc - w_1proc| = {worst:.2e}; launch wall {wall:.1f}s")
+    with capsys.disabled():
+        print(f"\n2-process KD: ranks identical; max |w_2proc - w_1proc| = {worst:.2e}; launch wall {wall:.1f}s")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_sft_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, sample_records, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    study = _study(tmp_path, saved_models, sample_records)
+    single, one, two, wall = _run_both(tmp_path, study, "sft", ("--model", "student"))
+    w0, w1 = json.loads((two / "rank0.writes.json").read_text()), json.loads((two / "rank1.writes.json").read_text())
+    assert w1 == [] and w0 == json.loads((one / "rank0.writes.json").read_text())
+    assert {"models/sft/student", "metrics/sft/student.json", "logs/sft/student/train_loss.json"} <= set(w0)
+    assert not (study / "checkpoints/sft/student").exists()
+    a = load_file(str(study / "models/sft/student/model.safetensors"))
+    b = load_file(str(single / "models/sft/student/model.safetensors"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    ma, mb = (json.loads((s / "metrics/sft/student.json").read_text()) for s in (study, single))
+    with capsys.disabled():
+        print(f"\n2-process SFT: max |w_2proc - w_1proc| = {worst:.2e}; steps {ma['steps']} vs {mb['steps']}; "
+              f"best eval loss {ma['eval_loss_best']:.6f} vs {mb['eval_loss_best']:.6f}; launch wall {wall:.1f}s")
+    assert ma["steps"] == mb["steps"] and ma["best_step"] == mb["best_step"]
+    assert a.keys() == b.keys() and worst < 1e-5
+    for k in ("eval_loss_initial", "eval_loss_best", "train_loss_first", "train_loss_last"):
+        assert abs(ma[k] - mb[k]) < 1e-5, k
 
 
 if __name__ == "__main__":
-    _observe_and_run(Path(sys.argv[1]))
+    _observe_and_run(Path(sys.argv[1]), sys.argv[2], tuple(sys.argv[3:]))

@@ -180,8 +180,9 @@ def test_kd_resumes_bit_identically_after_sigterm_and_sigkill(models, tmp_path, 
     assert f"resumed from {ckpt / 'state.pt'} at batch {saved}/8" in log
     assert _same_weights(ref / "weights.safetensors", out / "weights.safetensors")
     assert json.loads((out / "log.json").read_text()) == want
-    print(f"kd: SIGTERM -> saved after batch {term_at}; resumed, SIGKILL in batch {killed_in} -> resumed from "
-          f"batch {saved}/8; weights and loss log equal the uninterrupted run's")
+    with capsys.disabled():
+        print(f"\nkd: SIGTERM -> saved after batch {term_at}; resumed, SIGKILL in batch {killed_in} -> resumed from "
+              f"batch {saved}/8; weights and loss log equal the uninterrupted run's")
 
     # a checkpoint of another run is ignored (one line) and the run starts over, with the same result
     assert _kd_step(ckpt) >= saved  # the library leaves it; the stage removes it after writing its outputs
@@ -221,8 +222,9 @@ def test_sft_resumes_bit_identically_after_sigterm_and_sigkill(models, tmp_path,
     assert _same_weights(ref / "model" / "adapter" / "adapter_model.safetensors",
                          out / "model" / "adapter" / "adapter_model.safetensors")
     assert json.loads((out / "log.json").read_text()) == want
-    print(f"sft: SIGTERM -> saved at step {term_at}; resumed, SIGKILL after step {killed_after} -> resumed from "
-          f"step {saved}/8; merged weights, adapter, loss logs and metrics equal the uninterrupted run's")
+    with capsys.disabled():
+        print(f"\nsft: SIGTERM -> saved at step {term_at}; resumed, SIGKILL after step {killed_after} -> resumed from "
+              f"step {saved}/8; merged weights, adapter, loss logs and metrics equal the uninterrupted run's")
 
     # checkpoints of another run are removed with one line and the run starts over, with the same result
     sft_run(models, ckpt, tmp_path / "other", fp="run-b")
