@@ -233,5 +233,5 @@ def test_sft_resumes_bit_identically_after_sigterm_and_sigkill(models, tmp_path,
 
 
 if __name__ == "__main__":
-    kind, models, ckpt, out, delay = sys.argv[1:]
-    {"kd": kd_run, "sft": sft_run}[kind](Path(models), Path(ckpt), Path(out), delay=float(delay))
+    kind, root, ckpt_dir, out_dir, delay = sys.argv[1:]
+    {"kd": kd_run, "sft": sft_run}[kind](Path(root), Path(ckpt_dir), Path(out_dir), delay=float(delay))
