@@ -1,6 +1,10 @@
-"""Stage kd: distil one cell's teacher into its student with the cell's algorithm (vanilla | dskd | uld)."""
+"""Stage kd: distil one cell's teacher into its student with the cell's algorithm (vanilla | dskd | uld).
+
+Resumes from checkpoints/kd/<cell> after an interruption; runs unchanged under `accelerate launch`.
+"""
 
 import argparse
+from pathlib import Path
 
 from telekd import layout
 from telekd.io import atomic_path, write_json
@@ -13,8 +17,11 @@ def main() -> None:
     ap.add_argument("--cell", required=True, help="teacher-teacher_sft-student_sft-alg-s<seed>, e.g. llama-sft-base-dskd-s0")
     cell = Cell.parse(ap.parse_args().cell)
     p = load_params()
+    from dataclasses import asdict, fields, replace
+
     from telekd import terms
-    from telekd.cache import load_targets
+    from telekd.cache import dir_digest, file_sha256, load_targets
+    from telekd.checkpoint import ROOT, Checkpoint, fingerprint, process
     from telekd.distill import KDSettings, kd_inputs, live_term, make_projectors, train_kd
     from telekd.examples import load_split, tokenized
     from telekd.models import load_model
@@ -27,11 +34,12 @@ def main() -> None:
         max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed, student_lora=kd.student_lora,
         lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout, lora_targets=tuple(p.sft.lora_targets))
     inp = kd_inputs(p, cell.teacher_dir, need_alignment=cell.alg == "vanilla")
+    device = process().device  # CPU, or this process's GPU under accelerate launch
     load = dict(dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
     student, s_tok = load_model(cell.student_init_dir, **load)
     teacher = None
     if cell.alg == "dskd" or not kd.use_cache:  # DSKD needs the teacher's head and embeddings, never its forward pass
-        teacher, _ = load_model(cell.teacher_dir, **load)
+        teacher, _ = load_model(cell.teacher_dir, **load, device=str(device))
         teacher.requires_grad_(False)
 
     projectors, variant = None, cell.alg
@@ -52,14 +60,23 @@ def main() -> None:
 
     if kd.use_cache:
         targets = load_targets(f"{layout.CACHE}/{cell.teacher}-{cell.teacher_sft}", inp.key)
+        targets = replace(targets, **{f.name: getattr(targets, f.name).to(device) for f in fields(targets)
+                                      if hasattr(getattr(targets, f.name), "to")})
         if cell.alg == "dskd" and targets.hidden is None:
             raise SystemExit("kd: DSKD needs teacher hidden states in the cache: set teacher_cache.hidden: true")
         term = make(targets, inp.pairs)
     else:
-        term = live_term(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, inp.teacher_tok.pad_token_id, make)
+        term = live_term(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, inp.teacher_tok.pad_token_id,
+                         make, hidden=cell.alg == "dskd")
     val = tokenized(load_split("validation"), s_tok, p.prompt.system, t.max_length, t.max_prompt_length)
+    run = {"cell": cell.name, "settings": asdict(settings), "teacher_cache_key": inp.key, "use_cache": kd.use_cache,
+           "student_init": dir_digest(cell.student_init_dir), "validation": file_sha256(layout.split_file("validation")),
+           "alg_params": getattr(p, cell.alg).model_dump() if cell.alg != "vanilla" else {}}
+    ckpt = Checkpoint(Path(ROOT) / "kd" / cell.name, fingerprint(run), kd.save_steps)
     result = train_kd(student, inp.examples, settings, s_tok.pad_token_id, term, extra_modules=projectors,
-                      projector_lr=p.dskd.projector_lr, val_examples=val, desc=cell.name)
+                      projector_lr=p.dskd.projector_lr, val_examples=val, desc=cell.name, checkpoint=ckpt)
+    if not process().is_main_process:
+        return
     with atomic_path(cell.student_dir) as out:
         result["model"].save_pretrained(out, safe_serialization=True)
         s_tok.save_pretrained(out)
@@ -69,6 +86,7 @@ def main() -> None:
     if kd.use_cache and cell.alg == "vanilla":  # alignment statistics of token-level KD
         m.update({k: v for k, v in targets.summary().items() if k in ("aligned_fraction", "mapped_mass", "top_k")})
     write_json(f"{layout.METRICS}/kd/{cell.name}.json", m)
+    ckpt.clear()
     print(f"kd {cell.name} ({variant}): val CE {m['val_ce_before']:.3f} -> {m['val_ce_after']:.3f}, "
           f"{m['tokens_per_s']} tokens/s")
 

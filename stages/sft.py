@@ -1,6 +1,12 @@
-"""Stage sft: LoRA SFT of one model (llama | mistral | student) on the training split."""
+"""Stage sft: LoRA SFT of one model (llama | mistral | student) on the training split.
+
+Resumes from checkpoints/sft/<model> after an interruption; runs unchanged under `accelerate launch`.
+"""
 
 import argparse
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
 
 from telekd import layout
 from telekd.io import atomic_path, write_json
@@ -12,6 +18,8 @@ def main() -> None:
     ap.add_argument("--model", required=True, choices=["llama", "mistral", "student"])
     role = ap.parse_args().model
     p = load_params()
+    from telekd.cache import dir_digest, file_sha256
+    from telekd.checkpoint import ROOT, Checkpoint, fingerprint, process
     from telekd.examples import load_split, tokenized
     from telekd.models import load_model
     from telekd.sft import SFTSettings, run_sft
@@ -23,15 +31,22 @@ def main() -> None:
         lora_dropout=s.lora_dropout, lora_targets=tuple(s.lora_targets), weight_decay=s.weight_decay,
         lr_scheduler=s.lr_scheduler, max_grad_norm=s.max_grad_norm, eval_steps=s.eval_steps,
         dtype=p.active.dtype, seed=p.seed)
-    model, tok = load_model(layout.model_dir(role, "base"), dtype=p.active.dtype,
-                            trust_remote_code=p.models.trust_remote_code)
+    base = layout.model_dir(role, "base")
+    model, tok = load_model(base, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
     train = tokenized(load_split("train"), tok, p.prompt.system, t.max_length, t.max_prompt_length)
     val = tokenized(load_split("validation"), tok, p.prompt.system, t.max_length, t.max_prompt_length)
-    with atomic_path(layout.model_dir(role, "sft")) as out:
-        result = run_sft(model, tok, train, val, settings, out)
+    run = {"model": role, "settings": asdict(settings), "base": dir_digest(base), "system": p.prompt.system,
+           "data": {x: file_sha256(layout.split_file(x)) for x in ("train", "validation")}}
+    ckpt = Checkpoint(Path(ROOT) / "sft" / role, fingerprint(run))
+    main = process().is_main_process
+    with atomic_path(layout.model_dir(role, "sft")) if main else nullcontext(None) as out:
+        result = run_sft(model, tok, train, val, settings, out, checkpoint=ckpt)
+    if not main:
+        return
     write_json(f"{layout.LOGS}/sft/{role}/train_loss.json", result["train_log"])
     write_json(f"{layout.LOGS}/sft/{role}/eval_loss.json", result["eval_log"])
     write_json(f"{layout.METRICS}/sft/{role}.json", result["metrics"])
+    ckpt.clear()
     m = result["metrics"]
     print(f"sft {role}: eval loss {m['eval_loss_initial']:.3f} -> {m['eval_loss_best']:.3f}, {m['tokens_per_s']} tokens/s")
 

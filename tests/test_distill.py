@@ -149,7 +149,8 @@ def test_dskd_with_cross_model_attention_trains_student_and_projectors(tokenizer
     heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
     embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
     make = lambda tg, ps: cma_term(tg, ps, proj, *embeds, *heads, s)  # noqa: E731
-    term = live_term(teacher, pairs, s_map, t_map, top_k=len(t_tok), pad_id=t_tok.pad_token_id, make_term=make)
+    term = live_term(teacher, pairs, s_map, t_map, top_k=len(t_tok), pad_id=t_tok.pad_token_id, make_term=make,
+                     hidden=True)
     out = train_kd(student, exs, s, s_tok.pad_token_id, term, extra_modules=proj)
     assert out["metrics"]["steps"] == 2 and term.examples == 4
     assert {"ce_t2s", "kd_stu", "kd_tea", "t2s_acc"} <= set(out["log"][0])

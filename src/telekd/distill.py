@@ -66,10 +66,11 @@ def eval_ce(model, examples, pad_id: int, batch_size: int) -> float:
     import torch.nn.functional as F
 
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
         for b in range(0, len(examples), batch_size):
-            batch = collate(examples[b: b + batch_size], pad_id)
+            batch = {k: v.to(device) for k, v in collate(examples[b: b + batch_size], pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
@@ -78,24 +79,43 @@ def eval_ce(model, examples, pad_id: int, batch_size: int) -> float:
     return total / max(1, count)
 
 
+def _answer_tokens(example) -> int:
+    """Positions where the answer's cross-entropy counts (labels shifted by one, as in the loss)."""
+    return sum(1 for t in example.labels[1:] if t != -100)
+
+
 def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=None, projector_lr: float = 1e-3,
-             val_examples=(), desc: str = "kd") -> dict:
+             val_examples=(), desc: str = "kd", checkpoint=None) -> dict:
     """Distil into `student`: loss = (1 - kd_rate) CE + kd_rate term(...), term one of telekd.terms.
 
-    `extra_modules` (DSKD's projectors) train with their own learning rate and are returned.
+    `extra_modules` (DSKD's projectors) train in place with their own learning rate and are returned as
+    "projectors". Under `accelerate launch` every rank takes its share of each global batch and weights its
+    loss by its share of the batch's answer tokens; summed gradients then equal one process's for CE and
+    for any KD term that is a mean over answer positions. Only the main process evaluates and checkpoints.
+    `checkpoint` (telekd.checkpoint.Checkpoint): saved every save_steps optimizer steps and on SIGTERM
+    (then telekd.checkpoint.Interrupted is raised); a matching one is resumed from, bit-identically.
     """
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    from .checkpoint import Interrupted, SigtermFlag, process
+
+    proc = process()
+    world, rank, main = proc.num_processes, proc.process_index, proc.is_main_process
+    if s.batch_size < world:
+        raise ValueError(f"batch_size {s.batch_size} < {world} processes: every rank needs examples; raise batch_size")
     torch.manual_seed(s.seed)
     if s.student_lora:
         from peft import LoraConfig, get_peft_model
 
         student = get_peft_model(student, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                                                      target_modules=list(s.lora_targets), task_type="CAUSAL_LM"))
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    groups = [{"params": trainable, "lr": s.lr}]
+    student.to(proc.device)  # the process's device: CPU, or its GPU under accelerate launch
+    if extra_modules is not None:
+        extra_modules.to(proc.device)
+    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in trainable], "lr": s.lr}]
     if extra_modules is not None:
         groups.append({"params": list(extra_modules.parameters()), "lr": projector_lr})
     opt = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
@@ -104,43 +124,105 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     warm = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
-    val_before = eval_ce(student, list(val_examples), pad_id, s.batch_size) if val_examples else None
     gen = torch.Generator().manual_seed(s.seed)
     order = torch.cat([torch.randperm(len(examples), generator=gen) for _ in range(math.ceil(s.epochs))])
     batches = [order[b: b + s.batch_size].tolist() for b in range(0, int(len(examples) * s.epochs), s.batch_size)]
-    params = trainable + (list(extra_modules.parameters()) if extra_modules is not None else [])
-    log, tokens = [], 0
+    params = [p for _, p in trainable] + (list(extra_modules.parameters()) if extra_modules is not None else [])
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is None:
+        val_before = eval_ce(student, list(val_examples), pad_id, s.batch_size) if val_examples and main else None
+        start, log, tokens, wall = 0, [], 0, 0.0
+    else:
+        with torch.no_grad():
+            for n, p in trainable:
+                p.copy_(saved["student"][n])
+        if extra_modules is not None:
+            extra_modules.load_state_dict(saved["extra"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        torch.set_rng_state(saved["rng"])
+        if torch.cuda.is_available() and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        start, log, tokens, wall, val_before = (saved["step"], saved["log"], saved["tokens"], saved["wall"],
+                                                saved["val_before"])
+        print(f"{desc}: resumed from {checkpoint.file} at batch {start}/{len(batches)}", flush=True)
+
+    def save(step: int) -> None:
+        if main:
+            checkpoint.save({
+                "step": step, "log": log, "tokens": tokens, "wall": wall + time.perf_counter() - t0,
+                "val_before": val_before, "student": {n: p.detach() for n, p in trainable},
+                "extra": extra_modules.state_dict() if extra_modules is not None else {},
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        proc.wait_for_everyone()
+
+    def reduce_(values: list[float]) -> list[float]:
+        """Sum over ranks (each value already weighted by the rank's token share)."""
+        t = torch.tensor(values, dtype=torch.float64, device=proc.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
     student.train()
+    keys = [k for k in log[-1] if k != "step"] if log else []
     t0 = time.perf_counter()
-    for n, idx in enumerate(bar := tqdm(batches, desc=desc, unit="batch", mininterval=2)):
-        batch = collate([examples[i] for i in idx], pad_id)
-        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_hidden_states=extra_modules is not None)
-        logits = out.logits
-        labels = batch["labels"][:, 1:]
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        kd, extra = term(logits, out.hidden_states[-1] if out.hidden_states is not None else None, batch, idx)
-        loss = (1 - s.kd_rate) * ce + s.kd_rate * kd
-        (loss / s.grad_accum).backward()
-        if (n + 1) % s.grad_accum == 0 or n + 1 == len(batches):
-            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
-        log.append({"step": n + 1, "loss": loss.item(), "ce": ce.item(), "kd": kd.item(), **extra})
-        bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
-    wall = time.perf_counter() - t0
+    with SigtermFlag() as stop:
+        for n in (bar := tqdm(range(start, len(batches)), desc=desc, unit="batch", mininterval=2, disable=not main,
+                              initial=start, total=len(batches))):
+            idx = batches[n][rank::world]
+            share = (sum(_answer_tokens(examples[i]) for i in idx) /
+                     max(1, sum(_answer_tokens(examples[i]) for i in batches[n]))) if world > 1 else 1.0
+            if idx:
+                batch = {k: v.to(proc.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+                out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              output_hidden_states=extra_modules is not None)
+                logits = out.logits
+                labels = batch["labels"][:, 1:]
+                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+                kd, extra = term(logits, out.hidden_states[-1] if out.hidden_states is not None else None, batch, idx)
+                loss = (1 - s.kd_rate) * ce + s.kd_rate * kd
+                ((loss * share if world > 1 else loss) / s.grad_accum).backward()
+                row = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), **extra}
+                keys = list(row)
+                n_tok = int(batch["attention_mask"].sum())
+            else:  # a short last batch left this rank nothing: it adds zeros
+                row, n_tok = dict.fromkeys(keys, 0.0), 0
+            boundary = (n + 1) % s.grad_accum == 0 or n + 1 == len(batches)
+            if world > 1:
+                *vals, n_tok, halt = reduce_([row[k] * share for k in keys] + [n_tok, float(stop.requested)])
+                row, n_tok, stop.requested = dict(zip(keys, vals)), int(n_tok), halt > 0
+            if boundary:
+                if world > 1:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        torch.distributed.all_reduce(p.grad)
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            tokens += n_tok
+            log.append({"step": n + 1, **row})
+            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
+            if checkpoint is not None and boundary and n + 1 < len(batches):
+                k = (n + 1) // s.grad_accum
+                if stop.requested or (checkpoint.save_steps and k % checkpoint.save_steps == 0):
+                    save(n + 1)
+                if stop.requested:
+                    raise Interrupted(f"{desc}: stopped by SIGTERM after batch {n + 1}/{len(batches)}; "
+                                      f"checkpoint {checkpoint.file} saved: rerun (dvc repro) to resume")
+    wall += time.perf_counter() - t0
     if s.student_lora:
         student = student.merge_and_unload()
     student.eval()
-    val_after = eval_ce(student, list(val_examples), pad_id, s.batch_size) if val_examples else None
+    val_after = eval_ce(student, list(val_examples), pad_id, s.batch_size) if val_examples and main else None
     return {
         "model": student,
+        "projectors": extra_modules,
         "log": log,
         "metrics": {"val_ce_before": val_before, "val_ce_after": val_after, "train_loss_first": log[0]["loss"],
                     "train_loss_last": log[-1]["loss"], "steps": len(log), "tokens": tokens,
-                    "tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2)},
+                    "tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2), "processes": world},
     }
 
 
@@ -155,13 +237,17 @@ def make_projectors(d_s: int, d_t: int, cma: bool, seed: int = 0):
     return torch.nn.ModuleDict(mods)
 
 
-def live_term(teacher, pairs, s_map, t_map, top_k: int, pad_id: int, make_term):
-    """A KD term without the cache: the batch's teacher targets are computed now (counted in .examples)."""
-    def term(logits, hidden, batch, idx):
+def live_term(teacher, pairs, s_map, t_map, top_k: int, pad_id: int, make_term, *, hidden: bool):
+    """A KD term without the cache: the batch's teacher targets are computed now (counted in .examples).
+
+    `hidden`: keep the teacher's last hidden states (DSKD needs them; vanilla KD and ULD do not).
+    """
+    def term(logits, student_hidden, batch, idx):
         sub = [pairs[i] for i in idx]
-        targets = compute_targets(teacher, sub, s_map, t_map, top_k, len(idx), pad_id, desc="teacher (live)")
+        targets = compute_targets(teacher, sub, s_map, t_map, top_k, len(idx), pad_id, hidden=hidden,
+                                  desc="teacher (live)")
         term.examples += len(idx)
-        return make_term(targets, sub)(logits, hidden, batch, list(range(len(idx))))
+        return make_term(targets, sub)(logits, student_hidden, batch, list(range(len(idx))))
     term.examples = 0
     return term
 

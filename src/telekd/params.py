@@ -94,6 +94,7 @@ class KD(Strict):
     student_lora: bool = False
     vocab_mismatch: Literal["align", "error"] = "align"
     use_cache: bool = True
+    save_steps: int = Field(default=10, ge=0)   # optimizer steps between resumable checkpoints (0: only on SIGTERM)
 
 
 class DSKD(Strict):

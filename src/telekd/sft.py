@@ -1,4 +1,5 @@
-"""LoRA supervised fine-tuning through trl's SFTTrainer, completion-only loss, best checkpoint by validation loss."""
+"""LoRA supervised fine-tuning through trl's SFTTrainer, completion-only loss, best checkpoint by validation loss;
+resumable (the Trainer's own checkpoints) and multi-process under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -51,43 +52,96 @@ def _canonical_adapter_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_dir: str | Path) -> dict:
-    """Train LoRA adapters on `model`; write the merged model to out_dir and the adapter to out_dir/adapter."""
+def _sigterm_callback(flag):
+    """A TrainerCallback that turns a SIGTERM (seen by any rank) into save + stop at the end of the step."""
+    import torch
+    from transformers import TrainerCallback
+
+    class SaveAndStop(TrainerCallback):
+        stopped = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            requested = flag.requested
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                t = torch.tensor([float(requested)])
+                torch.distributed.all_reduce(t)  # every rank stops at the same step
+                requested = t.item() > 0
+            if requested:
+                control.should_save = control.should_training_stop = True
+                self.stopped = True
+            return control
+
+    return SaveAndStop()
+
+
+def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_dir: str | Path | None,
+            checkpoint=None, callbacks=()) -> dict:
+    """Train LoRA adapters on `model`; write the merged model to out_dir and the adapter to out_dir/adapter.
+
+    `checkpoint` (telekd.checkpoint.Checkpoint): the Trainer saves there every eval_steps and on SIGTERM
+    (then telekd.checkpoint.Interrupted is raised) and resumes from this run's newest checkpoint.
+    Under `accelerate launch` each of N processes takes batch_size / N training examples (the global batch
+    stays batch_size) and only the main process writes; out_dir None writes nothing.
+    """
     import tempfile
+    from contextlib import nullcontext
 
     import torch
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    out_dir = Path(out_dir)
+    from .checkpoint import Interrupted, SigtermFlag, process, trainer_resume_point
+
+    world = process().num_processes
+    if s.batch_size % world:
+        raise ValueError(f"batch_size {s.batch_size} is not a multiple of the {world} processes: "
+                         "the global batch must split evenly; change batch_size or the process count")
     cuda = torch.cuda.is_available()
-    with tempfile.TemporaryDirectory(prefix="telekd-sft-") as work:
+    resume = trainer_resume_point(checkpoint) if checkpoint is not None else None
+    with (nullcontext(str(checkpoint.dir)) if checkpoint is not None else
+          tempfile.TemporaryDirectory(prefix="telekd-sft-")) as work, SigtermFlag() as flag:
         args = SFTConfig(
             output_dir=work, seed=s.seed, data_seed=s.seed, max_length=s.max_length,
-            per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
+            # each process takes batch_size / N training examples (the global batch stays batch_size) and whole
+            # evaluation batches (the eval loss, a mean of per-batch means, stays that of one process)
+            per_device_train_batch_size=s.batch_size // world, per_device_eval_batch_size=s.batch_size,
             gradient_accumulation_steps=s.grad_accum, num_train_epochs=s.epochs, learning_rate=s.lr,
             lr_scheduler_type=s.lr_scheduler, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
             optim="adamw_torch", logging_steps=1, eval_strategy="steps", eval_steps=s.eval_steps,
             save_strategy="steps", save_steps=s.eval_steps, save_total_limit=2, load_best_model_at_end=True,
             metric_for_best_model="eval_loss", greater_is_better=False, report_to="none",
             bf16=cuda and s.dtype == "bfloat16", fp16=False, use_cpu=not cuda, gradient_checkpointing=False,
-            disable_tqdm=False, dataloader_num_workers=0, save_only_model=True,
+            disable_tqdm=False, dataloader_num_workers=0, save_only_model=checkpoint is None,
         )
         lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                           target_modules=list(s.lora_targets), task_type="CAUSAL_LM")
+        stop = _sigterm_callback(flag)
         trainer = SFTTrainer(model=model, args=args, train_dataset=examples_dataset(train_examples),
-                             eval_dataset=examples_dataset(val_examples), processing_class=tokenizer, peft_config=lora)
+                             eval_dataset=examples_dataset(val_examples), processing_class=tokenizer, peft_config=lora,
+                             callbacks=[stop, *callbacks])
         initial_eval = trainer.evaluate()["eval_loss"]
+        # evaluate() before train() marks the model as prepared (for evaluation: no DDP wrapper) and accelerate
+        # would then train it unwrapped, each rank apart (transformers 5.24 / accelerate 1.15): unmark it.
+        if trainer.model in trainer.accelerator._models:
+            trainer.model._is_accelerate_prepared = False
+            trainer.accelerator._models.remove(trainer.model)
+        if resume:
+            print(f"sft: resuming from {resume}", flush=True)
         t0 = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         wall = time.perf_counter() - t0
+        if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+            raise Interrupted(f"sft: stopped by SIGTERM at step {trainer.state.global_step}/{trainer.state.max_steps}; "
+                              f"checkpoint saved in {work}: rerun (dvc repro) to resume")
         best_eval = trainer.evaluate()["eval_loss"]  # the best checkpoint is loaded at the end
-        trainer.model.save_pretrained(out_dir / "adapter", safe_serialization=True)
-        _canonical_adapter_config(out_dir / "adapter" / "adapter_config.json")
-        merged = trainer.model.merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    train_log, eval_log = loss_logs(trainer.state.log_history)
+        train_log, eval_log = loss_logs(trainer.state.log_history)
+        main = trainer.is_world_process_zero()
+        if out_dir is not None and main:
+            out_dir = Path(out_dir)
+            trainer.model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+            _canonical_adapter_config(out_dir / "adapter" / "adapter_config.json")
+            trainer.model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+            tokenizer.save_pretrained(out_dir)
     tokens = sum(len(e.input_ids) for e in train_examples) * s.epochs
     return {
         "metrics": {

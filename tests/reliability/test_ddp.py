@@ -1,0 +1,180 @@
+"""The kd stage under `accelerate launch` with 2 CPU processes (gloo): both ranks end with identical weights,
+only rank 0 writes, and the result matches the one-process run to float tolerance.
+
+The stage runs unchanged (stages/kd.py through runpy) in a temporary study folder; this file, run as a
+script, wraps train_kd and the writers only to record what each rank holds and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
+CELL = "llama-base-base-vanilla"
+
+
+def _study(tmp: Path, models: dict, records) -> Path:
+    """A study folder with prepared splits, base models and the teacher cache: what the kd and sft stages read."""
+    from telekd.io import write_jsonl
+
+    d = tmp / "study"
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["profiles"]["tiny"]["train"].update(max_length=300, max_prompt_length=256, batch_size=4, epochs=1)
+    params["kd"].update(save_steps=2, alg="vanilla")
+    params["sft"].update(eval_steps=2, lora_dropout=0.0)  # dropout off: the ranks' RNG streams differ
+    d.mkdir()
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_jsonl(d / "data/prepared/train.jsonl", [r.to_dict() for r in records[:16]])
+    write_jsonl(d / "data/prepared/validation.jsonl", [r.to_dict() for r in records[16:20]])
+    for role in ("student", "llama"):
+        shutil.copytree(models[role], d / "models/base" / role)
+    _stage(d, "teacher_cache", ["--teacher", "llama", "--teacher-sft", "base"])
+    return d
+
+
+def _stage(cwd: Path, name: str, args: list[str]) -> None:
+    old_cwd, old_argv = os.getcwd(), sys.argv
+    try:
+        os.chdir(cwd)
+        sys.argv = [f"stages/{name}.py", *args]
+        runpy.run_path(str(ROOT / "stages" / f"{name}.py"), run_name="__main__")
+    finally:
+        os.chdir(old_cwd)
+        sys.argv = old_argv
+
+
+def _observe_and_run(record: Path, stage: str = "kd", args: tuple = ("--cell", CELL)) -> None:
+    """Run a stage here, recording this rank's KD weight digest and every file it writes."""
+    import hashlib
+
+    import telekd.checkpoint as ckpt
+    import telekd.distill as distill
+    import telekd.io as tio
+    from telekd.checkpoint import process
+
+    rank = process().process_index
+    writes = []
+    real_train, real_atomic, real_save = distill.train_kd, tio.atomic_path, ckpt.Checkpoint.save
+
+    def train_kd(*a, **k):
+        out = real_train(*a, **k)
+        h = hashlib.sha256()
+        for name, t in sorted(out["model"].state_dict().items()):
+            h.update(name.encode() + t.detach().contiguous().numpy().tobytes())
+        (record / f"rank{rank}.digest").write_text(h.hexdigest())
+        return out
+
+    def atomic_path(path):
+        writes.append(str(path))
+        return real_atomic(path)
+
+    def save(self, state):
+        writes.append(str(self.file))
+        return real_save(self, state)
+
+    distill.train_kd, tio.atomic_path, ckpt.Checkpoint.save = train_kd, atomic_path, save
+    try:
+        _stage(Path.cwd(), stage, list(args))
+    finally:
+        (record / f"rank{rank}.writes.json").write_text(json.dumps(writes))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_both(tmp_path, study, stage: str, args: tuple) -> tuple[Path, Path, Path, float]:
+    """The stage under accelerate launch (2 CPU processes) in `study`, and in this process in a copy of it."""
+    single = tmp_path / f"single-{stage}"
+    shutil.copytree(study, single)
+    one, two = tmp_path / f"rec1-{stage}", tmp_path / f"rec2-{stage}"
+    one.mkdir(), two.mkdir()
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs/accelerate/cpu-ddp.yaml"), "--main_process_port", str(_free_port())]
+    p = subprocess.run([*launch, __file__, str(two), stage, *args], cwd=study, env=env, capture_output=True, text=True,
+                       timeout=240)
+    wall = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr[-4000:]
+    old = os.getcwd()
+    os.chdir(single)
+    try:
+        _observe_and_run(one, stage, args)  # the same stage in this process: one rank
+    finally:
+        os.chdir(old)
+    return single, one, two, wall
+
+
+def test_kd_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, sample_records, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    study = _study(tmp_path, saved_models, sample_records)
+    single, one, two, wall = _run_both(tmp_path, study, "kd", ("--cell", CELL))
+
+    # both ranks hold identical weights
+    d0, d1 = (two / "rank0.digest").read_text(), (two / "rank1.digest").read_text()
+    assert d0 == d1
+    # only rank 0 wrote: the stage's outputs and the (periodic) checkpoint; the checkpoint is gone after success
+    w0, w1 = json.loads((two / "rank0.writes.json").read_text()), json.loads((two / "rank1.writes.json").read_text())
+    assert w1 == []
+    assert {f"models/kd/{CELL}", f"logs/kd/{CELL}.json", f"metrics/kd/{CELL}.json"} <= set(w0)
+    assert f"checkpoints/kd/{CELL}/state.pt" in w0 and not (study / "checkpoints/kd" / CELL).exists()
+    assert w0 == json.loads((one / "rank0.writes.json").read_text())
+
+    # the 2-process result equals the 1-process one to float tolerance
+    a = load_file(str(study / "models/kd" / CELL / "model.safetensors"))
+    b = load_file(str(single / "models/kd" / CELL / "model.safetensors"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert a.keys() == b.keys() and worst < 1e-5
+    la, lb = (json.loads((s / "logs/kd" / f"{CELL}.json").read_text()) for s in (study, single))
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for ra, rb in zip(la, lb):
+        assert ra.keys() == rb.keys() and all(abs(ra[k] - rb[k]) < 1e-5 for k in ra)
+    ma, mb = (json.loads((s / "metrics/kd" / f"{CELL}.json").read_text()) for s in (study, single))
+    assert (ma["processes"], mb["processes"]) == (2, 1) and ma["tokens"] == mb["tokens"]
+    assert abs(ma["val_ce_after"] - mb["val_ce_after"]) < 1e-5
+    with capsys.disabled():
+        print(f"\n2-process KD: ranks identical; max |w_2proc - w_1proc| = {worst:.2e}; launch wall {wall:.1f}s")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_sft_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, sample_records, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    study = _study(tmp_path, saved_models, sample_records)
+    single, one, two, wall = _run_both(tmp_path, study, "sft", ("--model", "student"))
+    w0, w1 = json.loads((two / "rank0.writes.json").read_text()), json.loads((two / "rank1.writes.json").read_text())
+    assert w1 == [] and w0 == json.loads((one / "rank0.writes.json").read_text())
+    assert {"models/sft/student", "metrics/sft/student.json", "logs/sft/student/train_loss.json"} <= set(w0)
+    assert not (study / "checkpoints/sft/student").exists()
+    a = load_file(str(study / "models/sft/student/model.safetensors"))
+    b = load_file(str(single / "models/sft/student/model.safetensors"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    ma, mb = (json.loads((s / "metrics/sft/student.json").read_text()) for s in (study, single))
+    with capsys.disabled():
+        print(f"\n2-process SFT: max |w_2proc - w_1proc| = {worst:.2e}; steps {ma['steps']} vs {mb['steps']}; "
+              f"best eval loss {ma['eval_loss_best']:.6f} vs {mb['eval_loss_best']:.6f}; launch wall {wall:.1f}s")
+    assert ma["steps"] == mb["steps"] and ma["best_step"] == mb["best_step"]
+    assert a.keys() == b.keys() and worst < 1e-5
+    for k in ("eval_loss_initial", "eval_loss_best", "train_loss_first", "train_loss_last"):
+        assert abs(ma[k] - mb[k]) < 1e-5, k
+
+
+if __name__ == "__main__":
+    _observe_and_run(Path(sys.argv[1]), sys.argv[2], tuple(sys.argv[3:]))
