@@ -112,7 +112,8 @@ def main() -> None:
                             "missing": sorted(want - ran), "extra": sorted(ran - want), "wall_s": round(wall, 1)})
             print(f"{'ok ' if ran == want else 'BAD'} {change}: {len(ran)} stages ran, {len(want)} expected, "
                   f"{wall:.0f}s" + ("" if ran == want else f"; missing {sorted(want - ran)}, extra {sorted(ran - want)}"))
-            sh(["git", "checkout", "--", "params.yaml", "dvc.lock"], d)  # back to the baseline
+            # back to the baseline: params, dvc.lock and the git-tracked (cache: false) outputs, then the cached ones
+            sh(["git", "reset", "-q", "--hard"], d)
             sh(["dvc", "checkout", "--force"], d)
     import dvc
 

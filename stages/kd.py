@@ -21,7 +21,8 @@ def main() -> None:
 
     from telekd import terms
     from telekd.cache import dir_digest, file_sha256, load_targets
-    from telekd.checkpoint import ROOT, Checkpoint, fingerprint, process
+    from telekd.checkpoint import ROOT, Checkpoint, fingerprint
+    from telekd.shard import state
     from telekd.distill import KDSettings, kd_inputs, live_term, make_projectors, train_kd
     from telekd.examples import load_split, tokenized
     from telekd.models import load_model
@@ -34,7 +35,7 @@ def main() -> None:
         max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed, student_lora=kd.student_lora,
         lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout, lora_targets=tuple(p.sft.lora_targets))
     inp = kd_inputs(p, cell.teacher_dir, need_alignment=cell.alg == "vanilla")
-    device = process().device  # CPU, or this process's GPU under accelerate launch
+    device = state().device  # CPU, or this process's GPU under accelerate launch
     load = dict(dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
     student, s_tok = load_model(cell.student_init_dir, **load)
     teacher = None
@@ -75,7 +76,7 @@ def main() -> None:
     ckpt = Checkpoint(Path(ROOT) / "kd" / cell.name, fingerprint(run), kd.save_steps)
     result = train_kd(student, inp.examples, settings, s_tok.pad_token_id, term, extra_modules=projectors,
                       projector_lr=p.dskd.projector_lr, val_examples=val, desc=cell.name, checkpoint=ckpt)
-    if not process().is_main_process:
+    if not state().is_main_process:
         return
     with atomic_path(cell.student_dir) as out:
         result["model"].save_pretrained(out, safe_serialization=True)

@@ -19,7 +19,8 @@ def main() -> None:
     role = ap.parse_args().model
     p = load_params()
     from telekd.cache import dir_digest, file_sha256
-    from telekd.checkpoint import ROOT, Checkpoint, fingerprint, process
+    from telekd.checkpoint import ROOT, Checkpoint, fingerprint
+    from telekd.shard import state
     from telekd.examples import load_split, tokenized
     from telekd.models import load_model
     from telekd.sft import SFTSettings, run_sft
@@ -38,7 +39,7 @@ def main() -> None:
     run = {"model": role, "settings": asdict(settings), "base": dir_digest(base), "system": p.prompt.system,
            "data": {x: file_sha256(layout.split_file(x)) for x in ("train", "validation")}}
     ckpt = Checkpoint(Path(ROOT) / "sft" / role, fingerprint(run))
-    main = process().is_main_process
+    main = state().is_main_process
     with atomic_path(layout.model_dir(role, "sft")) if main else nullcontext(None) as out:
         result = run_sft(model, tok, train, val, settings, out, checkpoint=ckpt)
     if not main:

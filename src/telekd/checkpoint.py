@@ -49,17 +49,6 @@ class SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def process():
-    """accelerate's view of this process (rank, world size, main or not); one process without a launcher.
-
-    Without a GPU the processes of `accelerate launch` talk over gloo on CPU (as the Trainer's use_cpu does).
-    """
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     """One run's checkpoint folder: `save_steps` optimizer steps between saves (0: only on SIGTERM)."""
@@ -106,7 +95,9 @@ def trainer_resume_point(ckpt: Checkpoint) -> str | None:
     incomplete checkpoint-N folders (killed mid-save: trainer_state.json is written last).
     The main process writes ckpt.dir/fingerprint.txt for the run that starts now.
     """
-    proc = process()
+    from .shard import state
+
+    proc = state()
     d = Path(ckpt.dir)
     stamp = d / FINGERPRINT
     if proc.is_main_process:

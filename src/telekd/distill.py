@@ -99,9 +99,10 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from .checkpoint import Interrupted, SigtermFlag, process
+    from .checkpoint import Interrupted, SigtermFlag
+    from .shard import state
 
-    proc = process()
+    proc = state()
     world, rank, main = proc.num_processes, proc.process_index, proc.is_main_process
     if s.batch_size < world:
         raise ValueError(f"batch_size {s.batch_size} < {world} processes: every rank needs examples; raise batch_size")

@@ -90,9 +90,10 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from .checkpoint import Interrupted, SigtermFlag, process, trainer_resume_point
+    from .checkpoint import Interrupted, SigtermFlag, trainer_resume_point
+    from .shard import state
 
-    world = process().num_processes
+    world = state().num_processes
     if s.batch_size % world:
         raise ValueError(f"batch_size {s.batch_size} is not a multiple of the {world} processes: "
                          "the global batch must split evenly; change batch_size or the process count")

@@ -62,9 +62,9 @@ def _observe_and_run(record: Path, stage: str = "kd", args: tuple = ("--cell", C
     import telekd.checkpoint as ckpt
     import telekd.distill as distill
     import telekd.io as tio
-    from telekd.checkpoint import process
+    from telekd.shard import state
 
-    rank = process().process_index
+    rank = state().process_index
     writes = []
     real_train, real_atomic, real_save = distill.train_kd, tio.atomic_path, ckpt.Checkpoint.save
 
