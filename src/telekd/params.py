@@ -31,6 +31,7 @@ class Data(Strict):
     source: str
     on_invalid: Literal["error", "skip"] = "error"
     impossible: Literal["drop", "keep"] = "drop"
+    no_answer_text: str = Field(default="unanswerable", min_length=1)  # target and reference of kept impossible questions
     max_train: Optional[int] = Field(default=None, ge=1)
     max_test: Optional[int] = Field(default=None, ge=1)
 
@@ -228,10 +229,10 @@ class Params(Strict):
     @model_validator(mode="after")
     def _profile_exists(self):
         if self.profile not in self.profiles:
-            raise ValueError(f"profile {self.profile!r} is not one of {sorted(self.profiles)}")
+            raise ValueError(f"profile: {self.profile!r} is not one of the profiles: {', '.join(sorted(self.profiles))}")
         missing = {"llama", "mistral", "student"} - set(self.profiles[self.profile].models)
         if missing:
-            raise ValueError(f"profiles.{self.profile}.models lacks {sorted(missing)}")
+            raise ValueError(f"profiles.{self.profile}.models: lacks {', '.join(sorted(missing))}")
         return self
 
     @property
@@ -239,8 +240,8 @@ class Params(Strict):
         return self.profiles[self.profile]
 
 
-class ParamsError(ValueError):
-    pass
+class ParamsError(SystemExit, ValueError):
+    """A bad params.yaml. Also a SystemExit: a stage that does not catch it ends with these lines, no traceback."""
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -253,6 +254,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         lines = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
-            allowed = err.get("ctx", {}).get("expected")
-            lines.append(f"{path}: {key}: {err['msg']}" + (f" (allowed: {allowed})" if allowed else ""))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] in ("int_parsing", "float_parsing", "bool_parsing", "string_type", "int_type", "float_type"):
+                msg += f", got {err['input']!r:.60}"
+            lines.append(f"{path}: {key}: {msg}" if key else f"{path}: {msg}")
         raise ParamsError("\n".join(lines)) from None
