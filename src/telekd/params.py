@@ -59,6 +59,7 @@ class BaseModels(Strict):
     pretrain_lr: float = Field(gt=0)
     pretrain_batch: int = Field(ge=1)
     pretrain_seq_len: int = Field(ge=16)
+    threads: int = Field(default=1, ge=1)   # torch CPU threads while building: fixed, so weights do not depend on the machine
 
 
 class SFT(Strict):
