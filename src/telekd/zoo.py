@@ -146,7 +146,8 @@ def point_to_hub(params, out_dir) -> dict:
         if not src.hub:
             raise ValueError(f"profiles.{params.profile}.models.{role}: the paper profile expects hub + revision")
         cfg = AutoConfig.from_pretrained(src.hub, revision=src.revision, trust_remote_code=params.models.trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(src.hub, revision=src.revision)
+        tok = AutoTokenizer.from_pretrained(src.hub, revision=src.revision,
+                                            trust_remote_code=params.models.trust_remote_code)
         with torch.device("meta"):
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
         d = Path(out_dir) / role
