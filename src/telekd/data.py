@@ -39,7 +39,7 @@ class QARecord:
     title: str  # "" if absent
     context: str
     question: str
-    answers: tuple[str, ...]  # stripped, non-empty, de-duplicated in order (may be () only for impossible questions)
+    answers: tuple[str, ...]  # stripped, non-empty, de-duplicated in order (kept impossible: (no_answer_text,))
     answer_starts: tuple[int, ...]  # char offset of each answer in context; -1 if the text is not in it
     is_impossible: bool
 
