@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, SAMPLE, run_study
 
 BUILD = r"""
-import hashlib, json, sys
+import hashlib, json, pathlib, sys
 import yaml
 from telekd.data import load_telequad
 from telekd.params import Params
@@ -26,11 +26,8 @@ p["profiles"]["tiny"]["architectures"]["student"].update(hidden=32, layers=1, he
 recs = load_telequad(sys.argv[2]).records
 ctx = list(dict.fromkeys(r.context for r in recs))
 summary = zoo.build_tiny(Params.model_validate(p), ctx, [r.question for r in recs], sys.argv[3])
-out = {}
-import pathlib
-for f in sorted(pathlib.Path(sys.argv[3]).rglob("*")):
-    if f.is_file():
-        out[str(f.relative_to(sys.argv[3]))] = hashlib.sha256(f.read_bytes()).hexdigest()
+root = pathlib.Path(sys.argv[3])
+out = {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(root.rglob("*")) if f.is_file()}
 print(json.dumps({"files": out, "loss": summary["models"]["llama"]["pretrain_loss_last"]}))
 """
 
