@@ -19,12 +19,9 @@ Writes bench/results/dvc_rebuilds.json and exits non-zero when a set differs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,23 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _reduced_study():
-    """The end-to-end test's reduced params and the files it copies (one definition of the reduced study)."""
-    spec = importlib.util.spec_from_file_location("test_pipeline", ROOT / "tests/test_pipeline.py")
+def _conftest():
+    """The tests' reduced study (tests/conftest.py: run_study): one definition of it."""
     sys.path.insert(0, str(ROOT / "tests"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.reduce, mod.COPY
+    import conftest
 
-
-def sh(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
-           "GIT_COMMITTER_EMAIL": "b@b"}
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p.stdout + p.stderr
+    return conftest
 
 
 def stages_run(output: str) -> set[str]:
@@ -84,22 +70,12 @@ CHANGES = ["kd.alg=dskd", "kd.temperature=1.0", "base_models.pretrain_steps.llam
 
 
 def main() -> None:
-    reduce, copy = _reduced_study()
-    import yaml
-
+    ct = _conftest()
+    sh = ct.run_cmd
     results = []
     with tempfile.TemporaryDirectory(prefix="telekd-rebuilds-") as tmp:
-        d = Path(tmp)
-        for item in copy:
-            src, dst = ROOT / item, d / item
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
-        (d / "params.yaml").write_text(yaml.safe_dump(reduce(yaml.safe_load((d / "params.yaml").read_text())),
-                                                      sort_keys=False))
-        sh(["git", "init", "-q"], d)
-        t0 = time.perf_counter()
-        sh(["dvc", "repro"], d)
-        baseline_s = time.perf_counter() - t0
+        d = Path(tmp) / "repo"
+        baseline_s = ct.run_study(d)["seconds"]
         sh(["git", "add", "-A"], d)
         sh(["git", "commit", "-qm", "baseline"], d)
         for change in CHANGES:

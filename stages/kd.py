@@ -20,7 +20,7 @@ def main() -> None:
     from dataclasses import asdict, fields, replace
 
     from telekd import terms
-    from telekd.cache import dir_digest, file_sha256, load_targets
+    from telekd.cache import compute_targets, dir_digest, file_sha256, load_or_recompute
     from telekd.checkpoint import ROOT, Checkpoint, fingerprint
     from telekd.shard import state
     from telekd.distill import KDSettings, kd_inputs, live_term, make_projectors, train_kd
@@ -60,7 +60,10 @@ def main() -> None:
             make = lambda tg, pairs: terms.cma_term(tg, pairs, projectors, *embeds, *heads, settings)  # noqa: E731
 
     if kd.use_cache:
-        targets = load_targets(f"{layout.CACHE}/{cell.teacher}-{cell.teacher_sft}", inp.key)
+        targets, recomputed = load_or_recompute(  # a corrupted entry: recomputed in memory, counted in the metrics
+            f"{layout.CACHE}/{cell.teacher}-{cell.teacher_sft}", inp.key, lambda: compute_targets(
+                teacher or load_model(cell.teacher_dir, **load)[0], inp.pairs, inp.s_map, inp.t_map,
+                p.teacher_cache.top_k, t.batch_size, inp.teacher_tok.pad_token_id, hidden=p.teacher_cache.hidden))
         targets = replace(targets, **{f.name: getattr(targets, f.name).to(device) for f in fields(targets)
                                       if hasattr(getattr(targets, f.name), "to")})
         if cell.alg == "dskd" and targets.hidden is None:
@@ -83,7 +86,7 @@ def main() -> None:
         s_tok.save_pretrained(out)
     write_json(f"{layout.LOGS}/kd/{cell.name}.json", result["log"])  # a JSON array: dvc plots reads it
     m = {"algorithm": variant, **result["metrics"], "vocab_match": inp.vocab_match, "use_cache": kd.use_cache,
-         "teacher_forward_examples": getattr(term, "examples", 0)}
+         "teacher_forward_examples": getattr(term, "examples", 0), "cache_recomputed": recomputed if kd.use_cache else 0}
     if kd.use_cache and cell.alg == "vanilla":  # alignment statistics of token-level KD
         m.update({k: v for k, v in targets.summary().items() if k in ("aligned_fraction", "mapped_mass", "top_k")})
     write_json(f"{layout.METRICS}/kd/{cell.name}.json", m)

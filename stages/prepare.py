@@ -1,14 +1,15 @@
-"""Stage prepare: load TeleQuAD-schema data, validate it, split it by document group."""
+"""Stage prepare: load TeleQuAD-schema data (or a CSV/JSONL question table), validate it, split it by document group."""
 
 from telekd import layout
-from telekd.data import load_telequad, split_by_group
+from telekd.data import load_records, split_by_group
 from telekd.io import write_json, write_jsonl
 from telekd.params import load_params
 
 
 def main() -> None:
     p = load_params()
-    loaded = load_telequad(p.data.source, on_invalid=p.data.on_invalid, impossible=p.data.impossible)
+    d = p.data
+    loaded = load_records(d.source, on_invalid=d.on_invalid, impossible=d.impossible, no_answer_text=d.no_answer_text)
     splits = split_by_group(loaded.records, dict(p.split.fractions), seed=p.split.seed, group_by=p.split.group_by)
     caps = {"train": p.data.max_train, "test": p.data.max_test}
     for name, recs in splits.items():

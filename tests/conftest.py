@@ -70,3 +70,117 @@ def saved_models(tmp_path_factory, tokenizers):
         tokenizers[family].save_pretrained(root / role)
         out[role] = root / role
     return out
+
+
+# ---- the reduced study: `dvc repro` end to end in a temporary copy (tests/test_pipeline.py, tests/reliability) ----
+
+STUDY_FILES = ["dvc.yaml", "params.yaml", "stages", "src", "data/sample", ".dvc/config", ".dvcignore"]
+NETGUARD = ROOT / "tests" / "reliability" / "netguard"
+# Variables that would keep a run offline by themselves: removed, so that the project's own defaults must.
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                "RAGAS_DO_NOT_TRACK", "DVC_NO_ANALYTICS", "TOKENIZERS_PARALLELISM")
+
+
+def study_env(netlog: Path | None = None) -> dict:
+    """The environment of a study run: this Python first; with `netlog`, no network (attempts logged there)."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARS}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    if netlog is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(NETGUARD), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env["TELEKD_NETGUARD_LOG"] = str(netlog)
+    return env
+
+
+def run_cmd(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    import subprocess
+
+    p = subprocess.run(cmd, cwd=cwd, env=env or study_env(), capture_output=True, text=True)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return p.stdout + p.stderr
+
+
+def reduce_study(params: dict) -> dict:
+    """4 cells (both teachers, base teachers, SFT student, vanilla vs dskd) with models of a few thousand weights."""
+    params["grid"].update(teachers=["llama", "mistral"], teacher_sft=["base"], student_sft=["sft"])
+    params["sft"]["models"] = ["student"]
+    params["sft"]["eval_steps"] = 4
+    params["base_models"].update(vocab_size=400, pretrain_steps={"llama": 4, "mistral": 4, "student": 4},
+                                 pretrain_batch=2, pretrain_seq_len=64)
+    tiny = params["profiles"]["tiny"]
+    tiny["architectures"] = {r: {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1 if r == "mistral" else 2,
+                                 "mlp": 64} for r in ("llama", "mistral", "student")}
+    tiny["train"].update(max_length=300, max_prompt_length=256, epochs=0.25, batch_size=8)
+    tiny["generate"].update(max_new_tokens=4)
+    params["data"].update(max_train=48, max_test=12)
+    params["stats"]["bootstrap_resamples"] = 200
+    params["eval_llm"].update(max_samples=1, max_chars=16, max_items=1, max_new_tokens=256)
+    return params
+
+
+def run_study(root: Path) -> dict:
+    """Copy the repository into `root`, reduce params.yaml, `dvc repro` with the network cut off.
+
+    Returns {"dir", "netlog", "seconds", "snapshot"}: the snapshot (see `study_snapshot`) is taken right after
+    the run, before any test changes the copy.
+    """
+    import shutil
+    import time
+
+    import yaml
+
+    for item in STUDY_FILES:
+        src, dst = ROOT / item, root / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+    params = reduce_study(yaml.safe_load((root / "params.yaml").read_text()))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_cmd(["git", "init", "-q"], root)
+    run_cmd(["git", "add", "-A"], root)
+    run_cmd(["git", "commit", "-qm", "study"], root)
+    netlog = root.parent / f"{root.name}-network.log"
+    t0 = time.perf_counter()
+    out = run_cmd(["dvc", "repro"], root, env=study_env(netlog))
+    seconds = time.perf_counter() - t0
+    return {"dir": root, "netlog": netlog, "seconds": seconds, "output": out, "snapshot": study_snapshot(root)}
+
+
+VOLATILE = ("_s", "_per_s")  # wall times and throughputs: measured, not computed
+
+
+def _stable(obj):
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if not k.endswith(VOLATILE)}
+    if isinstance(obj, list):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+def study_snapshot(root: Path) -> dict:
+    """{relative path: content} of every result a run computes: per-sample scores, predictions, metrics (without
+    wall times and throughputs), logs, the stats table, and the sha256 of every file of every model and cache."""
+    import hashlib
+    import json
+
+    snap = {}
+    for d in ("scores", "predictions", "metrics", "logs", "data/prepared", "report/stats_table.json"):
+        for f in sorted((root / d).rglob("*")) if (root / d).is_dir() else [root / d]:
+            rel = str(f.relative_to(root))
+            if f.suffix == ".json":
+                snap[rel] = _stable(json.loads(f.read_text()))
+            elif f.suffix == ".jsonl":
+                snap[rel] = [_stable(json.loads(line)) for line in f.read_text().splitlines() if line.strip()]
+    for d in ("models", "cache/teacher"):
+        for f in sorted((root / d).rglob("*")):
+            if f.is_file():
+                snap[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return snap
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory) -> dict:
+    """The reduced study, run once per session and shared (tests/test_pipeline.py, tests/reliability)."""
+    return run_study(tmp_path_factory.mktemp("study") / "repo")

@@ -86,7 +86,9 @@ def test_is_impossible_strings_and_missing(tmp_path):
     ])])]
     keep = load_telequad(write(tmp_path, docs), impossible="keep")
     assert [(r.id, r.is_impossible) for r in keep.records] == [("a", False), ("b", True), ("c", True), ("d", False), ("e", True)]
-    assert keep.records[-1].answers == () and keep.skipped == []
+    # kept impossible questions have one answer, the no-answer reply (data.no_answer_text), at no span
+    assert [(r.answers, r.answer_starts) for r in keep.records if r.is_impossible] == [(("unanswerable",), (-1,))] * 3
+    assert keep.records[0].answers == ("The AMF",) and keep.skipped == []
     drop = load_telequad(write(tmp_path, docs), impossible="drop")
     assert [r.id for r in drop.records] == ["a", "d"]
     assert drop.skipped == [{"id": i, "field": "is_impossible", "reason": "is_impossible (data.impossible: drop)"} for i in "bce"]

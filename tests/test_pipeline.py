@@ -3,63 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import run_cmd
 from telekd.metrics import NGRAM_METRICS
 
 pytestmark = pytest.mark.slow
 
-COPY = ["dvc.yaml", "params.yaml", "stages", "src", "data/sample", ".dvc/config", ".dvcignore"]
+
+@pytest.fixture(scope="module")
+def repo(study) -> Path:
+    """The session's reduced study run (tests/conftest.py: run_study), shared with tests/reliability."""
+    return study["dir"]
 
 
 def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
-    return p.stdout + p.stderr
-
-
-def reduce(params: dict) -> dict:
-    """4 cells (both teachers, base teachers, SFT student, vanilla vs dskd) with models of a few thousand weights."""
-    params["grid"].update(teachers=["llama", "mistral"], teacher_sft=["base"], student_sft=["sft"])
-    params["sft"]["models"] = ["student"]
-    params["sft"]["eval_steps"] = 4
-    params["base_models"].update(vocab_size=400, pretrain_steps={"llama": 4, "mistral": 4, "student": 4},
-                                 pretrain_batch=2, pretrain_seq_len=64)
-    tiny = params["profiles"]["tiny"]
-    tiny["architectures"] = {r: {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1 if r == "mistral" else 2,
-                                 "mlp": 64} for r in ("llama", "mistral", "student")}
-    tiny["train"].update(max_length=300, max_prompt_length=256, epochs=0.25, batch_size=8)
-    tiny["generate"].update(max_new_tokens=4)
-    params["data"].update(max_train=48, max_test=12)
-    params["stats"]["bootstrap_resamples"] = 200
-    params["eval_llm"].update(max_samples=1, max_chars=16, max_items=1, max_new_tokens=256)
-    return params
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("study")
-    for item in COPY:
-        src, dst = ROOT / item, d / item
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
-    (d / "params.yaml").write_text(yaml.safe_dump(reduce(yaml.safe_load((d / "params.yaml").read_text())), sort_keys=False))
-    run(["git", "init", "-q"], d)
-    run(["git", "add", "-A"], d)
-    run(["git", "commit", "-qm", "study"], d)
-    run(["dvc", "repro"], d)
-    return d
+    return run_cmd(cmd, cwd)
 
 
 CELLS = ["llama-base-sft-vanilla-s0", "llama-base-sft-dskd-s0", "mistral-base-sft-vanilla-s0", "mistral-base-sft-dskd-s0"]

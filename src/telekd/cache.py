@@ -6,7 +6,9 @@ plus, implicitly, the residual mass 1 - sum(exp(top-k)) (vanilla KD); and, for e
 position, the top-k over the teacher's own vocabulary and the last layer's hidden state (DSKD, ULD).
 Its address is the sha256 of everything that determines it: teacher weights, both tokenizers, chat
 templates, data, lengths, dtype, top-k.
-The file's own sha256 is checked on every read; a corrupted entry is refused, never used.
+The file's own sha256 is checked on every read; a corrupted entry is never used: `load_targets`
+refuses it, `load_or_recompute` (the kd stage) recomputes it with the teacher in memory and leaves the
+cache, a DVC output of the teacher_cache stage, as it is (`dvc repro` or `dvc checkout` restores it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -136,16 +138,35 @@ class CacheError(RuntimeError):
     pass
 
 
+class CorruptEntry(CacheError):
+    """An entry exists for the key but its content does not match its manifest."""
+
+
 def load_targets(root: str | Path, key: dict) -> TeacherTargets:
-    """The entry for `key`, verified; CacheError when it is missing or its content hash does not match."""
+    """The entry for `key`, verified; CacheError when it is missing, CorruptEntry when its content is damaged."""
     from safetensors.torch import load_file
 
     entry = Path(root) / key_digest(key)
     if not (entry / MANIFEST).exists():
         raise CacheError(f"no teacher cache entry for this key under {root}: rerun its teacher_cache stage (dvc repro)")
-    manifest = json.loads((entry / MANIFEST).read_text())
-    if file_sha256(entry / TARGETS) != manifest["sha256"]:
-        raise CacheError(f"{entry / TARGETS}: content hash mismatch (corrupted): delete it and rerun dvc repro")
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+        ok = file_sha256(entry / TARGETS) == manifest["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptEntry(f"{entry}: unreadable entry ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise CorruptEntry(f"{entry / TARGETS}: content hash mismatch (corrupted): dvc checkout or dvc repro restores it")
     t = load_file(str(entry / TARGETS))
     return TeacherTargets(t["offsets"], t["student_pos"], t["logprobs"], t["ids"], t["mapped_mass"],
                           manifest["answer_tokens"], t["t_offsets"], t["t_logprobs"], t["t_ids"], t.get("hidden"))
+
+
+def load_or_recompute(root: str | Path, key: dict, recompute: Callable[[], TeacherTargets],
+                      stage: str = "kd") -> tuple[TeacherTargets, int]:
+    """(targets, 1 if recomputed else 0): a corrupted entry is recomputed in memory by `recompute()`, never used
+    and never rewritten (the cache belongs to the teacher_cache stage); a missing entry is still a CacheError."""
+    try:
+        return load_targets(root, key), 0
+    except CorruptEntry as e:
+        print(f"{stage}: {e}; recomputing the teacher targets in memory (the cache is left as is)", flush=True)
+        return recompute(), 1

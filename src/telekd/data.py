@@ -1,7 +1,16 @@
-"""TeleQuAD loading, validation and group-aware splitting (no torch here: stage start-up stays fast)."""
+"""TeleQuAD loading, validation and group-aware splitting (no torch here: stage start-up stays fast).
+
+Besides TeleQuAD JSON, `load_records` reads a table of questions (`.csv`, or `.jsonl` with one object per
+line) with `question` and `answer` (or, in JSONL, `answers`: a list) columns and optional `id`, `context`,
+`source`, `doc_id`, `title`, `is_impossible`. A record without a context is valid: its prompt has none.
+Questions flagged impossible are dropped, or kept with `no_answer_text` as their one answer (the
+training target and the evaluation reference).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import random
 import re
@@ -14,6 +23,9 @@ GROUP_BY = ("source", "doc_id")
 FIX_RECORDS = "fix the records, or set data.on_invalid: skip to drop them (they are listed in the skipped file)"
 FIX_FILE = "fix or replace the file (data.on_invalid: skip cannot drop a whole file)"
 EXPECTED = 'expected TeleQuAD JSON: {"version": ..., "data": [{"docid", "title", "source", "paragraphs": [...]}]}'
+EXPECTED_TABLE = "expected a table with question and answer columns (optional: id, context, source, doc_id, title, is_impossible)"
+TABLE_SUFFIXES = (".csv", ".jsonl")
+NO_ANSWER_TEXT = "unanswerable"
 
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape turns non-UTF-8 bytes into
 _INT = re.compile(r"\s*-?\d+\s*")
@@ -27,7 +39,7 @@ class QARecord:
     title: str  # "" if absent
     context: str
     question: str
-    answers: tuple[str, ...]  # stripped, non-empty, de-duplicated in order (may be () only for impossible questions)
+    answers: tuple[str, ...]  # stripped, non-empty, de-duplicated in order (kept impossible: (no_answer_text,))
     answer_starts: tuple[int, ...]  # char offset of each answer in context; -1 if the text is not in it
     is_impossible: bool
 
@@ -71,18 +83,22 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not allowed; use one of {', '.join(allowed)}")
 
 
-def _file_error(path: Path, reason: str) -> DataValidationError:
-    return DataValidationError([Problem("<file>", "file", f"{path}: {reason}; {EXPECTED}")])
+def _file_error(path: Path, reason: str, expected: str = EXPECTED) -> DataValidationError:
+    return DataValidationError([Problem("<file>", "file", f"{path}: {reason}; {expected}")])
+
+
+def _read_text(path: Path, expected: str) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found or not a regular file: {path} (fix data.source)")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise _file_error(path, "file is empty", expected)
+    return raw.decode("utf-8-sig", errors="surrogateescape")  # bad bytes inside strings are caught per record
 
 
 def _read_data(path: Path) -> list:
     """The top-level "data" list; file-level problems raise DataValidationError."""
-    if not path.is_file():
-        raise FileNotFoundError(f"TeleQuAD file not found or not a regular file: {path} (fix data.source)")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise _file_error(path, "file is empty")
-    text = raw.decode("utf-8-sig", errors="surrogateescape")  # bad bytes inside strings are caught per record
+    text = _read_text(path, EXPECTED)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -235,14 +251,106 @@ def _qa_items(data: list):
                 yield (*_parse_qa(qa, loc, para.get("context"), fields, doc_probs), loc)
 
 
-def load_telequad(path, on_invalid: str = "error", impossible: str = "drop") -> LoadResult:
+def load_telequad(path, on_invalid: str = "error", impossible: str = "drop",
+                  no_answer_text: str = NO_ANSWER_TEXT) -> LoadResult:
     """Load and validate a TeleQuAD v4 file; on_invalid: error|skip, impossible: drop|keep."""
     _check_choice("on_invalid", on_invalid, ON_INVALID)
     _check_choice("impossible", impossible, IMPOSSIBLE)
+    return _collect(_qa_items(_read_data(Path(path))), on_invalid, impossible, no_answer_text)
+
+
+def _table_rows(path: Path):
+    """Yield (location, row dict or None, problem or None) for every row of a .csv or .jsonl file."""
+    text = _read_text(path, EXPECTED_TABLE)
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = {"question"} - set(reader.fieldnames or ()) or {"answer"} - set(reader.fieldnames or ())
+        if missing:
+            raise _file_error(path, f"no {' or '.join(sorted(missing))} column in {reader.fieldnames}", EXPECTED_TABLE)
+        for n, row in enumerate(reader, start=1):
+            if None in row:
+                yield f"row {n}", None, ("row", f"{len(row[None])} more cells than columns")
+            else:
+                yield f"row {n}", row, None
+        return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"line {n}", None, ("line", f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(row, dict):
+            yield f"line {n}", None, ("line", f"expected an object, got {type(row).__name__}")
+        else:
+            yield f"line {n}", row, None
+
+
+def _table_items(path: Path):
+    """Yield (record id, fields or None, [(field, reason)], location) for every row of a question table."""
+    for loc, row, problem in _table_rows(path):
+        if row is None:
+            yield loc, None, [problem], loc
+            continue
+        probs = []
+        qid = row.get("id")
+        if isinstance(qid, int) and not isinstance(qid, bool):
+            qid = str(qid)
+        if qid is None or qid == "":
+            qid = loc.replace(" ", "")  # no id column: the row's place ("row3", "line3")
+        elif not isinstance(qid, str) or not qid.strip():
+            probs.append(("id", "not a non-empty string/integer"))
+        rid = qid if isinstance(qid, str) and qid.strip() else loc
+        text = {}
+        for key in ("question", "context", "source", "doc_id", "title"):
+            value = row.get(key) or ""
+            if not isinstance(value, str):
+                probs.append((key, f"not a string: {type(value).__name__}"))
+            elif _bad_bytes(value):
+                probs.append((key, "non-UTF-8 bytes"))
+            text[key] = value if isinstance(value, str) else ""
+        if not text["question"].strip():
+            probs.append(("question", "missing or empty"))
+        impossible = _parse_impossible(row.get("is_impossible") or False)
+        if impossible is None:
+            probs.append(("is_impossible", f"not a bool or 'True'/'False': {row.get('is_impossible')!r:.40}"))
+        raw = row["answers"] if "answers" in row else row.get("answer")
+        raw = [raw] if isinstance(raw, str) else raw
+        if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+            probs.append(("answer", "missing, or not a string or a list of strings"))
+            raw = []
+        answers = list(dict.fromkeys(a.strip() for a in raw if a.strip()))
+        if any(_bad_bytes(a) for a in answers):
+            probs.append(("answer", "non-UTF-8 bytes"))
+        if not answers and impossible is False and not any(f == "answer" for f, _ in probs):
+            probs.append(("answer", "no non-empty answer"))
+        if probs:
+            yield rid, None, probs, loc
+            continue
+        fields = {"id": qid, "doc_id": text["doc_id"] or qid, "source": text["source"], "title": text["title"],
+                  "context": text["context"], "question": text["question"].strip(), "is_impossible": impossible,
+                  "answers": answers, "spans": [(i, a, None) for i, a in enumerate(answers)]}
+        yield rid, fields, [], loc
+
+
+def load_records(path, on_invalid: str = "error", impossible: str = "drop",
+                 no_answer_text: str = NO_ANSWER_TEXT) -> LoadResult:
+    """Load and validate TeleQuAD JSON, or a .csv / .jsonl question table (see the module docstring)."""
     path = Path(path)
-    data = _read_data(path)
+    if path.suffix not in TABLE_SUFFIXES:
+        return load_telequad(path, on_invalid, impossible, no_answer_text)
+    _check_choice("on_invalid", on_invalid, ON_INVALID)
+    _check_choice("impossible", impossible, IMPOSSIBLE)
+    return _collect(_table_items(path), on_invalid, impossible, no_answer_text)
+
+
+def _collect(items, on_invalid: str, impossible: str, no_answer_text: str) -> LoadResult:
+    """Records, skipped and warnings from (record id, fields, problems, location) items; raise on problems if error."""
+    if not no_answer_text.strip():
+        raise ValueError("no_answer_text is empty: set data.no_answer_text to the reply for impossible questions")
     records, skipped, warnings, problems, first_seen = [], [], [], [], {}
-    for rid, fields, probs, loc in _qa_items(data):
+    for rid, fields, probs, loc in items:
         if rid != loc:  # a usable id: later occurrences are duplicates
             if rid in first_seen:
                 probs = probs + [("id", f"duplicate id; first seen at {first_seen[rid]}")]
@@ -253,11 +361,19 @@ def load_telequad(path, on_invalid: str = "error", impossible: str = "drop") -> 
             reason = probs[0][1] if len(probs) == 1 else "; ".join(f"{f}: {r}" for f, r in probs)
             skipped.append({"id": rid, "field": probs[0][0], "reason": reason})
             continue
-        if fields["is_impossible"] and impossible == "drop":
-            skipped.append({"id": rid, "field": "is_impossible", "reason": "is_impossible (data.impossible: drop)"})
+        spans = fields.pop("spans")
+        if fields["is_impossible"]:
+            if impossible == "drop":
+                skipped.append({"id": rid, "field": "is_impossible", "reason": "is_impossible (data.impossible: drop)"})
+                continue
+            # kept: the abstention reply is the one answer (training target and evaluation reference)
+            records.append(QARecord(**dict(fields, answers=(no_answer_text.strip(),), answer_starts=(-1,))))
             continue
         starts = []
-        for i, raw, start in fields.pop("spans"):
+        for i, raw, start in spans:
+            if start is None:  # a table gives no span: the first occurrence in the context, if any
+                starts.append(fields["context"].find(raw))
+                continue
             start, warning = _locate(fields["context"], raw, start)
             starts.append(start)
             if warning:

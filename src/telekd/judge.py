@@ -23,7 +23,8 @@ Design
   n-gram and embedding metrics do); if any reference's score fails, the metric is None. (Answer
   correctness keeps ragas's formula as is: it dips below 0 only if the MiniLM cosine is negative.)
   An empty prediction states nothing correct: answer and factual correctness are 0.0 without a judge
-  call, and faithfulness is undefined (None, reason recorded, counted as ``undefined``, not as a failure).
+  call, and faithfulness is undefined (None, reason recorded, counted as ``undefined``, not as a failure);
+  so is faithfulness of a record without a context (a question table without one).
 * Judge calls are cached on disk, keyed by sha256(judge identity + prompt + bounded schema), in
   ``cache/judge/`` (one JSON file per call, written to a temporary name and renamed, so processes that
   share the cache never read a partial entry); only outputs that parsed into the response model are
@@ -58,6 +59,8 @@ from urllib.parse import urlparse
 LLM_METRICS = ("answer_correctness", "factual_correctness", "faithfulness")
 NOT_JUDGED = "not judged: beyond eval_llm.max_samples"
 EMPTY_PREDICTION = "empty prediction: no statements, faithfulness undefined"
+NO_CONTEXT = "record has no context: faithfulness undefined"
+UNDEFINED = (EMPTY_PREDICTION, NO_CONTEXT)  # reasons that are not judge failures
 CACHE_DIR = "cache/judge"
 XGRAMMAR_FIX = "pip install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 (see requirements.txt / Makefile)"
 MAX_BACKOFF_S = 30.0
@@ -646,7 +649,7 @@ class Judge:
             values["faithfulness"], reasons["faithfulness"] = self._retry(
                 lambda: ff.ascore(user_input=q or " ", response=pred, retrieved_contexts=[ctx]))
         else:
-            values["faithfulness"], reasons["faithfulness"] = None, "record has no context"
+            values["faithfulness"], reasons["faithfulness"] = None, NO_CONTEXT
         return values, {m: self.scrub(r) for m, r in reasons.items() if r}
 
     def score_rows(self, rows: list[dict], progress: bool = True) -> tuple[list[dict], JudgeReport]:
@@ -668,15 +671,15 @@ class Judge:
                 calls, hits, t0 = stats.calls, stats.cache_hits, time.perf_counter()
                 values, reasons = self.score_row(rows[i])
                 out.append((values, reasons, stats.calls - calls, stats.cache_hits - hits, time.perf_counter() - t0))
-                failures += any(reasons[m] != EMPTY_PREDICTION for m in reasons)
+                failures += any(reasons[m] not in UNDEFINED for m in reasons)
                 bar.update(1)
                 bar.set_postfix(failures=failures, calls=stats.calls, cached=stats.cache_hits)
             bar.close()
             return out
 
         for i, (values, reasons, calls, hits, seconds) in zip(todo, shard.map_sharded(run, todo)):
-            failed = [m for m in LLM_METRICS if m in reasons and reasons[m] != EMPTY_PREDICTION]
-            if EMPTY_PREDICTION in reasons.values():
+            failed = [m for m in LLM_METRICS if m in reasons and reasons[m] not in UNDEFINED]
+            if any(r in UNDEFINED for r in reasons.values()):
                 report.undefined += 1
             for m in failed:
                 report.failed_metrics[m] += 1

@@ -39,6 +39,7 @@ class Data(Strict):
     source: str
     on_invalid: Literal["error", "skip"] = "error"
     impossible: Literal["drop", "keep"] = "drop"
+    no_answer_text: str = Field(default="unanswerable", min_length=1)  # target and reference of kept impossible questions
     max_train: Optional[int] = Field(default=None, ge=1)
     max_test: Optional[int] = Field(default=None, ge=1)
 
@@ -66,6 +67,7 @@ class BaseModels(Strict):
     pretrain_lr: float = Field(gt=0)
     pretrain_batch: int = Field(ge=1)
     pretrain_seq_len: int = Field(ge=16)
+    threads: int = Field(default=1, ge=1)   # torch CPU threads while building: fixed, so weights do not depend on the machine
 
 
 class SFT(Strict):
@@ -237,10 +239,10 @@ class Params(Strict):
     @model_validator(mode="after")
     def _profile_exists(self):
         if self.profile not in self.profiles:
-            raise ValueError(f"profile {self.profile!r} is not one of {sorted(self.profiles)}")
+            raise ValueError(f"profile: {self.profile!r} is not one of the profiles: {', '.join(sorted(self.profiles))}")
         missing = {"llama", "mistral", "student"} - set(self.profiles[self.profile].models)
         if missing:
-            raise ValueError(f"profiles.{self.profile}.models lacks {sorted(missing)}")
+            raise ValueError(f"profiles.{self.profile}.models: lacks {', '.join(sorted(missing))}")
         return self
 
     @property
@@ -248,8 +250,8 @@ class Params(Strict):
         return self.profiles[self.profile]
 
 
-class ParamsError(ValueError):
-    pass
+class ParamsError(SystemExit, ValueError):
+    """A bad params.yaml. Also a SystemExit: a stage that does not catch it ends with these lines, no traceback."""
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -262,6 +264,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         lines = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
-            allowed = err.get("ctx", {}).get("expected")
-            lines.append(f"{path}: {key}: {err['msg']}" + (f" (allowed: {allowed})" if allowed else ""))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] in ("int_parsing", "float_parsing", "bool_parsing", "string_type", "int_type", "float_type"):
+                msg += f", got {err['input']!r:.60}"
+            lines.append(f"{path}: {key}: {msg}" if key else f"{path}: {msg}")
         raise ParamsError("\n".join(lines)) from None

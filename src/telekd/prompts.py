@@ -3,7 +3,8 @@
 The prompt is masked out of the loss (labels -100). A context longer than the prompt budget is
 cut to a window of whole tokens that keeps the first locatable reference answer's span, centred
 in the window; when no answer can be located the window is the context's head and the example
-says so (`answer_in_context=False`). The answer is never dropped silently.
+says so (`answer_in_context=False`). The answer is never dropped silently. A record with an empty
+context (a question table without one) gets a prompt without a context.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def set_chat_template(tokenizer, name: str) -> None:
 
 
 def user_message(context: str, question: str) -> str:
-    return f"Context: {context}\n\nQuestion: {question}"
+    """The user turn; a record without a context (a question table) asks the question alone."""
+    return f"Context: {context}\n\nQuestion: {question}" if context else f"Question: {question}"
 
 
 def prompt_text(tokenizer, system: str, context: str, question: str) -> str:

@@ -5,6 +5,8 @@ differ while most token strings are shared, as with Llama-2's and Mistral's 32k 
 Llama-architecture teacher and the smaller Llama-architecture student share the first; the
 Mistral-architecture teacher (grouped-query attention) uses the second. Each model is briefly
 pre-trained as a causal LM on the training contexts so that "base" models are not random.
+Deterministic: the same params give bitwise the same tokenizers and weights on a CPU of the same kind,
+whatever its core count or load (the torch thread count is fixed by base_models.threads).
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ def build_tiny(params, contexts: list[str], questions: list[str], out_dir) -> di
     from .prompts import set_chat_template
 
     bm, prof = params.base_models, params.active
+    # A float reduction split over n threads sums in an n-dependent order: the weights would depend on the
+    # machine's core count or OMP_NUM_THREADS. A fixed count makes them a function of the params alone.
+    torch.set_num_threads(bm.threads)
     # Different corpora -> different merges, mostly shared strings (as Llama-2 vs Mistral).
     toks = {
         "llama": train_tokenizer(contexts, bm.vocab_size),
@@ -141,7 +146,8 @@ def point_to_hub(params, out_dir) -> dict:
         if not src.hub:
             raise ValueError(f"profiles.{params.profile}.models.{role}: the paper profile expects hub + revision")
         cfg = AutoConfig.from_pretrained(src.hub, revision=src.revision, trust_remote_code=params.models.trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(src.hub, revision=src.revision)
+        tok = AutoTokenizer.from_pretrained(src.hub, revision=src.revision,
+                                            trust_remote_code=params.models.trust_remote_code)
         with torch.device("meta"):
             n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
         d = Path(out_dir) / role

@@ -1,0 +1,85 @@
+"""A corrupted teacher-cache entry is recomputed by the kd stage, never used, never rewritten."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import runpy
+import shutil
+
+import yaml
+
+from conftest import ROOT, reduce_study
+from telekd.cache import TARGETS, compute_targets, key_digest, load_or_recompute, save_targets
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_load_or_recompute_gives_the_original_targets(tokenizers, sample_records, tmp_path):
+    import torch
+
+    from conftest import tiny_model
+    from telekd.align import vocab_map
+    from telekd.distill import build_pairs
+    from telekd.prompts import build_example
+
+    tok = tokenizers["llama"]
+    exs = [build_example(tok, r, "Answer.", 600, 500) for r in sample_records[:3]]
+    pairs = build_pairs(exs, sample_records[:3], tok, tok, "Answer.", 600, 500)
+    s_map, t_map = vocab_map(tok, tok)
+    teacher = tiny_model("llama", len(tok))
+    compute = lambda: compute_targets(teacher, pairs, s_map, t_map, 8, 2, tok.pad_token_id)  # noqa: E731
+    original = compute()
+    save_targets(original, {"k": 1}, tmp_path)
+    got, recomputed = load_or_recompute(tmp_path, {"k": 1}, compute)
+    assert recomputed == 0 and torch.equal(got.logprobs, original.logprobs)
+    f = tmp_path / key_digest({"k": 1}) / TARGETS
+    flip_a_byte(f)
+    corrupted = f.read_bytes()
+    got, recomputed = load_or_recompute(tmp_path, {"k": 1}, compute)
+    assert recomputed == 1
+    for name in ("offsets", "student_pos", "logprobs", "ids", "t_logprobs", "t_ids", "hidden"):
+        assert torch.equal(getattr(got, name), getattr(original, name)), name
+    assert f.read_bytes() == corrupted  # left as is
+
+
+def tree(d):
+    return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+def test_kd_stage_recomputes_a_corrupted_entry(tmp_path, saved_models, monkeypatch, capsys):
+    params = reduce_study(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params["data"].update(max_train=8, source=str(ROOT / params["data"]["source"]))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for role in ("llama", "student"):
+        shutil.copytree(saved_models[role], tmp_path / "models/base" / role)
+    monkeypatch.chdir(tmp_path)
+
+    def stage(name, *args):
+        monkeypatch.setattr("sys.argv", [name, *args])
+        runpy.run_path(str(ROOT / "stages" / f"{name}.py"), run_name="__main__")
+        return capsys.readouterr().out
+
+    stage("prepare")
+    stage("teacher_cache", "--teacher", "llama", "--teacher-sft", "base")
+    cell = "llama-base-base-vanilla"
+    stage("kd", "--cell", cell)
+    clean = json.loads((tmp_path / f"metrics/kd/{cell}.json").read_text())
+    clean_model = (tmp_path / f"models/kd/{cell}/model.safetensors").read_bytes()
+    [entry] = (tmp_path / "cache/teacher/llama-base").iterdir()
+    flip_a_byte(entry / TARGETS)
+    cache_before = tree(tmp_path / "cache")
+
+    out = stage("kd", "--cell", cell)
+    [line] = [x for x in out.splitlines() if "recomputing" in x]
+    assert line == (f"kd: cache/teacher/llama-base/{entry.name}/{TARGETS}: content hash mismatch (corrupted): dvc checkout "
+                    "or dvc repro restores it; recomputing the teacher targets in memory (the cache is left as is)")
+    m = json.loads((tmp_path / f"metrics/kd/{cell}.json").read_text())
+    assert (clean["cache_recomputed"], m["cache_recomputed"]) == (0, 1)
+    assert m["val_ce_after"] == clean["val_ce_after"] and m["train_loss_last"] == clean["train_loss_last"]
+    assert (tmp_path / f"models/kd/{cell}/model.safetensors").read_bytes() == clean_model  # as with the clean cache
+    assert tree(tmp_path / "cache") == cache_before  # nothing written into the teacher_cache stage's output
