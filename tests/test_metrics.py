@@ -102,12 +102,25 @@ def minilm():
     return path
 
 
-def test_resolve_embedding_model(minilm, tmp_path):
+def test_resolve_embedding_model(minilm, tmp_path, monkeypatch):
     assert M.resolve_embedding_model("minilm") == minilm
     assert M.resolve_embedding_model(str(tmp_path)) == str(tmp_path)
-    with pytest.raises(ValueError, match="use 'minilm' or a local sentence-transformers folder") as e:
-        M.resolve_embedding_model("sentence-transformers/all-mpnet-base-v2")
+    monkeypatch.delenv("TELEKD_ALLOW_DOWNLOADS", raising=False)
+    with pytest.raises(ValueError, match="neither 'minilm' nor a local folder.*TELEKD_ALLOW_DOWNLOADS=1") as e:
+        M.resolve_embedding_model("roberta-large")
     assert "\n" not in str(e.value)
+    monkeypatch.setenv("TELEKD_ALLOW_DOWNLOADS", "1")  # the paper profile's BERTScore model, fetched by bert-score
+    assert M.resolve_embedding_model("roberta-large") == "roberta-large"
+
+
+def test_bertscore_layers_follow_bert_score(tmp_path):
+    from bert_score.utils import model2layers
+
+    assert M.bertscore_layers("minilm") == 6
+    assert M.bertscore_layers("roberta-large") == model2layers["roberta-large"] == 17
+    assert M.bertscore_layers(str(tmp_path / "roberta-large")) == 17  # a local copy, named as on the hub
+    with pytest.raises(ValueError, match="no default layer for 'my-encoder': pass num_layers"):
+        M.bertscore_layers("my-encoder")
 
 
 def test_cosine(minilm):

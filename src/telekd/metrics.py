@@ -85,12 +85,27 @@ def minilm_path() -> str:
 
 
 def resolve_embedding_model(name: str) -> str:
-    """'minilm' -> the offline MiniLM folder; an existing local folder -> itself."""
+    """'minilm' -> the offline MiniLM folder; a local folder -> itself; a hub id (the paper profile's
+    roberta-large) -> itself, which the library downloads only when TELEKD_ALLOW_DOWNLOADS=1."""
     if name == "minilm":
         return minilm_path()
-    if os.path.isdir(name):
+    if os.path.isdir(name) or os.environ.get("TELEKD_ALLOW_DOWNLOADS") == "1":
         return name
-    raise ValueError(f"unknown embedding model {name!r}: use 'minilm' or a local sentence-transformers folder")
+    raise ValueError(f"embedding model {name!r} is neither 'minilm' nor a local folder: point it at a local copy, "
+                     "or set TELEKD_ALLOW_DOWNLOADS=1 to fetch it from the hub")
+
+
+def bertscore_layers(name: str) -> int:
+    """The layer BERTScore reads: all six of MiniLM-L6, else bert-score's own choice for the model (by hub id or
+    by the name of a local folder, e.g. 17 for roberta-large)."""
+    if name == "minilm":
+        return 6  # bert-score has no entry for a local MiniLM path (KeyError)
+    from bert_score.utils import model2layers
+
+    for key in (name, os.path.basename(os.path.normpath(name))):
+        if key in model2layers:
+            return model2layers[key]
+    raise ValueError(f"bert-score has no default layer for {name!r}: pass num_layers=<layer to use>")
 
 
 def _nonempty(refs: list[str]) -> list[str]:
@@ -139,10 +154,7 @@ def bertscore_scores(predictions: list[str], references: list[list[str]], model_
     for i, refs in enumerate(references):
         _check_references(refs, f"references[{i}]")
     path = resolve_embedding_model(model_name)
-    if num_layers is None:
-        if model_name != "minilm":
-            raise ValueError(f"num_layers is required for model {model_name!r}: pass num_layers=<layer to use>")
-        num_layers = 6  # all six MiniLM-L6 layers; bert-score has no default for a local path (KeyError)
+    num_layers = bertscore_layers(model_name) if num_layers is None else num_layers
     # bert-score 0.3.13 scores an empty text 0 but, under transformers 5, crashes on it
     # (build_inputs_with_special_tokens is gone), so empty texts never reach it: they score 0 here.
     keep = [(i, p, _nonempty(refs)) for i, (p, refs) in enumerate(zip(predictions, references))]
