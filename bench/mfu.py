@@ -1,0 +1,138 @@
+"""Machine ceiling: the fraction of this CPU's float32 matmul FLOP/s that a KD training step achieves.
+
+Achieved FLOP/s = tokens/s x (6 N_student + 2 N_teacher) with a live teacher (forward + backward of
+the student, forward of the teacher), 6 N_student with the teacher cache (the teacher ran once,
+before). N counts the parameters that do matmul work per token (all but the input embedding);
+attention's T^2 term is left out, as in the usual 6N rule. The ceiling is a large float32 matmul
+timed in the same process with the same threads. One step of each model size is profiled
+(torch.profiler, top ops by self CPU time) to show where the rest goes.
+
+Sizes: the tiny profile's (Llama teacher 256 x 4, student 128 x 2, vocabulary 2,048) and a larger pair
+(teacher 1024 x 8, student 512 x 4, vocabulary 32,000) that the CPU still runs in seconds per step.
+Data: random ids, prompt 256 + answer 64 tokens, every answer position distilled (vanilla KD, forward KL).
+
+    .venv/bin/python bench/mfu.py [--reps 3] [--threads 1] [--sizes tiny,medium]
+Writes bench/results/mfu.json. Runs standalone (no `make repro` needed).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import machine, make_model, n_params, spread, synthetic_pairs, versions
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {
+    "tiny": {"teacher": dict(hidden=256, layers=4, heads=4, kv_heads=4, mlp=688),
+             "student": dict(hidden=128, layers=2, heads=4, kv_heads=4, mlp=344), "vocab": 2048, "batch": 8, "steps": 6},
+    "medium": {"teacher": dict(hidden=1024, layers=8, heads=16, kv_heads=16, mlp=2752),
+               "student": dict(hidden=512, layers=4, heads=8, kv_heads=8, mlp=1376), "vocab": 32000, "batch": 4,
+               "steps": 3},
+}
+PROMPT, ANSWER = 256, 64
+
+
+def matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n float32 matmul."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def kd_run(size: dict, mode: str, teacher, examples, pairs, steps_examples=None):
+    """(tokens, wall_s) of train_kd over `examples` with a live teacher or a prebuilt cache."""
+    import torch
+
+    from telekd import terms
+    from telekd.cache import compute_targets
+    from telekd.distill import KDSettings, live_term, train_kd
+
+    v = size["vocab"]
+    ids = torch.arange(v)
+    s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+                   lr=1e-4, batch_size=size["batch"], grad_accum=1, max_grad_norm=1.0, weight_decay=0.01, seed=0)
+    student = make_model("llama", size["student"], v, 2 * (PROMPT + ANSWER), seed=1)
+    if mode == "cache":
+        targets = compute_targets(teacher, pairs, ids, ids, 64, size["batch"], 0, hidden=False)
+        term = terms.vanilla_term(targets, pairs, s)
+    else:
+        term = live_term(teacher, pairs, ids, ids, 64, 0, lambda tg, pr: terms.vanilla_term(tg, pr, s))
+    m = train_kd(student, examples, s, 0, term, desc=f"kd-{mode}")["metrics"]
+    return m["tokens"], m["wall_s"]
+
+
+def top_ops(size, teacher, examples, pairs, k: int = 15) -> list[dict]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    one = examples[: size["batch"]]
+    kd_run(size, "live", teacher, one, pairs[: len(one)])  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        kd_run(size, "live", teacher, one, pairs[: len(one)])
+    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ev)
+    return [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
+             "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in ev[:k]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sizes", default="tiny,medium")
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    peaks = [matmul_flops()]
+    result = {"benchmark": "mfu", "prompt_tokens": PROMPT, "answer_tokens": ANSWER, "dtype": "float32", "sizes": {}}
+    for name in a.sizes.split(","):
+        size = SIZES[name]
+        teacher = make_model("llama", size["teacher"], size["vocab"], 2 * (PROMPT + ANSWER), seed=0)
+        teacher.eval().requires_grad_(False)
+        student = make_model("llama", size["student"], size["vocab"], 2 * (PROMPT + ANSWER), seed=1)
+        n_s, n_t = n_params(student), n_params(teacher)
+        del student
+        examples, pairs = synthetic_pairs(size["batch"] * size["steps"], PROMPT, ANSWER, size["vocab"])
+        flop_per_token = {"live": 6 * n_s + 2 * n_t, "cache": 6 * n_s}
+        tps = {"live": [], "cache": []}
+        for _ in range(a.reps):  # A B A B, with the ceiling re-measured between
+            for mode in ("live", "cache"):
+                tokens, wall = kd_run(size, mode, teacher, examples, pairs)
+                tps[mode].append(tokens / wall)
+            peaks.append(matmul_flops())
+        peak = max(peaks)
+        result["sizes"][name] = {
+            "teacher": size["teacher"], "student": size["student"], "vocab": size["vocab"], "batch": size["batch"],
+            "steps_per_run": size["steps"], "n_student": n_s, "n_teacher": n_t, "flop_per_token": flop_per_token,
+            "tokens_per_s": {m: spread(v) for m, v in tps.items()},
+            "achieved_gflop_s": {m: spread([x * flop_per_token[m] / 1e9 for x in v]) for m, v in tps.items()},
+            "mfu": {m: spread([x * flop_per_token[m] / peak for x in v]) for m, v in tps.items()},
+            "profile_top_ops_live_step": top_ops(size, teacher, examples, pairs),
+        }
+    result["matmul_peak_gflop_s"] = spread([x / 1e9 for x in peaks])
+    result["matmul"] = "2048 x 2048 float32, best of 5, measured before and after each A B repetition"
+    result.update({"machine": machine(a.threads), "versions": versions(),
+                   "command": f"python bench/mfu.py --reps {a.reps} --threads {a.threads} --sizes {a.sizes}"})
+    out = ROOT / "bench/results/mfu.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"float32 matmul ceiling {max(peaks) / 1e9:.1f} GFLOP/s ({a.threads} threads)")
+    print(f"{'size':<8}{'mode':<7}{'tokens/s':>10}{'GFLOP/s':>10}{'MFU':>8}")
+    for name, r in result["sizes"].items():
+        for m in ("live", "cache"):
+            print(f"{name:<8}{m:<7}{r['tokens_per_s'][m]['median']:>10.0f}{r['achieved_gflop_s'][m]['median']:>10.1f}"
+                  f"{r['mfu'][m]['median']:>8.3f}")
+        print("  top ops:", ", ".join(f"{o['op']} {o['share']:.0%}" for o in r["profile_top_ops_live_step"][:6]))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
