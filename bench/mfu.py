@@ -1,12 +1,14 @@
-"""Machine ceiling: the fraction of this CPU's float32 matmul FLOP/s that a KD training step achieves.
+"""Machine ceiling: the fraction of this CPU's matmul FLOP/s that a KD training step achieves.
 
 Achieved FLOP/s = tokens/s x (6 N_student + 2 N_teacher) with a live teacher (forward + backward of
 the student, forward of the teacher), 6 N_student with the teacher cache (the teacher ran once,
 before). N counts the parameters that do matmul work per token (all but the input embedding);
 attention's T^2 term is left out, as in the usual 6N rule. The ceiling is a large matmul of the
 same dtype timed in the same process with the same threads; both are timed in CPU seconds of this
-one-thread process (the machine is shared, wall time swings with the neighbours' load). One step of each model size is profiled
-(torch.profiler, top ops by self CPU time) to show where the rest goes.
+one-thread process (the machine is shared, wall time swings with the neighbours' load). Two steps
+of train_kd per size are profiled (torch.profiler, top ops by self CPU time; model construction
+left out) to show where the rest goes. --bf16 repeats the larger size in bfloat16 against a
+bfloat16 matmul ceiling (AMX on CPUs that have it).
 
 Sizes: the tiny profile's (Llama teacher 256 x 4, student 128 x 2, vocabulary 2,048) and a larger pair
 (teacher 1024 x 8, student 512 x 4, vocabulary 32,000) that the CPU still runs in seconds per step.
@@ -49,8 +51,9 @@ def matmul_flops(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
     return best
 
 
-def kd_run(size: dict, mode: str, teacher, examples, pairs, dtype: str = "float32"):
-    """(tokens, wall_s, cpu_s) of train_kd over `examples` with a live teacher or a prebuilt cache."""
+def kd_run(size: dict, mode: str, teacher, examples, pairs, dtype: str = "float32", student=None, profiler=None):
+    """(tokens, wall_s, cpu_s) of train_kd over `examples` with a live teacher or a prebuilt cache.
+    With `profiler` (torch.profiler.profile) only train_kd itself is recorded."""
     import torch
 
     from telekd import terms
@@ -61,14 +64,19 @@ def kd_run(size: dict, mode: str, teacher, examples, pairs, dtype: str = "float3
     ids = torch.arange(v)
     s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
                    lr=1e-4, batch_size=size["batch"], grad_accum=1, max_grad_norm=1.0, weight_decay=0.01, seed=0)
-    student = make_model("llama", size["student"], v, 2 * (PROMPT + ANSWER), seed=1, dtype=getattr(torch, dtype))
+    if student is None:
+        student = make_model("llama", size["student"], v, 2 * (PROMPT + ANSWER), seed=1, dtype=getattr(torch, dtype))
     if mode == "cache":
         targets = compute_targets(teacher, pairs, ids, ids, 64, size["batch"], 0, hidden=False)
         term = terms.vanilla_term(targets, pairs, s)
     else:
         term = live_term(teacher, pairs, ids, ids, 64, 0, lambda tg, pr: terms.vanilla_term(tg, pr, s))
     c0 = time.process_time()
+    if profiler is not None:
+        profiler.start()
     m = train_kd(student, examples, s, 0, term, desc=f"kd-{mode}")["metrics"]
+    if profiler is not None:
+        profiler.stop()
     return m["tokens"], m["wall_s"], time.process_time() - c0
 
 
@@ -76,10 +84,10 @@ def top_ops(size, teacher, examples, pairs, dtype: str, k: int = 15) -> list[dic
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    one = examples[: size["batch"]]
-    kd_run(size, "live", teacher, one, pairs[: len(one)], dtype)  # warm
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        kd_run(size, "live", teacher, one, pairs[: len(one)], dtype)
+    two = examples[: 2 * size["batch"]]  # two steps: the first includes AdamW's state allocation
+    kd_run(size, "live", teacher, two, pairs[: len(two)], dtype)  # warm
+    prof = profile(activities=[ProfilerActivity.CPU])
+    kd_run(size, "live", teacher, two, pairs[: len(two)], dtype, profiler=prof)
     ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ev)
     return [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
@@ -124,7 +132,7 @@ def main() -> None:
                 "tokens_per_wall_s": {m: spread(v) for m, v in wps.items()},
                 "achieved_gflop_per_cpu_s": {m: spread([x * flop_per_token[m] / 1e9 for x in v]) for m, v in cps.items()},
                 "mfu": {m: spread([x * flop_per_token[m] / peak for x in v]) for m, v in cps.items()},
-                "profile_top_ops_live_step": top_ops(size, teacher, examples, pairs, dtype),
+                "profile_top_ops_two_live_steps": top_ops(size, teacher, examples, pairs, dtype),
             }
     result["matmul_peak_gflop_per_cpu_s"] = {d: spread([x / 1e9 for x in v]) for d, v in peaks.items()}
     result["matmul"] = "2048 x 2048, best of 5 x 3 products, measured before and after each A B repetition"
@@ -142,7 +150,7 @@ def main() -> None:
             print(f"{name:<8}{m:<7}{r['tokens_per_cpu_s'][m]['median']:>10.0f}"
                   f"{r['achieved_gflop_per_cpu_s'][m]['median']:>10.1f}"
                   f"{r['mfu'][m]['median']:>8.3f}")
-        print("  top ops:", ", ".join(f"{o['op']} {o['share']:.0%}" for o in r["profile_top_ops_live_step"][:6]))
+        print("  top ops:", ", ".join(f"{o['op']} {o['share']:.0%}" for o in r["profile_top_ops_two_live_steps"][:6]))
     print(f"-> {out}")
 
 
