@@ -14,7 +14,7 @@ dense by default) and, for reference, a large bf16 matmul measured in the same p
 
     python bench/gpu_kd.py                             # CUDA, real sizes
     python bench/gpu_kd.py --device cpu --tiny         # the same code path on shrunken configs, seconds
-Writes bench/results/gpu_kd-<device>[-tiny].json.
+Writes bench/results/gpu_kd-<device>[-tiny][-mistral].json.
 """
 
 import argparse
@@ -69,9 +69,13 @@ def inputs_to(device):
     return hook
 
 
-def targets_to(t, device):
-    return dataclasses.replace(t, **{f.name: getattr(t, f.name).to(device) for f in dataclasses.fields(t)
-                                     if hasattr(getattr(t, f.name), "to")})
+def targets_to(t, device, dtype):
+    """Targets on the device; cached hidden states in the models' dtype (losses.cma_loss does not cast them:
+    fp32 hidden states meet bf16 projectors there)."""
+    moved = {f.name: getattr(t, f.name).to(device) for f in dataclasses.fields(t) if hasattr(getattr(t, f.name), "to")}
+    if t.hidden is not None:
+        moved["hidden"] = t.hidden.to(device, dtype)
+    return dataclasses.replace(t, **moved)
 
 
 def sync(device):
@@ -115,16 +119,16 @@ def kd_steps(a, alg, mode, teacher, t_cfg, s_cfg, examples, pairs, dtype):
     proj, make = None, None
     cma = a.teacher == "mistral"  # two vocabularies in the study: cross-model attention
     if alg == "vanilla":
-        make = lambda tg, pr: terms.vanilla_term(targets_to(tg, dev), pr, s)  # noqa: E731
+        make = lambda tg, pr: terms.vanilla_term(targets_to(tg, dev, dtype), pr, s)  # noqa: E731
     else:
         # Projectors in the models' dtype: fp32 projectors on bf16 hidden states fail in F.linear.
         proj = make_projectors(s_cfg.hidden_size, t_cfg.hidden_size, cma=cma).to(dev, dtype)
         heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
         if cma:
             embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
-            make = lambda tg, pr: terms.cma_term(targets_to(tg, dev), pr, proj, *embeds, *heads, s)  # noqa: E731
+            make = lambda tg, pr: terms.cma_term(targets_to(tg, dev, dtype), pr, proj, *embeds, *heads, s)  # noqa: E731
         else:
-            make = lambda tg, pr: terms.dskd_term(targets_to(tg, dev), pr, proj, *heads, s)  # noqa: E731
+            make = lambda tg, pr: terms.dskd_term(targets_to(tg, dev, dtype), pr, proj, *heads, s)  # noqa: E731
     cache_s = None
     if mode == "cache":
         sync(dev)
@@ -223,7 +227,7 @@ def main() -> None:
                       "mfu_measured_matmul": spread([x * flop[mode] / measured_peak for x in tps]),
                       "cache_build_s": spread([r["cache_build_s"] for r in rs]) if mode == "cache" else None,
                       "loss_first_last": [round(rs[0]["loss_first"], 4), round(rs[0]["loss_last"], 4)]}
-    name = f"gpu_kd-{a.device.split(':')[0]}{'-tiny' if a.tiny else ''}"
+    name = f"gpu_kd-{a.device.split(':')[0]}{'-tiny' if a.tiny else ''}{'-mistral' if a.teacher == 'mistral' else ''}"
     result = {
         "benchmark": "gpu_kd", "tiny": a.tiny, "teacher": a.teacher, "dtype": a.dtype,
         "configs": {"teacher": t_cfg.to_diff_dict(), "student": s_cfg.to_diff_dict()},
