@@ -125,7 +125,6 @@ def run_gkd(a, tok, examples, arch, teacher):
 
 def profile_step(a, p, tok, examples, pairs, s_map, t_map, arch, teacher) -> dict:
     """Top ops by self CPU time for a few steps of ours (live teacher) and of GKD."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     small = argparse.Namespace(**{**vars(a), "epochs": 1})

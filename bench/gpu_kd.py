@@ -168,7 +168,7 @@ def kd_steps(a, alg, mode, teacher, t_cfg, s_cfg, examples, pairs, dtype):
     sync(dev)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else None
-    del student, opt, proj, term
+    del student, opt, term
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"tokens_per_s": tokens / wall, "peak_bytes": peak, "cache_build_s": cache_s, "loss_first": losses[0],

@@ -81,7 +81,6 @@ def kd_run(size: dict, mode: str, teacher, examples, pairs, dtype: str = "float3
 
 
 def top_ops(size, teacher, examples, pairs, dtype: str, k: int = 15) -> list[dict]:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     two = examples[: 2 * size["batch"]]  # two steps: the first includes AdamW's state allocation
