@@ -35,5 +35,19 @@ repro: setup
 test: setup
 	pytest
 
+# The benchmark suite (bench/*.py, results in bench/results/*.json). kd_cache and generation read the
+# study's models, hence `repro` first; study.py clones the repository and reruns the study (~20 min).
+bench: repro
+	python bench/gkd.py
+	python bench/mfu.py --bf16
+	python bench/loss_memory.py
+	python bench/imports.py
+	python bench/kd_cache.py --teacher llama --alg vanilla
+	python bench/kd_cache.py --teacher mistral --alg dskd
+	python bench/generation.py
+	if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then python bench/gpu_kd.py; \
+	else echo "bench: no CUDA device, bench/gpu_kd.py skipped"; fi
+	python bench/study.py
+
 clean:
 	rm -rf $(VENV)

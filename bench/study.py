@@ -1,0 +1,129 @@
+"""Wall time of the study: `make repro` from a fresh clone, a no-op `dvc repro`, then `dvc exp run -S kd.alg=dskd`.
+
+The repository is cloned (committed HEAD only) into a temporary folder; every DVC command's output
+is streamed and time-stamped, and each "Running stage 'x':" line opens a stage that the next one
+(or the command's end) closes, so the per-stage durations include the stage's process start-up and
+DVC's own hashing and lock-file work.
+
+By default the clone reuses this interpreter's virtual environment (--venv) and runs what
+`make repro` runs after `make setup`; --fresh-venv runs the real `make repro`, pip install included.
+
+    .venv/bin/python bench/study.py                      # the full tiny study (~20 min): bench/results/study.json
+    .venv/bin/python bench/study.py --target prepare --out /tmp/study-check.json   # check the script in seconds
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNING = re.compile(r"Running stage '([^']+)'")
+SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "RAGAS_DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def timed(cmd: list[str], cwd: Path, env: dict, log) -> dict:
+    """Run cmd, time-stamp its output lines; return wall time, per-stage durations and skipped stages."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    starts, skipped = [], []
+    for line in proc.stdout:
+        now = time.perf_counter() - t0
+        log.write(f"[{now:8.2f}] {line}")
+        if m := RUNNING.search(line):
+            starts.append((m.group(1), now))
+        elif m := SKIPPED.search(line):
+            skipped.append(m.group(1))
+    rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"study: {' '.join(cmd)} failed with exit code {rc}: see {log.name}")
+    ends = [t for _, t in starts[1:]] + [wall]
+    stages = {name: round(end - start, 2) for (name, start), end in zip(starts, ends)}
+    return {"command": " ".join(cmd), "wall_s": round(wall, 2), "stages_run": len(stages),
+            "stages_skipped": len(skipped), "stage_s": stages}
+
+
+def by_family(stage_s: dict) -> dict:
+    """Seconds and count per stage family (kd@llama-sft-base-dskd -> kd)."""
+    fam: dict[str, dict] = {}
+    for name, s in stage_s.items():
+        f = fam.setdefault(name.split("@")[0], {"stages": 0, "total_s": 0.0})
+        f["stages"] += 1
+        f["total_s"] = round(f["total_s"] + s, 2)
+    for f in fam.values():
+        f["mean_s"] = round(f["total_s"] / f["stages"], 2)
+    return dict(sorted(fam.items(), key=lambda kv: -kv[1]["total_s"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repo", default=str(ROOT), help="what to clone (committed HEAD)")
+    ap.add_argument("--venv", default=sys.prefix, help="virtual environment to reuse (its bin/ goes first on PATH)")
+    ap.add_argument("--fresh-venv", action="store_true", help="run the real `make repro`, pip install included")
+    ap.add_argument("--target", default=None, help="only this DVC target (e.g. prepare) to check the script")
+    ap.add_argument("--skip-exp", action="store_true", help="leave out dvc exp run -S kd.alg=dskd")
+    ap.add_argument("--keep", action="store_true", help="keep the clone")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/study.json"))
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="telekd-study-"))
+    clone = tmp / "telekd"
+    subprocess.run(["git", "clone", "--quiet", a.repo, str(clone)], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, **OFFLINE}
+    env["PYTHONPATH"] = str(clone / "src")  # the clone's code, never an editable install elsewhere
+    target = [a.target] if a.target else []
+    log_path = tmp / "study.log"
+    result = {"benchmark": "study", "commit": head.strip(), "target": a.target or "all", "clone": str(clone)}
+    with open(log_path, "w") as log:
+        if a.fresh_venv:
+            if a.target:
+                raise SystemExit("study: --fresh-venv runs the whole `make repro`; drop --target")
+            result["make_repro"] = timed(["make", "repro"], clone, env, log)
+        else:
+            env["PATH"] = f"{Path(a.venv) / 'bin'}:{env['PATH']}"
+            for key in ("core.analytics false", "core.check_update false"):
+                subprocess.run(["dvc", "config", *key.split()], cwd=clone, env=env, check=True)
+            result["make_repro"] = timed(["dvc", "repro", *target], clone, env, log)
+            result["make_repro"]["note"] = f"make setup skipped: venv {a.venv} reused"
+        result["noop_repro"] = timed(["dvc", "repro", *target], clone, env, log)
+        if not a.skip_exp:
+            result["exp_run_dskd"] = timed(["dvc", "exp", "run", "-S", "kd.alg=dskd", *target], clone, env, log)
+    full = result["make_repro"]
+    result["families"] = by_family(full["stage_s"])
+    result["slowest_stages"] = dict(sorted(full["stage_s"].items(), key=lambda kv: -kv[1])[:10])
+    result["goals"] = {"make_repro_s": "<= 600", "noop_repro_s": "<= 10"}
+    result["summary_s"] = {"make_repro": full["wall_s"], "noop_repro": result["noop_repro"]["wall_s"],
+                           "exp_run_dskd": result.get("exp_run_dskd", {}).get("wall_s")}
+    import torch  # only for the versions line
+
+    result.update({"machine": {"platform": f"{platform.machine()}, {os.cpu_count()} cores",
+                               "shared": "yes: other agents' work ran at the same time"},
+                   "versions": {"python": platform.python_version(), "torch": torch.__version__},
+                   "command": "python bench/study.py " + " ".join(sys.argv[1:])})
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'step':<16}{'wall s':>10}{'stages run':>12}{'skipped':>9}")
+    for k in ("make_repro", "noop_repro", "exp_run_dskd"):
+        if k in result:
+            r = result[k]
+            print(f"{k:<16}{r['wall_s']:>10.1f}{r['stages_run']:>12}{r['stages_skipped']:>9}")
+    print("per stage family:", ", ".join(f"{f} {v['total_s']:.0f} s / {v['stages']}" for f, v in result["families"].items()))
+    print(f"log {log_path}; -> {a.out}")
+    if not a.keep:
+        import shutil
+
+        shutil.rmtree(clone)
+
+
+if __name__ == "__main__":
+    main()
