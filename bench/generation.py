@@ -1,6 +1,6 @@
 """Batched vs one-question-at-a-time generation on the same model and test split (A B A B).
 
-Run after `make repro`:  .venv/bin/python bench/generation.py [--model models/kd/llama-sft-sft-vanilla] [--reps 2]
+Run after `make repro`:  .venv/bin/python bench/generation.py [--model models/kd/llama-sft-sft-vanilla-s0] [--reps 2]
 Writes bench/results/generation.json.
 """
 
@@ -20,7 +20,7 @@ from telekd.params import load_params
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="models/kd/llama-sft-sft-vanilla")
+    ap.add_argument("--model", default="models/kd/llama-sft-sft-vanilla-s0")
     ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
     p = load_params()

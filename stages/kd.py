@@ -51,7 +51,7 @@ def main() -> None:
     else:
         variant = "dskd" if inp.vocab_match else "dskd_cma"
         projectors = make_projectors(student.config.hidden_size, teacher.config.hidden_size, cma=not inp.vocab_match,
-                                     seed=seed)
+                                     seed=seed).to(student.dtype)
         heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
         if inp.vocab_match:
             make = lambda tg, pairs: terms.dskd_term(tg, pairs, projectors, *heads, settings)  # noqa: E731

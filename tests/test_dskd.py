@@ -1,5 +1,6 @@
 """DSKD (one vocabulary, and cross-model attention) and ULD against straightforward re-implementations."""
 
+import copy
 import math
 
 import pytest
@@ -130,3 +131,17 @@ def test_uld_is_l1_between_sorted_probabilities():
     expected = sum(abs(a - b) for a, b in zip(ps, [0.5, 0.3, 0.1, 0.1]))
     assert math.isclose(uld_loss(s, t_lp, torch.tensor([True])).item(), expected, abs_tol=1e-12)
     assert uld_loss(s, t_lp, torch.tensor([False])).item() == 0.0
+
+
+def test_cma_runs_in_bfloat16_with_a_float32_cache():
+    """The paper profile: bf16 student, projectors and teacher tables; the cache's hidden states are float32."""
+    x, _ = _cma_inputs()
+    y = {k: (v.detach().to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+         for k, v in x.items()}
+    y["teacher_hidden"] = x["teacher_hidden"].detach().float()
+    for name in ("query", "t2s", "s2t"):
+        y[name] = copy.deepcopy(x[name]).to(torch.bfloat16)
+    out = cma_loss("forward_kl", **y)
+    ref = cma_loss("forward_kl", **x)
+    assert torch.isfinite(out["kd"])
+    assert math.isclose(out["kd"].item(), ref["kd"].item(), rel_tol=0.05)

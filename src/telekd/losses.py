@@ -474,6 +474,7 @@ def cma_loss(kind: str, student_logits: Tensor, student_hidden: Tensor, s_in_emb
     Student terms are divided by the number of student target tokens, the teacher term by the teacher's.
     """
     s_mask, t_mask = s_mask.bool(), t_mask.bool()
+    teacher_hidden = teacher_hidden.to(student_hidden.dtype)  # the cache stores float32; a bf16 student
     d_t = teacher_hidden.shape[-1]
     q = query(torch.cat([s_in_emb, s_tgt_emb], -1).detach())
     k = torch.cat([t_in_emb / _std(t_in_emb, t_mask), t_tgt_emb / _std(t_tgt_emb, t_mask)], -1).detach()
