@@ -117,3 +117,16 @@ def test_api_key_never_leaves_the_environment(tmp_path, saved_models):
     for f in written:
         assert DUMMY_KEY.encode() not in f.read_bytes(), f
     assert DUMMY_KEY not in p.stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_api_key_in_no_file_of_a_whole_study_run(study):
+    """The reduced study ran with a judge key in its environment: no output, log, metric, dvc.lock or DVC cache
+    file holds it, and neither does DVC's or the stages' output."""
+    from conftest import STUDY_KEY
+
+    files = [f for f in study["dir"].rglob("*") if f.is_file() and ".git" not in f.parts]
+    assert any(f.name == "dvc.lock" for f in files) and any(f.match("metrics/eval/*/*.json") for f in files)
+    leaked = [f for f in files if STUDY_KEY.encode() in f.read_bytes()]
+    assert not leaked, leaked
+    assert STUDY_KEY not in study["output"]
