@@ -17,7 +17,7 @@ def main() -> None:
     ap.add_argument("--cell", required=True, help="teacher-teacher_sft-student_sft-alg-s<seed>, e.g. llama-sft-base-dskd-s0")
     cell = Cell.parse(ap.parse_args().cell)
     p = load_params()
-    from dataclasses import asdict, fields, replace
+    from dataclasses import asdict
 
     from telekd import terms
     from telekd.cache import compute_targets, dir_digest, file_sha256, load_or_recompute
@@ -64,8 +64,7 @@ def main() -> None:
             f"{layout.CACHE}/{cell.teacher}-{cell.teacher_sft}", inp.key, lambda: compute_targets(
                 teacher or load_model(cell.teacher_dir, **load)[0], inp.pairs, inp.s_map, inp.t_map,
                 p.teacher_cache.top_k, t.batch_size, inp.teacher_tok.pad_token_id, hidden=p.teacher_cache.hidden))
-        targets = replace(targets, **{f.name: getattr(targets, f.name).to(device) for f in fields(targets)
-                                      if hasattr(getattr(targets, f.name), "to")})
+        targets = targets.to(device)
         if cell.alg == "dskd" and targets.hidden is None:
             raise SystemExit("kd: DSKD needs teacher hidden states in the cache: set teacher_cache.hidden: true")
         term = make(targets, inp.pairs)

@@ -16,10 +16,12 @@ def main() -> None:
     from telekd.cache import compute_targets, save_targets
     from telekd.distill import kd_inputs
     from telekd.models import load_model
+    from telekd.shard import device
 
     teacher_dir = layout.model_dir(a.teacher, a.teacher_sft)
     inp = kd_inputs(p, teacher_dir)
-    teacher, _ = load_model(teacher_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
+    teacher, _ = load_model(teacher_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
+                            device=device())  # its GPU where there is one
     targets = compute_targets(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k,
                               p.active.train.batch_size, inp.teacher_tok.pad_token_id, hidden=p.teacher_cache.hidden,
                               desc=f"teacher {a.teacher}-{a.teacher_sft}")

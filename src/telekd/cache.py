@@ -59,6 +59,13 @@ class TeacherTargets:
     t_ids: "torch.Tensor"        # [Nt, k] their teacher ids
     hidden: "torch.Tensor | None" = None  # [Nt, d_t] last-layer hidden states (float32), when kept
 
+    def to(self, device) -> "TeacherTargets":
+        """The same targets with every tensor on `device` (the student's, for the KD terms)."""
+        from dataclasses import fields, replace
+
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if hasattr(getattr(self, f.name), "to")})
+
     def rows(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
@@ -74,25 +81,28 @@ def compute_targets(teacher, pairs, s_map, t_map, top_k: int, batch_size: int, p
                     desc="teacher") -> TeacherTargets:
     """Run the frozen teacher over `pairs` [(student_ex, teacher_ex, aligned positions)] and keep its targets:
     student-space top-k at aligned positions (vanilla KD) and, at every teacher answer position,
-    teacher-space top-k and (when `hidden`) the last layer's hidden state (DSKD, ULD)."""
+    teacher-space top-k and (when `hidden`) the last layer's hidden state (DSKD, ULD). The teacher runs on its
+    own device; the targets come back on the CPU."""
     import torch
     from tqdm import tqdm
 
     from .prompts import collate
 
     teacher.eval()
+    dev = teacher.get_output_embeddings().weight.device
+    s_map, t_map = s_map.to(dev), t_map.to(dev)
     k_s = min(top_k, len(s_map))
     k_t = min(top_k, teacher.get_output_embeddings().weight.shape[0])
     offsets, pos, lps, ids, mass = [0], [], [], [], []
     t_offsets, t_lps, t_ids, hid = [0], [], [], []
     for b in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", mininterval=2):
         chunk = pairs[b: b + batch_size]
-        batch = collate([t for _, t, _ in chunk], pad_id)
+        batch = {k: v.to(dev) for k, v in collate([t for _, t, _ in chunk], pad_id).items()}
         with torch.inference_mode():
             out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           output_hidden_states=hidden)
         for row, (_, t_ex, aligned) in enumerate(chunk):
-            answer = torch.arange(t_ex.prompt_len - 1, len(t_ex.input_ids) - 1)
+            answer = torch.arange(t_ex.prompt_len - 1, len(t_ex.input_ids) - 1, device=dev)
             full = torch.log_softmax(out.logits[row, answer].float(), dim=-1)       # [n_t, V_t]
             top_t = full.topk(k_t, dim=-1)
             t_lps.append(top_t.values)
@@ -100,7 +110,7 @@ def compute_targets(teacher, pairs, s_map, t_map, top_k: int, batch_size: int, p
             if hidden:
                 hid.append(out.hidden_states[-1][row, answer].float())
             t_offsets.append(t_offsets[-1] + len(answer))
-            rel = torch.tensor([t - (t_ex.prompt_len - 1) for _, t in aligned], dtype=torch.long)
+            rel = torch.tensor([t - (t_ex.prompt_len - 1) for _, t in aligned], dtype=torch.long, device=dev)
             lp = full[rel][:, t_map]                                                 # [n, M] in student-id order
             top = lp.topk(k_s, dim=-1)
             lps.append(top.values)
@@ -110,7 +120,7 @@ def compute_targets(teacher, pairs, s_map, t_map, top_k: int, batch_size: int, p
             offsets.append(offsets[-1] + len(aligned))
     answer_tokens = sum(len(s.input_ids) - s.prompt_len for s, _, _ in pairs)
     d = teacher.config.hidden_size
-    cat = lambda xs, *w: torch.cat(xs) if xs else torch.zeros((0, *w))  # noqa: E731
+    cat = lambda xs, *w: torch.cat(xs).cpu() if xs else torch.zeros((0, *w))  # noqa: E731
     return TeacherTargets(torch.tensor(offsets), cat(pos).long(), cat(lps, k_s), cat(ids, k_s).long(), cat(mass),
                           answer_tokens, torch.tensor(t_offsets), cat(t_lps, k_t), cat(t_ids, k_t).long(),
                           cat(hid, d) if hidden else None)

@@ -248,6 +248,7 @@ def live_term(teacher, pairs, s_map, t_map, top_k: int, pad_id: int, make_term, 
         targets = compute_targets(teacher, sub, s_map, t_map, top_k, len(idx), pad_id, hidden=hidden,
                                   desc="teacher (live)")
         term.examples += len(idx)
+        targets = targets.to(logits.device)
         return make_term(targets, sub)(logits, student_hidden, batch, list(range(len(idx))))
     term.examples = 0
     return term
