@@ -47,6 +47,7 @@ bench: repro
 	python bench/generation.py
 	if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then python bench/gpu_kd.py; \
 	else echo "bench: no CUDA device, bench/gpu_kd.py skipped"; fi
+	python bench/dvc_rebuilds.py
 	python bench/study.py
 
 clean:
