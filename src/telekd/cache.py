@@ -43,7 +43,8 @@ def dir_digest(path: str | Path) -> str:
 
 
 def key_digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    """sha256 of `key` as canonical JSON (sorted keys; values JSON cannot hold are written as str)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass

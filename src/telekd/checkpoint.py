@@ -7,8 +7,6 @@ valid only for the run whose fingerprint they carry, and a SIGTERM flag that let
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -22,7 +20,9 @@ FINGERPRINT = "fingerprint.txt"
 
 def fingerprint(settings: dict) -> str:
     """sha256 of everything that determines a run (settings and input hashes), as canonical JSON."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    from .cache import key_digest
+
+    return key_digest(settings)
 
 
 class Interrupted(SystemExit):
