@@ -13,8 +13,9 @@ An entry holds what the KD losses read, at the training temperature T (`kd.tempe
 Its address is the sha256 of everything that determines it: teacher weights, both tokenizers, chat
 templates, data, lengths, dtype, top-k, temperature.
 The file's own sha256 is checked on every read; a corrupted entry is never used: `load_targets`
-refuses it, `load_or_recompute` (the kd stage) recomputes it with the teacher on the stage's device and leaves
-the cache, a DVC output of the teacher_cache stage, as it is (`dvc repro` or `dvc checkout` restores it).
+refuses it, `kd_targets` (the kd stage, through `load_or_recompute`) recomputes it with the teacher on the stage's
+device and leaves the cache, a DVC output of the teacher_cache stage, as it is (`dvc repro` or `dvc checkout`
+restores it).
 """
 
 from __future__ import annotations
