@@ -59,8 +59,9 @@ def expected(names: list[str], change: str) -> tuple[set[str], set[str]]:
     kd = {n for n in per_run if n.startswith("kd@")}
     if change == "kd.alg=dskd":                       # read by stats and report only
         return study, study
-    if change == "kd.temperature=1.0":                # read by every KD run and the report
-        return kd | {"report"}, per_run | study
+    if change == "kd.temperature=1.0":                # read by the teacher caches (targets at T), every KD run, the report
+        caches = {n for n in names if n.startswith("teacher_cache@")}
+        return caches | kd | {"report"}, caches | per_run | study
     if change == "base_models.pretrain_steps.llama=5":  # a new llama teacher: its chain, nothing of mistral's
         must = {"base_models"} | {n for n in names if n.startswith(("teacher_cache@llama-", "kd@llama-"))}
         return must, must | {n for n in names if "@llama-" in n or n == "sft@llama"} | study

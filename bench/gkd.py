@@ -60,12 +60,12 @@ def run_ours(mode, a, p, tok, examples, pairs, s_map, t_map, arch, teacher):
     if mode == "cache":
         t0, c0 = time.perf_counter(), time.process_time()
         targets = compute_targets(teacher, pairs, s_map, t_map, p.teacher_cache.top_k, a.batch_size, tok.pad_token_id,
-                                  hidden=False)
+                                  hidden=False, temperature=s.temperature)
         build_s, build_cpu = time.perf_counter() - t0, time.process_time() - c0
         term = terms.vanilla_term(targets, pairs, s)
     else:
         term = live_term(teacher, pairs, s_map, t_map, p.teacher_cache.top_k, tok.pad_token_id,
-                         lambda tg, pr: terms.vanilla_term(tg, pr, s))
+                         lambda tg, pr: terms.vanilla_term(tg, pr, s), hidden=False, temperature=s.temperature)
     c0 = time.process_time()
     m = train_kd(student, examples, s, tok.pad_token_id, term, desc=f"ours-{mode}")["metrics"]
     return {"tokens": m["tokens"], "wall_s": m["wall_s"], "build_s": build_s,

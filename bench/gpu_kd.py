@@ -133,12 +133,12 @@ def kd_steps(a, alg, mode, teacher, t_cfg, s_cfg, examples, pairs, dtype):
     if mode == "cache":
         sync(dev)
         t0 = time.perf_counter()
-        targets = compute_targets(teacher, pairs, ids, ids, 64, a.batch, 0, hidden=alg == "dskd")
+        targets = compute_targets(teacher, pairs, ids, ids, 64, a.batch, 0, hidden=alg == "dskd", temperature=s.temperature)
         sync(dev)
         cache_s = time.perf_counter() - t0
         term = make(targets, pairs)
     else:
-        term = live_term(teacher, pairs, ids, ids, 64, 0, make)
+        term = live_term(teacher, pairs, ids, ids, 64, 0, make, hidden=alg == "dskd", temperature=s.temperature)
     groups = [{"params": [p for p in student.parameters() if p.requires_grad], "lr": s.lr}]
     if proj is not None:
         groups.append({"params": list(proj.parameters()), "lr": 1e-3})

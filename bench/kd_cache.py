@@ -37,7 +37,7 @@ def main() -> None:
     teacher, t_tok = load_model(teacher_dir)
     t0 = time.perf_counter()
     cached = compute_targets(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, t.batch_size,
-                             t_tok.pad_token_id)
+                             t_tok.pad_token_id, temperature=s.temperature)
     cache_build_s = time.perf_counter() - t0
 
     def make(tg, pairs, proj):
@@ -57,7 +57,7 @@ def main() -> None:
                 if a.alg == "dskd" else None
             term = make(cached, inp.pairs, proj) if mode == "cache" else \
                 live_term(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, t_tok.pad_token_id,
-                          lambda tg, pairs: make(tg, pairs, proj))
+                          lambda tg, pairs: make(tg, pairs, proj), hidden=a.alg == "dskd", temperature=s.temperature)
             out = train_kd(student, inp.examples, s, t_tok.pad_token_id, term, extra_modules=proj, desc=mode)
             runs[mode].append(out["metrics"]["tokens_per_s"])
     best = {m: max(v) for m, v in runs.items()}

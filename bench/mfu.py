@@ -67,10 +67,11 @@ def kd_run(size: dict, mode: str, teacher, examples, pairs, dtype: str = "float3
     if student is None:
         student = make_model("llama", size["student"], v, 2 * (PROMPT + ANSWER), seed=1, dtype=getattr(torch, dtype))
     if mode == "cache":
-        targets = compute_targets(teacher, pairs, ids, ids, 64, size["batch"], 0, hidden=False)
+        targets = compute_targets(teacher, pairs, ids, ids, 64, size["batch"], 0, hidden=False, temperature=s.temperature)
         term = terms.vanilla_term(targets, pairs, s)
     else:
-        term = live_term(teacher, pairs, ids, ids, 64, 0, lambda tg, pr: terms.vanilla_term(tg, pr, s))
+        term = live_term(teacher, pairs, ids, ids, 64, 0, lambda tg, pr: terms.vanilla_term(tg, pr, s), hidden=False,
+                         temperature=s.temperature)
     c0 = time.process_time()
     if profiler is not None:
         profiler.start()

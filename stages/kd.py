@@ -20,7 +20,7 @@ def main() -> None:
     from dataclasses import asdict
 
     from telekd import terms
-    from telekd.cache import compute_targets, dir_digest, file_sha256, load_or_recompute
+    from telekd.cache import dir_digest, file_sha256, kd_targets
     from telekd.checkpoint import ROOT, Checkpoint, fingerprint
     from telekd.shard import state
     from telekd.distill import KDSettings, kd_inputs, live_term, make_projectors, train_kd
@@ -60,17 +60,14 @@ def main() -> None:
             make = lambda tg, pairs: terms.cma_term(tg, pairs, projectors, *embeds, *heads, settings)  # noqa: E731
 
     if kd.use_cache:
-        targets, recomputed = load_or_recompute(  # a corrupted entry: recomputed in memory, counted in the metrics
-            f"{layout.CACHE}/{cell.teacher}-{cell.teacher_sft}", inp.key, lambda: compute_targets(
-                teacher or load_model(cell.teacher_dir, **load)[0], inp.pairs, inp.s_map, inp.t_map,
-                p.teacher_cache.top_k, t.batch_size, inp.teacher_tok.pad_token_id, hidden=p.teacher_cache.hidden))
-        targets = targets.to(device)
+        targets, recomputed = kd_targets(  # a corrupted entry: recomputed on `device`, counted in the metrics
+            f"{layout.CACHE}/{cell.teacher}-{cell.teacher_sft}", p, inp, cell.teacher_dir, device, teacher)
         if cell.alg == "dskd" and targets.hidden is None:
             raise SystemExit("kd: DSKD needs teacher hidden states in the cache: set teacher_cache.hidden: true")
         term = make(targets, inp.pairs)
     else:
         term = live_term(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, inp.teacher_tok.pad_token_id,
-                         make, hidden=cell.alg == "dskd")
+                         make, hidden=cell.alg == "dskd", temperature=kd.temperature)
     val = tokenized(load_split("validation"), s_tok, p.prompt.system, t.max_length, t.max_prompt_length)
     run = {"cell": cell.name, "settings": asdict(settings), "teacher_cache_key": inp.key, "use_cache": kd.use_cache,
            "student_init": dir_digest(cell.student_init_dir), "validation": file_sha256(layout.split_file("validation")),

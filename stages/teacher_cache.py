@@ -1,4 +1,6 @@
-"""Stage teacher_cache: one teacher pass over the training split, stored content-addressed for every KD cell."""
+"""Stage teacher_cache: one teacher pass over the training split, stored content-addressed for every KD cell.
+
+The targets are taken at the training temperature (kd.temperature), which is part of the cache key."""
 
 import argparse
 
@@ -13,7 +15,7 @@ def main() -> None:
     ap.add_argument("--teacher-sft", required=True, choices=["base", "sft"])
     a = ap.parse_args()
     p = load_params()
-    from telekd.cache import compute_targets, save_targets
+    from telekd.cache import save_targets, teacher_pass
     from telekd.distill import kd_inputs
     from telekd.models import load_model
     from telekd.shard import device
@@ -22,9 +24,7 @@ def main() -> None:
     inp = kd_inputs(p, teacher_dir)
     teacher, _ = load_model(teacher_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
                             device=device())  # its GPU where there is one
-    targets = compute_targets(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k,
-                              p.active.train.batch_size, inp.teacher_tok.pad_token_id, hidden=p.teacher_cache.hidden,
-                              desc=f"teacher {a.teacher}-{a.teacher_sft}")
+    targets = teacher_pass(p, inp, teacher, desc=f"teacher {a.teacher}-{a.teacher_sft}")  # at kd.temperature
     name = f"{a.teacher}-{a.teacher_sft}"
     with atomic_path(f"{layout.CACHE}/{name}") as out:
         entry = save_targets(targets, inp.key, out)

@@ -52,7 +52,8 @@ def test_cached_full_vocabulary_targets_equal_the_live_teacher(tokenizers, sampl
     teacher = tiny_model("llama", len(tok), hidden=48)
     exs, pairs = _pairs(tokenizers, sample_records[:6])
     s_map, t_map = vocab_map(tok, tok)
-    live = compute_targets(teacher, pairs, s_map, t_map, top_k=len(tok), batch_size=3, pad_id=tok.pad_token_id)
+    live = compute_targets(teacher, pairs, s_map, t_map, top_k=len(tok), batch_size=3, pad_id=tok.pad_token_id,
+                           temperature=2.0)
     key = {"test": 1}
     save_targets(live, key, tmp_path)
     cached = load_targets(tmp_path, key)
@@ -70,7 +71,7 @@ def test_cached_full_vocabulary_targets_equal_the_live_teacher(tokenizers, sampl
         mask = torch.ones(len(aligned), dtype=torch.bool)
         dense = divergence("forward_kl", batch_logits[i][s_pos], t_logits[i][t_pos], mask, temperature=2.0)
         sparse = divergence_topk("forward_kl", batch_logits[i][cached.student_pos[rows]], cached.logprobs[rows],
-                                 cached.ids[rows], mask, temperature=2.0)
+                                 cached.ids[rows], mask, temperature=2.0, teacher_rest_logprob=cached.rest[rows])
         assert torch.allclose(dense, sparse, atol=1e-5)
 
 
@@ -83,7 +84,8 @@ def test_corrupted_cache_entry_is_refused(tokenizers, sample_records, tmp_path):
     tok = tokenizers["llama"]
     exs, pairs = _pairs(tokenizers, sample_records[:2])
     s_map, t_map = vocab_map(tok, tok)
-    save_targets(compute_targets(tiny_model("llama", len(tok)), pairs, s_map, t_map, 8, 2, tok.pad_token_id), {"k": 1}, tmp_path)
+    save_targets(compute_targets(tiny_model("llama", len(tok)), pairs, s_map, t_map, 8, 2, tok.pad_token_id,
+                                 temperature=1.0), {"k": 1}, tmp_path)
     f = tmp_path / key_digest({"k": 1}) / TARGETS
     data = bytearray(f.read_bytes())
     data[-3] ^= 0xFF
@@ -105,7 +107,8 @@ def test_two_kd_steps_change_the_student_not_the_teacher(tokenizers, sample_reco
     s_before = {k: v.clone() for k, v in student.state_dict().items()}
     exs, pairs = _pairs(tokenizers, sample_records[:4], teacher="mistral")
     s_map, t_map = vocab_map(s_tok, tok)
-    targets = compute_targets(teacher, pairs, s_map, t_map, top_k=32, batch_size=2, pad_id=tok.pad_token_id)
+    targets = compute_targets(teacher, pairs, s_map, t_map, top_k=32, batch_size=2, pad_id=tok.pad_token_id,
+                              temperature=2.0)
     s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
     out = train_kd(student, exs, s, s_tok.pad_token_id, vanilla_term(targets, pairs, s))
@@ -122,7 +125,8 @@ def test_lora_student_is_merged_back(tokenizers, sample_records):
     teacher, student = tiny_model("llama", len(tok), hidden=48), tiny_model("llama", len(tok), hidden=32, seed=1)
     exs, pairs = _pairs(tokenizers, sample_records[:4])
     s_map, t_map = vocab_map(tok, tok)
-    targets = compute_targets(teacher, pairs, s_map, t_map, top_k=16, batch_size=2, pad_id=tok.pad_token_id)
+    targets = compute_targets(teacher, pairs, s_map, t_map, top_k=16, batch_size=2, pad_id=tok.pad_token_id,
+                              temperature=1.0)
     s = KDSettings(kd_rate=0.5, temperature=1.0, divergence="reverse_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=2, max_grad_norm=1.0, weight_decay=0.0, seed=0,
                    student_lora=True, lora_r=4, lora_alpha=8, lora_targets=("q_proj", "v_proj"))
@@ -150,7 +154,7 @@ def test_dskd_with_cross_model_attention_trains_student_and_projectors(tokenizer
     embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
     make = lambda tg, ps: cma_term(tg, ps, proj, *embeds, *heads, s)  # noqa: E731
     term = live_term(teacher, pairs, s_map, t_map, top_k=len(t_tok), pad_id=t_tok.pad_token_id, make_term=make,
-                     hidden=True)
+                     hidden=True, temperature=1.0)
     out = train_kd(student, exs, s, s_tok.pad_token_id, term, extra_modules=proj)
     assert out["metrics"]["steps"] == 2 and term.examples == 4
     assert {"ce_t2s", "kd_stu", "kd_tea", "t2s_acc"} <= set(out["log"][0])
@@ -169,7 +173,7 @@ def test_uld_trains_across_vocabularies_without_projectors(tokenizers, sample_re
     exs, pairs = _pairs(tokenizers, sample_records[:4], teacher="mistral")
     s_map, t_map = vocab_map(s_tok, t_tok)
     targets = compute_targets(teacher, pairs, s_map, t_map, top_k=len(t_tok), batch_size=2, pad_id=t_tok.pad_token_id,
-                              hidden=False)
+                              hidden=False, temperature=1.0)
     assert targets.hidden is None and int(targets.t_offsets[-1]) == sum(len(t.input_ids) - t.prompt_len for _, t, _ in pairs)
     s = KDSettings(kd_rate=0.5, temperature=1.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)

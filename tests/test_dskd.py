@@ -29,7 +29,7 @@ def test_dskd_one_vocabulary_matches_the_definition():
     y = torch.randint(0, V, (N,))
     t2s, s2t = _lin(d_t, d_s), _lin(d_s, d_t)
     Ws, Wt = torch.randn(V, d_s, dtype=D), torch.randn(V, d_t, dtype=D)
-    lp = torch.log_softmax(t_logits, -1)
+    lp = torch.log_softmax(t_logits / 2.0, -1)  # the cache holds the teacher at the training temperature
     top = lp.topk(V, -1)
     out = dskd_loss("forward_kl", s_logits, s_hidden, y, t_hidden, top.values, top.indices, t2s, s2t, Ws, Wt, 2.0)
     ce = kd_stu = kd_tea = 0.0
@@ -44,12 +44,12 @@ def test_dskd_one_vocabulary_matches_the_definition():
     assert math.isclose(out["kd"].item(), (ce + kd_stu + kd_tea) / N, abs_tol=1e-8)
 
 
-def _cma_inputs(Ts=(4, 2), Tt=(3, 5), d_s=6, d_t=8, Vs=11, Vt=13):
+def _cma_inputs(Ts=(4, 2), Tt=(3, 5), d_s=6, d_t=8, Vs=11, Vt=13, T=1.0):
     B, ms, mt = len(Ts), max(Ts), max(Tt)
     s_mask = torch.tensor([[j < n for j in range(ms)] for n in Ts])
     t_mask = torch.tensor([[j < n for j in range(mt)] for n in Tt])
     t_logits = torch.randn(B, mt, Vt, dtype=D)
-    top = torch.log_softmax(t_logits, -1).topk(Vt, -1)
+    top = torch.log_softmax(t_logits / T, -1).topk(Vt, -1)  # at the training temperature, as cached
     x = dict(student_logits=torch.randn(B, ms, Vs, dtype=D), student_hidden=torch.randn(B, ms, d_s, dtype=D, requires_grad=True),
              s_in_emb=torch.randn(B, ms, d_s, dtype=D), s_tgt_emb=torch.randn(B, ms, d_s, dtype=D),
              s_targets=torch.randint(0, Vs, (B, ms)), s_mask=s_mask,
@@ -93,7 +93,7 @@ def _cma_reference(x, t_logits, T):
 
 @pytest.mark.parametrize("T", [1.0, 2.0])
 def test_cma_matches_the_definition_with_different_lengths(T):
-    x, t_logits = _cma_inputs()
+    x, t_logits = _cma_inputs(T=T)
     out = cma_loss("forward_kl", **x, temperature=T)
     ce, kd_stu, kd_tea = _cma_reference(x, t_logits, T)
     assert math.isclose(out["ce_t2s"].item(), ce, abs_tol=1e-8)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from telekd.cache import topk_targets
 from telekd.losses import KINDS, _akl_weights, divergence, divergence_topk, per_token_divergence
 
 
@@ -29,10 +30,12 @@ def _rand_mask(*shape, seed=0):
     return m
 
 
-def _topk(teacher_logits, k):
-    lp = torch.log_softmax(teacher_logits.double(), dim=-1)
+def _topk(teacher_logits, k, temperature=1.0):
+    """Reference sparse teacher (float64): top-k log-probs at T, their ids, the log-mass of all other ids."""
+    lp = torch.log_softmax(teacher_logits.double() / temperature, dim=-1)
     vals, ids = lp.topk(k, dim=-1)
-    return vals.to(teacher_logits.dtype), ids
+    rest = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), dim=-1)
+    return vals.to(teacher_logits.dtype), ids, rest.to(teacher_logits.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -142,8 +145,8 @@ def test_identical_is_zero(kind):
     m = torch.ones(2, 5, dtype=torch.bool)
     assert abs(divergence(kind, x, x.clone(), m).item()) < 1e-6
     assert abs(divergence(kind, x, x.clone(), m, temperature=2.0).item()) < 1e-6
-    lp, ids = _topk(x, 4)
-    assert abs(divergence_topk(kind, x, lp, ids, m).item()) < 1e-6
+    lp, ids, rest = _topk(x, 4)
+    assert abs(divergence_topk(kind, x, lp, ids, m, teacher_rest_logprob=rest).item()) < 1e-6
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -191,8 +194,9 @@ def test_gradcheck(kind):
     t = _rand(2, 3, 5, dtype=torch.float64, seed=8, scale=1.5).requires_grad_()
     m = _rand_mask(2, 3, seed=7)
     assert torch.autograd.gradcheck(lambda a, b: divergence(kind, a, b, m, temperature=1.7), (s, t))
-    lp, ids = _topk(t.detach(), 3)
-    assert torch.autograd.gradcheck(lambda a: divergence_topk(kind, a, lp, ids, m, temperature=1.3), (s,))
+    lp, ids, rest = _topk(t.detach(), 3, temperature=1.3)
+    assert torch.autograd.gradcheck(
+        lambda a: divergence_topk(kind, a, lp, ids, m, temperature=1.3, teacher_rest_logprob=rest), (s,))
 
 
 def test_gradcheck_adaptive_kl_frozen_weights():
@@ -252,10 +256,12 @@ def test_neg_inf_logits_finite(kind, dtype):
             assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
 
             s, t, mask = _inf_inputs(dtype)
-            lp, ids = _topk(t.detach(), 5)  # rows with support < 5 keep -inf log-probs
+            lp, ids, rest = _topk(t.detach(), 5, temperature)  # rows with support < 5 keep -inf log-probs
             lp = lp.nan_to_num(nan=-math.log(8))  # the all -inf teacher row: cache it as uniform
+            rest = rest.nan_to_num(nan=math.log(3 / 8))
             lp.requires_grad_()
-            v = divergence_topk(kind, s, lp, ids, mask, temperature=temperature, chunk_size=chunk_size)
+            v = divergence_topk(kind, s, lp, ids, mask, temperature=temperature, chunk_size=chunk_size,
+                                teacher_rest_logprob=rest)
             assert v.dtype == torch.float32 and torch.isfinite(v)
             v.backward()
             assert torch.isfinite(s.grad).all() and torch.isfinite(lp.grad).all()
@@ -302,11 +308,11 @@ def test_chunked_equals_plain(kind):
     torch.testing.assert_close(gt2, gt1, rtol=0, atol=1e-6)
     assert (gs1[~m] == 0).all()  # masked positions get no gradient
 
-    lp, ids = _topk(t0, 4)
+    lp, ids, rest = _topk(t0, 4, 1.5)
     results = []
     for chunk_size in (None, 3):
         s = s0.clone().requires_grad_()
-        v = divergence_topk(kind, s, lp, ids, m, temperature=1.5, chunk_size=chunk_size)
+        v = divergence_topk(kind, s, lp, ids, m, temperature=1.5, chunk_size=chunk_size, teacher_rest_logprob=rest)
         v.backward()
         results.append((v.detach(), s.grad))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-6)
@@ -349,44 +355,138 @@ def test_chunked_forward_retains_no_vocabulary_sized_intermediates(kind):
 # ---------------------------------------------------------------------------
 
 
+TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
+V_SMALL = 128  # k = 64 is still below V
+
+
+def _bins_reference(logits, ids, temperature):
+    """Dense tempered distribution (float64) merged onto k + 1 bins: the k ids, then the sum of all others."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    kept = p.gather(-1, ids)
+    rest = p.masked_fill(torch.zeros_like(p, dtype=torch.bool).scatter(-1, ids, True), 0.0).sum(-1, keepdim=True)
+    return torch.cat([kept, rest], dim=-1)
+
+
+def _cached(kind, s, t, k, temperature, m, **kw):
+    """divergence_topk against the targets the teacher cache builds from teacher logits t."""
+    lp, idx, rest = topk_targets(t, k, temperature)
+    return divergence_topk(kind, s, lp, idx, m, temperature, teacher_rest_logprob=rest, **kw)
+
+
+@pytest.mark.parametrize("k", (1, 64, V_SMALL))
+@pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_topk_full_vocab_is_exact(kind):
-    s, t, m = _rand(2, 5, 11, seed=19), _rand(2, 5, 11, seed=20), _rand_mask(2, 5, seed=19)
-    lp, ids = _topk(t, 11)
-    dense = divergence(kind, s, t, m)
-    assert divergence_topk(kind, s, lp, ids, m).item() == pytest.approx(dense.item(), abs=1e-5)
-    # any id order works, and with no residual the re-tempering is exact too
-    perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
-    lp_p, ids_p = lp[..., perm], ids[..., perm]
-    assert divergence_topk(kind, s, lp_p, ids_p, m).item() == pytest.approx(dense.item(), abs=1e-5)
-    dense_t2 = divergence(kind, s, t, m, temperature=2.0)
-    assert divergence_topk(kind, s, lp_p, ids_p, m, temperature=2.0).item() == pytest.approx(dense_t2.item(), abs=1e-5)
+def test_topk_student_equal_to_teacher_is_zero(kind, temperature, k):
+    x = _rand(3, 4, V_SMALL, seed=31)
+    m = torch.ones(3, 4, dtype=torch.bool)
+    assert abs(_cached(kind, x, x.clone(), k, temperature, m).item()) < 1e-6
 
 
-@pytest.mark.parametrize("kind", F_DIVERGENCES)
-def test_topk_lower_bound_converges(kind):
-    # float64 so that the residual 1 - sum(top-k) is not dominated by cache rounding
-    # (see divergence_topk's "Precision" note; a float32 cache knows it to ~1e-7)
+@pytest.mark.parametrize("k", (1, 64, V_SMALL))
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_equals_dense_divergence_on_the_same_k_plus_1_bins(kind, temperature, k):
     f64 = torch.float64
-    s, t, m = _rand(2, 5, 11, seed=21, dtype=f64), _rand(2, 5, 11, seed=22, dtype=f64), _rand_mask(2, 5, seed=21)
-    dense = divergence(kind, s, t, m).item()
-    values = []
-    for k in range(1, 12):
-        lp, ids = _topk(t, k)
-        values.append(divergence_topk(kind, s, lp, ids, m).item())
-    assert all(v <= dense + 1e-6 for v in values)
-    assert all(a <= b + 1e-6 for a, b in zip(values, values[1:]))  # nested top-k: monotone in k
-    assert values[0] < dense - 1e-3  # a real gap for small k
-    assert values[-1] == pytest.approx(dense, abs=1e-5)
+    s, t, m = _rand(3, 4, V_SMALL, seed=32, dtype=f64), _rand(3, 4, V_SMALL, seed=33, dtype=f64), _rand_mask(3, 4)
+    ids = t.argsort(dim=-1, descending=True)[..., :k]  # the teacher's top-k, independently of the code
+    bins_s, bins_t = _bins_reference(s, ids, temperature), _bins_reference(t, ids, temperature)
+    # dense divergence of two (k + 1)-bin distributions: their log-probs are their own logits at T = 1
+    ref = divergence(kind, bins_s.log(), bins_t.log(), m)
+    assert _cached(kind, s, t, k, temperature, m).item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_topk_tempered_finite_and_nonneg(kind):
-    s, t, m = _rand(2, 5, 11, seed=23), _rand(2, 5, 11, seed=24), _rand_mask(2, 5, seed=23)
-    lp, ids = _topk(t, 4)
-    for temp in (0.5, 2.0):
-        v = divergence_topk(kind, s, lp, ids, m, temperature=temp)
-        assert torch.isfinite(v) and v.item() >= -1e-6
+def test_topk_full_vocab_equals_dense(kind, temperature):
+    s, t, m = _rand(2, 5, 11, seed=19), _rand(2, 5, 11, seed=20), _rand_mask(2, 5, seed=19)
+    dense = divergence(kind, s, t, m, temperature).item()
+    assert _cached(kind, s, t, 11, temperature, m).item() == pytest.approx(dense, abs=1e-5)
+    # any id order works; a rest passed with k = V is ignored (nothing is left over)
+    lp, ids, _ = topk_targets(t, 11, temperature)
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    v = divergence_topk(kind, s, lp[..., perm], ids[..., perm], m, temperature, teacher_rest_logprob=torch.zeros(2, 5))
+    assert v.item() == pytest.approx(dense, abs=1e-5)
+
+
+def test_topk_issue_example_v8():
+    """V = 8, teacher logits [3, 0, ..., 0], k = 1, T = 2 (issue 12): 0.1156 before the fix (the T = 1 residual
+    re-tempered as one token), 0 now; a uniform student gets the hand-computed 2-bin divergences."""
+    t = torch.tensor([[3.0, 0, 0, 0, 0, 0, 0, 0]])
+    m = torch.ones(1, dtype=torch.bool)
+    for kind in KINDS:
+        assert abs(_cached(kind, t, t.clone(), 1, 2.0, m).item()) < 1e-6, kind
+    z = math.exp(1.5) + 7
+    teacher, student = [math.exp(1.5) / z, 7 / z], [1 / 8, 7 / 8]  # bins {token 0, the other 7} at T = 2
+    u = torch.zeros(1, 8)
+    assert _cached("forward_kl", u, t, 1, 2.0, m).item() == pytest.approx(h_kl(teacher, student), rel=1e-5)
+    assert _cached("reverse_kl", u, t, 1, 2.0, m).item() == pytest.approx(h_kl(student, teacher), rel=1e-5)
+    assert _cached("tvd", u, t, 1, 2.0, m).item() == pytest.approx(abs(teacher[0] - student[0]), rel=1e-5)
+
+
+def test_topk_large_vocabulary_low_temperature():
+    """V = 32,000, k = 64, T = 0.5 (issue 12: about 2 before the fix for a student equal to its teacher)."""
+    t = _rand(2, 32000, seed=34)
+    m = torch.ones(2, dtype=torch.bool)
+    assert abs(_cached("forward_kl", t, t.clone(), 64, 0.5, m).item()) < 1e-6
+    s = _rand(2, 32000, seed=35)
+    ids = t.argsort(dim=-1, descending=True)[..., :64]
+    ref = divergence("forward_kl", _bins_reference(s, ids, 0.5).log(), _bins_reference(t, ids, 0.5).log(), m)
+    assert _cached("forward_kl", s, t, 64, 0.5, m).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_topk_tail_below_float32_epsilon_is_kept():
+    """A top logit of 25 among 2,047 zeros: the tail is 2047 e^-25 ~ 2.8e-8, below float32's epsilon, so
+    1 - sum(top-1) is 0 in float32; the cache computes it in log space from the logits instead."""
+    t = torch.zeros(1, 2048)
+    t[0, 0] = 25.0
+    lp, idx, rest = topk_targets(t, 1, 1.0)
+    assert rest.dtype == torch.float32 and idx.tolist() == [[0]]
+    assert rest.item() == pytest.approx(math.log(2047) - 25 - math.log1p(2047 * math.exp(-25)), abs=1e-5)
+    assert (1 - lp.exp().sum()).item() == 0.0  # what a 1 - sum residual would see
+    m = torch.ones(1, dtype=torch.bool)
+    u = torch.zeros(1, 2048)  # a uniform student puts 2047/2048 of its mass on the tail
+    true_tail = 2047 * math.exp(-25) / (math.exp(25 - 25) + 2047 * math.exp(-25))
+    teacher, student = [1 - true_tail, true_tail], [1 / 2048, 2047 / 2048]
+    v = divergence_topk("reverse_kl", u, lp, idx, m, teacher_rest_logprob=rest).item()
+    assert v == pytest.approx(h_kl(student, teacher), rel=1e-5)  # ~17.37
+    # without the rest, the residual is derived as 1 - sum and is lost (documented): log 0 is floored
+    assert divergence_topk("reverse_kl", u, lp, idx, m).item() > 80
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("kind", F_DIVERGENCES)
+def test_topk_lower_bound_of_dense(kind, temperature):
+    """The README's and divergence_topk's claim: for the f-divergences, at every temperature, the cached value is
+    at most the dense one, non-decreasing in k (nested top-k sets) and equal at k = V."""
+    f64 = torch.float64
+    s, t, m = _rand(2, 5, V_SMALL, seed=21, dtype=f64), _rand(2, 5, V_SMALL, seed=22, dtype=f64), _rand_mask(2, 5)
+    dense = divergence(kind, s, t, m, temperature).item()
+    values = [_cached(kind, s, t, k, temperature, m).item() for k in (1, 2, 4, 8, 16, 32, 64, 127, V_SMALL)]
+    assert all(v <= dense + 1e-12 for v in values)
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
+    assert values[0] < dense - 1e-3  # a real gap for small k
+    assert values[-1] == pytest.approx(dense, rel=1e-12)
+
+
+def test_topk_targets_match_the_float64_reference():
+    t = _rand(3, 4, 50, seed=36, scale=5.0)
+    for temperature in TEMPERATURES:
+        lp, idx, rest = topk_targets(t, 7, temperature)
+        ref_lp, ref_ids, ref_rest = _topk(t, 7, temperature)
+        assert torch.equal(idx, ref_ids)
+        torch.testing.assert_close(lp, ref_lp, rtol=0, atol=2e-6)
+        torch.testing.assert_close(rest, ref_rest, rtol=0, atol=2e-6)
+    # candidates: top-k among some columns; the rest holds every other column, candidate or not
+    cand = torch.tensor([3, 5, 8, 13, 21, 34])
+    lp, idx, rest = topk_targets(t, 2, 2.0, candidates=cand)
+    full = torch.log_softmax(t.double() / 2.0, -1)
+    top = full[..., cand].topk(2, -1)
+    assert torch.equal(idx, top.indices)
+    torch.testing.assert_close(lp.double(), top.values, rtol=0, atol=2e-6)
+    other = full.scatter(-1, cand[top.indices], float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(rest.double(), other, rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="k=7 must be in"):
+        topk_targets(t, 7, 1.0, candidates=cand)
 
 
 # ---------------------------------------------------------------------------
@@ -405,8 +505,8 @@ def test_empty_mask_is_zero_with_grad(kind):
         assert torch.isfinite(s.grad).all() and (s.grad == 0).all() and (t.grad == 0).all()
 
         s = _rand(2, 4, 8).requires_grad_()
-        lp, ids = _topk(_rand(2, 4, 8, seed=3), 3)
-        v = divergence_topk(kind, s, lp, ids, mask, chunk_size=chunk_size)
+        lp, ids, rest = _topk(_rand(2, 4, 8, seed=3), 3)
+        v = divergence_topk(kind, s, lp, ids, mask, chunk_size=chunk_size, teacher_rest_logprob=rest)
         assert v.item() == 0.0
         v.backward()
         assert (s.grad == 0).all()
@@ -418,7 +518,7 @@ def test_unknown_kind():
         divergence("kl", x, x, m)
     assert all(k in str(e.value) for k in KINDS)
     with pytest.raises(ValueError) as e:
-        divergence_topk("nope", x, *_topk(x, 2), m)
+        divergence_topk("nope", x, *_topk(x, 2)[:2], m)
     assert all(k in str(e.value) for k in KINDS)
 
 
@@ -430,12 +530,14 @@ def test_shape_mismatch():
     with pytest.raises(ValueError) as e:
         divergence("forward_kl", s, s, torch.ones(2, 4))
     assert "(2, 4)" in str(e.value) and "(2, 3)" in str(e.value)
-    lp, ids = _topk(_rand(2, 4, 5), 2)
+    lp, ids, rest = _topk(_rand(2, 4, 5), 2)
     with pytest.raises(ValueError) as e:
         divergence_topk("forward_kl", s, lp, ids, torch.ones(2, 3))
     assert "(2, 3, 5)" in str(e.value) and "(2, 4, 2)" in str(e.value)
     with pytest.raises(ValueError):
         divergence_topk("forward_kl", s, lp[:, :3], ids[:, :3, :1], torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"teacher_rest_logprob has shape \(2, 4\), expected \(2, 3\)"):
+        divergence_topk("forward_kl", s, lp[:, :3], ids[:, :3], torch.ones(2, 3), teacher_rest_logprob=rest)
     with pytest.raises(ValueError):
         divergence("forward_kl", s, s, torch.ones(2, 3), temperature=0.0)
     with pytest.raises(ValueError):

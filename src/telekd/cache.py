@@ -1,14 +1,21 @@
 """Content-addressed teacher-output cache: the teacher runs once per checkpoint and split, not per cell and epoch.
 
-An entry holds, for every aligned answer position of the training split, the teacher's top-k
-log-probabilities (temperature 1) over the student's vocabulary (ids with an identical-string twin)
-plus, implicitly, the residual mass 1 - sum(exp(top-k)) (vanilla KD); and, for every teacher answer
-position, the top-k over the teacher's own vocabulary and the last layer's hidden state (DSKD, ULD).
+An entry holds what the KD losses read, at the training temperature T (`kd.temperature`):
+- vanilla KD, at every aligned answer position: the top-k of the teacher's tempered distribution over the
+  student's vocabulary (teacher ids with an identical-string student twin) and the log of the tempered mass on
+  everything else (`rest`: unmapped teacher tokens included), computed from the logits in log space
+  (topk_targets), so `losses.divergence_topk` gets the k + 1 bins it needs and a tiny tail never
+  rounds away;
+- DSKD's teacher-space term, at every teacher answer position: the tempered top-k over the teacher's own
+  vocabulary and its `t_rest` (DSKD's reference tempers the teacher in its teacher-space KL too); the same
+  ids' log-probabilities at T = 1 for ULD (which ignores the temperature, as its reference does); and the last
+  layer's hidden states.
 Its address is the sha256 of everything that determines it: teacher weights, both tokenizers, chat
-templates, data, lengths, dtype, top-k.
+templates, data, lengths, dtype, top-k, temperature.
 The file's own sha256 is checked on every read; a corrupted entry is never used: `load_targets`
-refuses it, `load_or_recompute` (the kd stage) recomputes it with the teacher in memory and leaves the
-cache, a DVC output of the teacher_cache stage, as it is (`dvc repro` or `dvc checkout` restores it).
+refuses it, `kd_targets` (the kd stage, through `load_or_recompute`) recomputes it with the teacher on the stage's
+device and leaves the cache, a DVC output of the teacher_cache stage, as it is (`dvc repro` or `dvc checkout`
+restores it).
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ if TYPE_CHECKING:
 
 TARGETS = "targets.safetensors"
 MANIFEST = "manifest.json"
+# the tensors of an entry besides the optional hidden states
+TENSORS = ("offsets", "student_pos", "logprobs", "ids", "rest", "mapped_mass", "t_offsets", "t_logprobs", "t_ids",
+           "t_rest", "t_logprobs1")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -49,15 +59,21 @@ def key_digest(key: dict) -> str:
 
 @dataclass
 class TeacherTargets:
+    """The teacher's targets on one split (shapes below; N aligned rows, Nt teacher answer rows)."""
+
     offsets: "torch.Tensor"      # [n_examples + 1] rows of example i are offsets[i]:offsets[i+1]
     student_pos: "torch.Tensor"  # [N] student logit position of each row
-    logprobs: "torch.Tensor"     # [N, k] teacher log-probs (T = 1) at the student ids below
+    logprobs: "torch.Tensor"     # [N, k] teacher log-probs at `temperature` at the student ids below
     ids: "torch.Tensor"          # [N, k] student vocabulary ids
-    mapped_mass: "torch.Tensor"  # [N] teacher mass on ids with a student twin (1 with one vocabulary)
+    rest: "torch.Tensor"         # [N] log of the tempered teacher mass on every other teacher token (mapped or not)
+    mapped_mass: "torch.Tensor"  # [N] teacher mass (T = 1) on ids with a student twin (1 with one vocabulary)
     answer_tokens: int           # student answer tokens in all examples (aligned or not)
     t_offsets: "torch.Tensor"    # [n_examples + 1] teacher-space rows of example i (its answer positions, in order)
-    t_logprobs: "torch.Tensor"   # [Nt, k] teacher log-probs (T = 1) over the teacher's vocabulary
+    t_logprobs: "torch.Tensor"   # [Nt, k] teacher log-probs at `temperature` over the teacher's vocabulary
     t_ids: "torch.Tensor"        # [Nt, k] their teacher ids
+    t_rest: "torch.Tensor"       # [Nt] log of the tempered teacher mass outside t_ids
+    t_logprobs1: "torch.Tensor"  # [Nt, k] log-probs at T = 1 of the same t_ids (ULD ignores the temperature)
+    temperature: float           # T of logprobs, rest, t_logprobs, t_rest (kd.temperature)
     hidden: "torch.Tensor | None" = None  # [Nt, d_t] last-layer hidden states (float32), when kept
 
     def to(self, device) -> "TeacherTargets":
@@ -75,15 +91,50 @@ class TeacherTargets:
                 "aligned_fraction": round(self.student_pos.numel() / max(1, self.answer_tokens), 4),
                 "mapped_mass": round(float(self.mapped_mass.mean()), 4) if self.mapped_mass.numel() else None,
                 "top_k": int(self.ids.shape[-1]), "teacher_positions": int(self.t_ids.shape[0]),
-                "hidden": self.hidden is not None}
+                "temperature": self.temperature, "hidden": self.hidden is not None}
+
+
+def topk_targets(logits: "torch.Tensor", k: int, temperature: float = 1.0, candidates: "torch.Tensor | None" = None
+                 ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """A teacher's sparse targets at temperature T, in the form `losses.divergence_topk` reads (a pure function).
+
+    Args:
+        logits: [..., V] teacher logits (any float dtype; computed in float32, float64 kept).
+        k: entries kept, 1 <= k <= the number of candidates.
+        temperature: T > 0; the logits are divided by T before the softmax.
+        candidates: optional [M] distinct columns of `logits` among which the top-k is taken (cross-vocabulary KD:
+            the teacher ids with an identical-string student twin); None: all V columns.
+
+    Returns:
+        (logprobs, index, rest): logprobs [..., k] = log_softmax(logits / T) at the k largest candidates, in
+        decreasing order (the top-k of the tempered distribution: the top-k of the logits at any T); index [..., k]
+        their positions in `candidates` (columns of `logits` when it is None); rest [...] the log of the tempered
+        mass on every other column of `logits`, candidate or not. `rest` is a logsumexp over those tempered
+        log-probs, never log(1 - sum), so a tail far below float32's epsilon keeps its value (a top logit of 25
+        among 2,047 zeros at T = 1: log(2047) - 25 = -17.38, where 1 - sum is 0); -inf when nothing is left.
+    """
+    import torch
+
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    lp = torch.log_softmax(x / temperature, dim=-1)
+    cand = lp if candidates is None else lp.index_select(-1, candidates)
+    if not 1 <= k <= cand.shape[-1]:
+        raise ValueError(f"top-k size k={k} must be in [1, {cand.shape[-1]}] (the number of candidate ids)")
+    values, index = cand.topk(k, dim=-1)
+    cols = index if candidates is None else candidates[index]
+    rest = torch.logsumexp(lp.scatter(-1, cols, float("-inf")), dim=-1)
+    return values, index, rest
 
 
 def compute_targets(teacher, pairs, s_map, t_map, top_k: int, batch_size: int, pad_id: int, hidden: bool = True,
-                    desc="teacher") -> TeacherTargets:
-    """Run the frozen teacher over `pairs` [(student_ex, teacher_ex, aligned positions)] and keep its targets:
-    student-space top-k at aligned positions (vanilla KD) and, at every teacher answer position,
-    teacher-space top-k and (when `hidden`) the last layer's hidden state (DSKD, ULD). The teacher runs on its
-    own device; the targets come back on the CPU."""
+                    desc="teacher", *, temperature: float) -> TeacherTargets:
+    """Run the frozen teacher over `pairs` [(student_ex, teacher_ex, aligned positions)] and keep its targets at
+    `temperature` (the training temperature, kd.temperature; see the module docstring): student-space top-k and
+    rest at aligned positions (vanilla KD) and, at every teacher answer position, teacher-space top-k and rest,
+    the same ids at T = 1 (ULD) and (when `hidden`) the last layer's hidden state (DSKD). Top-k and rest come from
+    topk_targets. The teacher runs on its own device; the targets come back on the CPU."""
     import torch
     from tqdm import tqdm
 
@@ -94,8 +145,8 @@ def compute_targets(teacher, pairs, s_map, t_map, top_k: int, batch_size: int, p
     s_map, t_map = s_map.to(dev), t_map.to(dev)
     k_s = min(top_k, len(s_map))
     k_t = min(top_k, teacher.get_output_embeddings().weight.shape[0])
-    offsets, pos, lps, ids, mass = [0], [], [], [], []
-    t_offsets, t_lps, t_ids, hid = [0], [], [], []
+    offsets, pos, lps, ids, rest, mass = [0], [], [], [], [], []
+    t_offsets, t_lps, t_ids, t_rest, t_lps1, hid = [0], [], [], [], [], []
     for b in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", mininterval=2):
         chunk = pairs[b: b + batch_size]
         batch = {k: v.to(dev) for k, v in collate([t for _, t, _ in chunk], pad_id).items()}
@@ -104,27 +155,28 @@ def compute_targets(teacher, pairs, s_map, t_map, top_k: int, batch_size: int, p
                           output_hidden_states=hidden)
         for row, (_, t_ex, aligned) in enumerate(chunk):
             answer = torch.arange(t_ex.prompt_len - 1, len(t_ex.input_ids) - 1, device=dev)
-            full = torch.log_softmax(out.logits[row, answer].float(), dim=-1)       # [n_t, V_t]
-            top_t = full.topk(k_t, dim=-1)
-            t_lps.append(top_t.values)
-            t_ids.append(top_t.indices)
+            logits = out.logits[row, answer]                                         # [n_t, V_t]
+            lp, idx, r = topk_targets(logits, k_t, temperature)
+            t_lps.append(lp), t_ids.append(idx), t_rest.append(r)
+            full1 = torch.log_softmax(logits.float(), dim=-1)                        # T = 1
+            t_lps1.append(full1.gather(-1, idx))
             if hidden:
                 hid.append(out.hidden_states[-1][row, answer].float())
             t_offsets.append(t_offsets[-1] + len(answer))
             rel = torch.tensor([t - (t_ex.prompt_len - 1) for _, t in aligned], dtype=torch.long, device=dev)
-            lp = full[rel][:, t_map]                                                 # [n, M] in student-id order
-            top = lp.topk(k_s, dim=-1)
-            lps.append(top.values)
-            ids.append(s_map[top.indices])
-            mass.append(lp.exp().sum(-1))
+            lp, idx, r = topk_targets(logits[rel], k_s, temperature, candidates=t_map)  # in student-id order
+            lps.append(lp), ids.append(s_map[idx]), rest.append(r)
+            mass.append(full1[rel][:, t_map].exp().sum(-1))
             pos.append(torch.tensor([s for s, _ in aligned], dtype=torch.long))
             offsets.append(offsets[-1] + len(aligned))
     answer_tokens = sum(len(s.input_ids) - s.prompt_len for s, _, _ in pairs)
     d = teacher.config.hidden_size
     cat = lambda xs, *w: torch.cat(xs).cpu() if xs else torch.zeros((0, *w))  # noqa: E731
-    return TeacherTargets(torch.tensor(offsets), cat(pos).long(), cat(lps, k_s), cat(ids, k_s).long(), cat(mass),
-                          answer_tokens, torch.tensor(t_offsets), cat(t_lps, k_t), cat(t_ids, k_t).long(),
-                          cat(hid, d) if hidden else None)
+    return TeacherTargets(
+        offsets=torch.tensor(offsets), student_pos=cat(pos).long(), logprobs=cat(lps, k_s), ids=cat(ids, k_s).long(),
+        rest=cat(rest), mapped_mass=cat(mass), answer_tokens=answer_tokens, t_offsets=torch.tensor(t_offsets),
+        t_logprobs=cat(t_lps, k_t), t_ids=cat(t_ids, k_t).long(), t_rest=cat(t_rest), t_logprobs1=cat(t_lps1, k_t),
+        temperature=float(temperature), hidden=cat(hid, d) if hidden else None)
 
 
 def save_targets(targets: TeacherTargets, key: dict, root: str | Path) -> Path:
@@ -133,9 +185,7 @@ def save_targets(targets: TeacherTargets, key: dict, root: str | Path) -> Path:
 
     entry = Path(root) / key_digest(key)
     entry.mkdir(parents=True, exist_ok=True)
-    tensors = {"offsets": targets.offsets, "student_pos": targets.student_pos, "logprobs": targets.logprobs,
-               "ids": targets.ids, "mapped_mass": targets.mapped_mass, "t_offsets": targets.t_offsets,
-               "t_logprobs": targets.t_logprobs, "t_ids": targets.t_ids}
+    tensors = {name: getattr(targets, name) for name in TENSORS}
     if targets.hidden is not None:
         tensors["hidden"] = targets.hidden
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(entry / TARGETS))
@@ -163,13 +213,14 @@ def load_targets(root: str | Path, key: dict) -> TeacherTargets:
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
         ok = file_sha256(entry / TARGETS) == manifest["sha256"]
+        answer_tokens, temperature = int(manifest["answer_tokens"]), float(manifest["temperature"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptEntry(f"{entry}: unreadable entry ({type(e).__name__}: {e})") from None
     if not ok:
         raise CorruptEntry(f"{entry / TARGETS}: content hash mismatch (corrupted): dvc checkout or dvc repro restores it")
     t = load_file(str(entry / TARGETS))
-    return TeacherTargets(t["offsets"], t["student_pos"], t["logprobs"], t["ids"], t["mapped_mass"],
-                          manifest["answer_tokens"], t["t_offsets"], t["t_logprobs"], t["t_ids"], t.get("hidden"))
+    return TeacherTargets(**{name: t[name] for name in TENSORS}, hidden=t.get("hidden"),
+                          answer_tokens=answer_tokens, temperature=temperature)
 
 
 def load_or_recompute(root: str | Path, key: dict, recompute: Callable[[], TeacherTargets],
@@ -181,3 +232,31 @@ def load_or_recompute(root: str | Path, key: dict, recompute: Callable[[], Teach
     except CorruptEntry as e:
         print(f"{stage}: {e}; recomputing the teacher targets in memory (the cache is left as is)", flush=True)
         return recompute(), 1
+
+
+def teacher_pass(p, inp, teacher, desc: str = "teacher") -> TeacherTargets:
+    """`compute_targets` over the training pairs of `inp` (distill.KDInputs) with the study's params `p`: the one
+    call the teacher_cache stage and a recompute both make, so that a recomputed entry equals the cached one."""
+    return compute_targets(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, p.active.train.batch_size,
+                           inp.teacher_tok.pad_token_id, hidden=p.teacher_cache.hidden, desc=desc,
+                           temperature=p.kd.temperature)
+
+
+def kd_targets(root: str | Path, p, inp, teacher_dir: str, device, teacher=None, stage: str = "kd"
+               ) -> tuple[TeacherTargets, int]:
+    """The kd stage's cached teacher targets on `device`, and 1 if a corrupted entry was recomputed (else 0).
+
+    The recompute runs the teacher on `device`, the stage's (its GPU; a 7B teacher on the CPU takes hours):
+    `teacher` when the stage holds it already (DSKD), else loaded from `teacher_dir` onto `device`."""
+    def recompute() -> TeacherTargets:
+        model = teacher
+        if model is None:
+            from .models import load_model
+
+            model, _ = load_model(teacher_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
+                                  device=str(device))
+            model.requires_grad_(False)
+        return teacher_pass(p, inp, model, desc=f"{stage}: teacher (recompute)")
+
+    targets, recomputed = load_or_recompute(root, inp.key, recompute, stage)
+    return targets.to(device), recomputed

@@ -48,7 +48,7 @@ def build_pairs(student_examples, records, student_tok, teacher_tok, system: str
 
 
 def cache_key(teacher_dir, student_tok_dir, split_file, system, max_length, max_prompt_length, dtype, top_k,
-              hidden: bool) -> dict:
+              hidden: bool, temperature: float) -> dict:
     """Everything that determines the teacher's targets; its sha256 is the cache address."""
     tok_files = [f for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "hub.json")
                  if (Path(student_tok_dir) / f).exists()]
@@ -56,7 +56,8 @@ def cache_key(teacher_dir, student_tok_dir, split_file, system, max_length, max_
         "teacher": dir_digest(teacher_dir),
         "student_tokenizer": {f: file_sha256(Path(student_tok_dir) / f) for f in tok_files},
         "data": file_sha256(split_file), "system": system, "max_length": max_length,
-        "max_prompt_length": max_prompt_length, "dtype": dtype, "top_k": top_k, "hidden": hidden, "format": 2,
+        "max_prompt_length": max_prompt_length, "dtype": dtype, "top_k": top_k, "hidden": hidden,
+        "temperature": temperature, "format": 3,
     }
 
 
@@ -238,15 +239,16 @@ def make_projectors(d_s: int, d_t: int, cma: bool, seed: int = 0):
     return torch.nn.ModuleDict(mods)
 
 
-def live_term(teacher, pairs, s_map, t_map, top_k: int, pad_id: int, make_term, *, hidden: bool):
+def live_term(teacher, pairs, s_map, t_map, top_k: int, pad_id: int, make_term, *, hidden: bool, temperature: float):
     """A KD term without the cache: the batch's teacher targets are computed now (counted in .examples).
 
     `hidden`: keep the teacher's last hidden states (DSKD needs them; vanilla KD and ULD do not).
+    `temperature`: kd.temperature, as in the cache (the same targets as the cached path).
     """
     def term(logits, student_hidden, batch, idx):
         sub = [pairs[i] for i in idx]
         targets = compute_targets(teacher, sub, s_map, t_map, top_k, len(idx), pad_id, hidden=hidden,
-                                  desc="teacher (live)")
+                                  desc="teacher (live)", temperature=temperature)
         term.examples += len(idx)
         targets = targets.to(logits.device)
         return make_term(targets, sub)(logits, student_hidden, batch, list(range(len(idx))))
@@ -290,5 +292,5 @@ def kd_inputs(p, teacher_dir: str, need_alignment: bool = False) -> KDInputs:
     pairs = build_pairs(examples, records, s_tok, t_tok, p.prompt.system, t.max_length, t.max_prompt_length)
     s_map, t_map = vocab_map(s_tok, t_tok)
     key = cache_key(teacher_dir, student_dir, layout.split_file("train"), p.prompt.system, t.max_length,
-                    t.max_prompt_length, p.active.dtype, p.teacher_cache.top_k, p.teacher_cache.hidden)
+                    t.max_prompt_length, p.active.dtype, p.teacher_cache.top_k, p.teacher_cache.hidden, p.kd.temperature)
     return KDInputs(s_tok, t_tok, examples, pairs, s_map, t_map, match, key)

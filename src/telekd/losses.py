@@ -332,6 +332,13 @@ def divergence(
     return _masked_mean(chunk_sum, (student_logits, teacher_logits), mask, dtype, chunk_size)
 
 
+def _collapse(log_probs: Tensor, ids: Tensor) -> Tensor:
+    """``[..., V]`` normalised log-probs -> ``[..., k + 1]``: the ``k`` ids, then the log-mass of all others."""
+    in_topk = torch.zeros_like(log_probs, dtype=torch.bool).scatter(-1, ids, True)
+    rest = _logsumexp(log_probs.masked_fill(in_topk, float("-inf")))
+    return torch.cat([log_probs.gather(-1, ids), rest.unsqueeze(-1)], dim=-1)
+
+
 def divergence_topk(
     kind: str,
     student_logits: Tensor,
@@ -342,44 +349,48 @@ def divergence_topk(
     skew_lambda: float = 0.1,
     akl_alpha: float = 0.5,
     chunk_size: Optional[int] = None,
+    *,
+    teacher_rest_logprob: Optional[Tensor] = None,
 ) -> Tensor:
-    """:func:`divergence` against a sparse (cached) teacher that kept only its top-k log-probs.
+    """:func:`divergence` against a sparse (cached) teacher given on ``k + 1`` bins at temperature ``T``.
 
     Args:
-        student_logits: ``[..., V]``.
-        teacher_topk_logprobs: ``[..., k]`` teacher log-probabilities **at temperature 1**.
-        teacher_topk_ids: ``[..., k]`` their (distinct) vocabulary ids, ``k <= V``.
-        mask, temperature, skew_lambda, akl_alpha, chunk_size: as in :func:`divergence`.
+        kind: one of :data:`KINDS`.
+        student_logits: ``[..., V]`` student logits (divided by ``temperature`` here).
+        teacher_topk_logprobs: ``[..., k]`` teacher log-probabilities **already at temperature T**
+            (``log_softmax(teacher_logits / T)`` at the ids below, as ``telekd.cache.topk_targets`` gives them);
+            they are not re-tempered here.
+        teacher_topk_ids: ``[..., k]`` their distinct ids in the student's vocabulary, ``1 <= k <= V``.
+        mask: ``[...]``; true marks a position that counts.
+        temperature: ``T``, the temperature of the teacher inputs; divides the student logits.
+        skew_lambda, akl_alpha, chunk_size: as in :func:`divergence`.
+        teacher_rest_logprob: ``[...]`` log of the teacher's tempered mass outside the ``k`` ids (for a
+            cross-vocabulary teacher it includes the mass on teacher tokens without a student twin), as
+            ``telekd.cache.topk_targets`` computes it from the logits. ``None``: derived as
+            ``log(1 - sum(exp(teacher_topk_logprobs)))`` in float64, which is right for normalised inputs but
+            loses a tail below their rounding (~1e-7 of the mass in float32: it becomes ``-inf``), so cached
+            targets pass it.
 
-    Representation: both distributions live on ``k + 1`` bins, the ``k`` teacher ids
-    plus one residual bin. The student's residual bin holds its (tempered) mass on all
-    other ids, computed exactly from the full student logits; the teacher's holds
-    ``r = 1 - sum(exp(topk_logprobs))`` (clamped at 0). The divergence of ``kind`` is
-    then computed between these two ``(k+1)``-bin distributions. When ``k = V`` (no
-    id left over) the residual bin is empty on both sides (any rounding residue of the
-    cache is dropped and the k probabilities renormalized).
+    Bins: both distributions live on ``k + 1`` bins, the ``k`` teacher ids plus one residual bin holding
+    the mass of every other id. The student's bins are its exact tempered distribution
+    ``softmax(student_logits / T)`` collapsed onto them (the residual a logsumexp over the other ids); the
+    teacher's are the given log-probs and rest, used as they are. The value is the divergence of ``kind``
+    between these two ``(k + 1)``-bin distributions: exactly :func:`divergence` computed on the bins. When
+    ``k = V`` the residual bin is empty on both sides (any rest passed is ignored) and the value equals
+    the dense :func:`divergence` at ``T``.
 
-    Lower bound: merging bins never increases an f-divergence (data-processing
-    inequality), so for ``k < V`` at temperature 1 the forward/reverse KL, JS, both
-    skewed KLs and TVD are lower bounds of their dense values, non-decreasing in
-    ``k`` for nested top-k sets and exact at ``k = V``. AKL is a weighted sum whose
-    weights also change with the binning, so it carries no such guarantee.
+    Lower bound (one vocabulary, targets from ``telekd.cache.topk_targets`` on the teacher's logits): both sides
+    are the exact tempered distributions merged by the same map, and merging bins never increases an
+    f-divergence (data-processing inequality), so for forward/reverse KL, JS, both skewed KLs and TVD
+    the value is at most the dense ``divergence(kind, student_logits, teacher_logits, mask, T)`` at every
+    temperature, non-decreasing in ``k`` for nested top-k sets, and equal to it at ``k = V``. AKL's
+    weights change with the binning: it has no such guarantee.
 
-    Temperature (approximation): the kept entries are re-tempered exactly up to
-    normalisation (``log p_T = log p / T + const``, since log p is a logit up to a
-    constant). The residual's tempered share is approximated by treating the whole
-    residual as a single pseudo-token of log-probability ``log r``: the teacher bins
-    are ``log_softmax([topk_logprobs, log r] / T)``. This is exact at ``T = 1`` and
-    whenever the residual is empty (so ``k = V`` is exact at any ``T``); otherwise,
-    because ``x**(1/T)`` is subadditive for ``T > 1``, it *under*-estimates the
-    teacher's tempered tail mass for ``T > 1`` (and over-estimates it for ``T < 1``)
-    relative to the unknown true tail ``sum_tail p_i**(1/T)``.
+    Source: the sparse-teacher (top-k plus residual) form is ours; the divergences are DSKD's
+    (songmzhang/DSKD ``code/criterions/various_divergence.py``), both sides at ``T`` with no ``T**2``.
 
-    Precision: the residual is a difference ``1 - sum``; with a float32 (or bf16) cache
-    it is only known to about 1e-7 (1e-3) absolute, so when the true residual is that
-    small and the student puts real mass outside the top-k, the reverse-type terms
-    involving the residual bin are correspondingly uncertain (the bound above holds
-    up to this rounding). Store the cache in float32 or better.
+    Returns:
+        A scalar tensor (float32, or float64 for float64 inputs), the mean over the unmasked positions.
     """
     _check_kind(kind)
     _check_scalars(temperature, skew_lambda, akl_alpha, chunk_size)
@@ -394,28 +405,32 @@ def divergence_topk(
             f"teacher_topk_logprobs has shape {tuple(teacher_topk_logprobs.shape)} "
             "(all dims but the last must agree)"
         )
+    if teacher_rest_logprob is not None and teacher_rest_logprob.shape != teacher_topk_logprobs.shape[:-1]:
+        raise ValueError(
+            f"shape mismatch: teacher_rest_logprob has shape {tuple(teacher_rest_logprob.shape)}, expected "
+            f"{tuple(teacher_topk_logprobs.shape[:-1])} (teacher_topk_logprobs.shape[:-1])"
+        )
     vocab, k = student_logits.shape[-1], teacher_topk_logprobs.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"top-k size k={k} must be in [1, V={vocab}]")
     mask = _check_mask(mask, student_logits.shape[:-1], "student_logits")
     dtype = _compute_dtype(student_logits, teacher_topk_logprobs)
+    if teacher_rest_logprob is None:
+        # 1 - sum(top-k) in float64 and log space: log(-expm1(logsumexp)); -inf where rounding left nothing
+        lse = _logsumexp(teacher_topk_logprobs.double())
+        teacher_rest_logprob = torch.where(lse < 0, (-torch.expm1(lse.clamp_max(-1e-300))).log(),
+                                           torch.full_like(lse, float("-inf")))
 
-    def chunk_sum(s: Tensor, t_lp: Tensor, ids: Tensor) -> Tensor:
+    def chunk_sum(s: Tensor, t_lp: Tensor, ids: Tensor, t_rest: Tensor) -> Tensor:
         ids = ids.long()
-        # student: exact tempered distribution collapsed onto k + 1 bins
-        ls_full = _log_softmax(s.to(dtype) / temperature)
-        in_topk = torch.zeros_like(ls_full, dtype=torch.bool).scatter(-1, ids, True)
-        ls_rest = _logsumexp(ls_full.masked_fill(in_topk, float("-inf")))
-        ls = torch.cat([ls_full.gather(-1, ids), ls_rest.unsqueeze(-1)], dim=-1)
-        # teacher: k cached log-probs + residual, re-tempered as k + 1 pseudo-logits
-        lt_k = t_lp.to(dtype)
-        # residual mass 1 - sum(top-k), accumulated in float64 (it is a small difference of O(1) numbers)
-        resid = (-torch.expm1(_logsumexp(lt_k.double()))).clamp_min(0.0).to(dtype)
-        lr = _safe_log(resid).masked_fill(~(~in_topk).any(dim=-1), float("-inf"))
-        lt = _log_softmax(torch.cat([lt_k, lr.unsqueeze(-1)], dim=-1) / temperature)
+        ls = _collapse(_log_softmax(s.to(dtype) / temperature), ids)
+        # k = V: no id is left over, the residual bin is empty on both sides
+        rest = t_rest.to(dtype) if k < vocab else torch.full_like(t_rest, float("-inf"), dtype=dtype)
+        lt = torch.cat([t_lp.to(dtype), rest.unsqueeze(-1)], dim=-1)
         return per_token_divergence(kind, ls, lt, skew_lambda, akl_alpha).sum()
 
-    return _masked_mean(chunk_sum, (student_logits, teacher_topk_logprobs, teacher_topk_ids), mask, dtype, chunk_size)
+    return _masked_mean(chunk_sum, (student_logits, teacher_topk_logprobs, teacher_topk_ids, teacher_rest_logprob),
+                        mask, dtype, chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,7 +442,7 @@ def divergence_topk(
 def dskd_loss(kind: str, student_logits: Tensor, student_hidden: Tensor, targets: Tensor, teacher_hidden: Tensor,
               teacher_topk_logprobs: Tensor, teacher_topk_ids: Tensor, t2s, s2t, student_head: Tensor,
               teacher_head: Tensor, temperature: float = 1.0, skew_lambda: float = 0.1,
-              akl_alpha: float = 0.5) -> dict[str, Tensor]:
+              akl_alpha: float = 0.5, *, teacher_rest_logprob: Optional[Tensor] = None) -> dict[str, Tensor]:
     """DSKD with one vocabulary, on N paired answer positions (rows of every argument).
 
     Student space: z_t2s = head_s(P_t2s(h_t)) with the student head detached; CE(z_t2s, y) trains
@@ -441,7 +456,8 @@ def dskd_loss(kind: str, student_logits: Tensor, student_hidden: Tensor, targets
     ce_t2s = F.cross_entropy(_up(z_t2s), targets, reduction="sum") / n
     kd_stu = divergence(kind, student_logits, z_t2s.detach(), ones, temperature, skew_lambda, akl_alpha)
     z_s2t = s2t(student_hidden) @ teacher_head.detach().T
-    kd_tea = divergence_topk("forward_kl", z_s2t, teacher_topk_logprobs, teacher_topk_ids, ones, temperature)
+    kd_tea = divergence_topk("forward_kl", z_s2t, teacher_topk_logprobs, teacher_topk_ids, ones, temperature,
+                             teacher_rest_logprob=teacher_rest_logprob)
     return {"ce_t2s": ce_t2s, "kd_stu": kd_stu, "kd_tea": kd_tea, "kd": ce_t2s + kd_stu + kd_tea,
             "t2s_acc": (z_t2s.argmax(-1) == targets).float().mean()}
 
@@ -460,7 +476,7 @@ def cma_loss(kind: str, student_logits: Tensor, student_hidden: Tensor, s_in_emb
              s_targets: Tensor, s_mask: Tensor, teacher_hidden: Tensor, t_in_emb: Tensor, t_tgt_emb: Tensor,
              t_topk_logprobs: Tensor, t_topk_ids: Tensor, t_mask: Tensor, query, t2s, s2t, student_head: Tensor,
              teacher_head: Tensor, temperature: float = 1.0, skew_lambda: float = 0.1,
-             akl_alpha: float = 0.5) -> dict[str, Tensor]:
+             akl_alpha: float = 0.5, *, t_rest_logprob: Optional[Tensor] = None) -> dict[str, Tensor]:
     """DSKD with cross-model attention for two vocabularies, on a batch of answer positions.
 
     Shapes: student side [B, Ts, ·] and teacher side [B, Tt, ·], padded; s_mask/t_mask mark real
@@ -492,7 +508,8 @@ def cma_loss(kind: str, student_logits: Tensor, student_hidden: Tensor, s_in_emb
     acc = s_mask & (z_t2s.argmax(-1) == s_targets)
     n_acc = acc.sum()
     kd_stu = divergence(kind, student_logits, z_t2s.detach(), acc, temperature, skew_lambda, akl_alpha) * n_acc / n_s.clamp_min(1)
-    kd_tea = divergence_topk("forward_kl", z_s2t, t_topk_logprobs, t_topk_ids, t_mask, temperature)
+    kd_tea = divergence_topk("forward_kl", z_s2t, t_topk_logprobs, t_topk_ids, t_mask, temperature,
+                             teacher_rest_logprob=t_rest_logprob)
     return {"ce_t2s": ce_t2s, "kd_stu": kd_stu, "kd_tea": kd_tea, "kd": ce_t2s + kd_stu + kd_tea,
             "t2s_acc": n_acc.float() / n_s.clamp_min(1)}
 

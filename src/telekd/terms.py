@@ -8,11 +8,18 @@ from .cache import TeacherTargets
 
 
 def _student_rows(targets: TeacherTargets, idx):
-    """Student-space rows (vanilla): batch row of each position, student positions, log-probs, ids."""
+    """Student-space rows (vanilla): batch row of each position, student positions, log-probs, ids, rest."""
     slices = [targets.rows(i) for i in idx]
     b_index = torch.cat([torch.full((s.stop - s.start,), j, dtype=torch.long) for j, s in enumerate(slices)])
     rows = torch.cat([torch.arange(s.start, s.stop) for s in slices])
-    return b_index, targets.student_pos[rows], targets.logprobs[rows], targets.ids[rows]
+    return b_index, targets.student_pos[rows], targets.logprobs[rows], targets.ids[rows], targets.rest[rows]
+
+
+def _check_temperature(targets: TeacherTargets, kd) -> None:
+    """The cached targets are tempered: they serve only the temperature they were computed at."""
+    if targets.temperature != kd.temperature:
+        raise ValueError(f"the teacher targets were computed at temperature {targets.temperature} but kd.temperature is "
+                         f"{kd.temperature}: rebuild them at the training temperature (dvc repro teacher_cache)")
 
 
 def _teacher_row(targets: TeacherTargets, pairs, i: int, t_pos: int) -> int:
@@ -23,11 +30,13 @@ def _teacher_row(targets: TeacherTargets, pairs, i: int, t_pos: int) -> int:
 def vanilla_term(targets: TeacherTargets, pairs, kd):
     from .losses import divergence_topk
 
+    _check_temperature(targets, kd)
+
     def term(logits, hidden, batch, idx):
-        b, pos, lp, ids = _student_rows(targets, idx)
+        b, pos, lp, ids, rest = _student_rows(targets, idx)
         mask = torch.ones_like(pos, dtype=torch.bool)
         loss = divergence_topk(kd.divergence, logits[b, pos], lp, ids, mask, kd.temperature, kd.skew_lambda,
-                               kd.akl_alpha, chunk_size=kd.chunk_size)
+                               kd.akl_alpha, chunk_size=kd.chunk_size, teacher_rest_logprob=rest)
         return loss, {}
     return term
 
@@ -35,6 +44,8 @@ def vanilla_term(targets: TeacherTargets, pairs, kd):
 def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_head, kd):
     """DSKD with one vocabulary on the aligned answer positions."""
     from .losses import dskd_loss
+
+    _check_temperature(targets, kd)
 
     def term(logits, hidden, batch, idx):
         b, s_pos, t_rows = [], [], []
@@ -45,7 +56,8 @@ def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_
         y = batch["input_ids"][b, s_pos + 1]
         out = dskd_loss(kd.divergence, logits[b, s_pos], hidden[b, s_pos], y, targets.hidden[t_rows],
                         targets.t_logprobs[t_rows], targets.t_ids[t_rows], projectors.t2s, projectors.s2t,
-                        student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha)
+                        student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha,
+                        teacher_rest_logprob=targets.t_rest[t_rows])
         return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
     return term
 
@@ -53,6 +65,8 @@ def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_
 def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_embed, student_head, teacher_head, kd):
     """DSKD with cross-model attention: every student answer position attends to every teacher one."""
     from .losses import cma_loss
+
+    _check_temperature(targets, kd)
 
     def term(logits, hidden, batch, idx):
         B = len(idx)
@@ -81,7 +95,8 @@ def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_
             kd.divergence, logits[rows, s_idx], hidden[rows, s_idx], student_embed[s_in_ids], student_embed[s_tgt_ids],
             s_tgt_ids, s_mask, targets.hidden[t_rows], teacher_embed[t_in], teacher_embed[t_tgt],
             targets.t_logprobs[t_rows], targets.t_ids[t_rows], t_mask, projectors.query, projectors.t2s,
-            projectors.s2t, student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha)
+            projectors.s2t, student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha,
+            t_rest_logprob=targets.t_rest[t_rows])
         return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
     return term
 
@@ -99,5 +114,6 @@ def uld_term(targets: TeacherTargets, pairs, kd, weight: float):
                 b.append(j), s_pos.append(s_ex.prompt_len - 1 + k), t_rows.append(int(targets.t_offsets[i]) + k)
         b, s_pos, t_rows = torch.tensor(b), torch.tensor(s_pos), torch.tensor(t_rows)
         mask = torch.ones_like(s_pos, dtype=torch.bool)
-        return weight * uld_loss(logits[b, s_pos], targets.t_logprobs[t_rows], mask), {}
+        # ULD ignores the temperature (as its reference does): the teacher's top-k at T = 1
+        return weight * uld_loss(logits[b, s_pos], targets.t_logprobs1[t_rows], mask), {}
     return term

@@ -7,10 +7,13 @@ import json
 import runpy
 import shutil
 
+from types import SimpleNamespace
+
+import pytest
 import yaml
 
 from conftest import ROOT, reduce_study
-from telekd.cache import TARGETS, compute_targets, key_digest, load_or_recompute, save_targets
+from telekd.cache import TARGETS, TENSORS, CorruptEntry, compute_targets, key_digest, load_or_recompute, save_targets
 
 
 def flip_a_byte(path):
@@ -32,7 +35,7 @@ def test_load_or_recompute_gives_the_original_targets(tokenizers, sample_records
     pairs = build_pairs(exs, sample_records[:3], tok, tok, "Answer.", 600, 500)
     s_map, t_map = vocab_map(tok, tok)
     teacher = tiny_model("llama", len(tok))
-    compute = lambda: compute_targets(teacher, pairs, s_map, t_map, 8, 2, tok.pad_token_id)  # noqa: E731
+    compute = lambda: compute_targets(teacher, pairs, s_map, t_map, 8, 2, tok.pad_token_id, temperature=2.0)  # noqa: E731
     original = compute()
     save_targets(original, {"k": 1}, tmp_path)
     got, recomputed = load_or_recompute(tmp_path, {"k": 1}, compute)
@@ -42,9 +45,54 @@ def test_load_or_recompute_gives_the_original_targets(tokenizers, sample_records
     corrupted = f.read_bytes()
     got, recomputed = load_or_recompute(tmp_path, {"k": 1}, compute)
     assert recomputed == 1
-    for name in ("offsets", "student_pos", "logprobs", "ids", "t_logprobs", "t_ids", "hidden"):
+    for name in (*TENSORS, "hidden"):
         assert torch.equal(getattr(got, name), getattr(original, name)), name
+    assert got.temperature == original.temperature == 2.0
     assert f.read_bytes() == corrupted  # left as is
+
+
+def test_a_corrupted_entry_is_recomputed_on_the_stages_device(tokenizers, sample_records, tmp_path, monkeypatch):
+    """Issue 14: the kd stage recomputed a corrupted entry with the (7B) teacher loaded on the CPU. The recompute must
+    load the teacher onto the stage's device; `meta` stands for a GPU here (the loader is recorded, a tiny CPU model
+    does the work) and the targets come back on that device."""
+    import torch
+
+    from conftest import tiny_model
+    from telekd import models
+    from telekd.align import vocab_map
+    from telekd.cache import kd_targets, load_targets, teacher_pass
+    from telekd.distill import KDInputs, build_pairs
+    from telekd.prompts import build_example
+
+    tok = tokenizers["llama"]
+    exs = [build_example(tok, r, "Answer.", 600, 500) for r in sample_records[:2]]
+    pairs = build_pairs(exs, sample_records[:2], tok, tok, "Answer.", 600, 500)
+    inp = KDInputs(tok, tok, exs, pairs, *vocab_map(tok, tok), True, {"k": 2})
+    p = SimpleNamespace(teacher_cache=SimpleNamespace(top_k=8, hidden=True), kd=SimpleNamespace(temperature=2.0),
+                        active=SimpleNamespace(dtype="float32", train=SimpleNamespace(batch_size=2)),
+                        models=SimpleNamespace(trust_remote_code=False))
+    teacher = tiny_model("llama", len(tok))
+    save_targets(teacher_pass(p, inp, teacher), inp.key, tmp_path)
+    loads = []
+
+    def load_model(source, **kw):
+        loads.append((source, kw["device"]))
+        return teacher, tok
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    clean, recomputed = kd_targets(tmp_path, p, inp, "models/base/llama", "meta")
+    assert recomputed == 0 and loads == [] and clean.logprobs.device.type == "meta"
+    flip_a_byte(tmp_path / key_digest(inp.key) / TARGETS)
+    got, recomputed = kd_targets(tmp_path, p, inp, "models/base/llama", "meta")
+    assert recomputed == 1 and loads == [("models/base/llama", "meta")]
+    assert got.logprobs.device.type == "meta" and got.temperature == 2.0
+    # a teacher the stage holds already (DSKD) is used as it is, not loaded again
+    got, recomputed = kd_targets(tmp_path, p, inp, "models/base/llama", "cpu", teacher=teacher)
+    assert recomputed == 1 and len(loads) == 1
+    with pytest.raises(CorruptEntry):
+        load_targets(tmp_path, inp.key)
+    ref = teacher_pass(p, inp, teacher)
+    assert all(torch.equal(getattr(got, n), getattr(ref, n)) for n in TENSORS)
 
 
 def tree(d):

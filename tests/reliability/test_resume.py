@@ -50,7 +50,8 @@ def kd_run(models: Path, ckpt_dir: Path, out: Path, fp: str = FP, delay: float =
     student, _ = load_model(str(models / "student"))
     records, exs = _examples(tok, 0, 16)
     pairs = build_pairs(exs, records, tok, tok, SYSTEM, 400, 300)
-    targets = compute_targets(teacher, pairs, *vocab_map(tok, tok), top_k=16, batch_size=8, pad_id=tok.pad_token_id)
+    targets = compute_targets(teacher, pairs, *vocab_map(tok, tok), top_k=16, batch_size=8, pad_id=tok.pad_token_id,
+                              temperature=2.0)
     s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=2,
                    lr=1e-2, batch_size=4, grad_accum=1, max_grad_norm=1.0, weight_decay=0.01, seed=0, student_lora=True,
                    lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_targets=("q_proj", "v_proj"))
