@@ -32,8 +32,9 @@ def vanilla_term(targets: TeacherTargets, pairs, kd):
     return term
 
 
-def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_head, kd):
-    """DSKD with one vocabulary on the aligned answer positions."""
+def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_head, kd,
+              normalization: str = "student_tokens"):
+    """DSKD with one vocabulary on the aligned answer positions (normalization: see losses.dskd_loss)."""
     from .losses import dskd_loss
 
     def term(logits, hidden, batch, idx):
@@ -45,13 +46,19 @@ def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_
         y = batch["input_ids"][b, s_pos + 1]
         out = dskd_loss(kd.divergence, logits[b, s_pos], hidden[b, s_pos], y, targets.hidden[t_rows],
                         targets.t_logprobs[t_rows], targets.t_ids[t_rows], projectors.t2s, projectors.s2t,
-                        student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha)
+                        student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha,
+                        n_student=sum(len(pairs[i][0].input_ids) - pairs[i][0].prompt_len for i in idx),
+                        normalization=normalization)
         return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
     return term
 
 
-def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_embed, student_head, teacher_head, kd):
-    """DSKD with cross-model attention: every student answer position attends to every teacher one."""
+def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_embed, student_head, teacher_head, kd,
+             normalization: str = "student_tokens", std_over: str = "padded", key_std: str = "joint"):
+    """DSKD with cross-model attention: every student answer position attends to every teacher one.
+
+    The teacher tensors span the answer windows padded to the batch's longest (filler rows: token id 0, as the
+    reference's, and the cache's row 0 hidden state); options: see losses.cma_loss."""
     from .losses import cma_loss
 
     def term(logits, hidden, batch, idx):
@@ -81,7 +88,8 @@ def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_
             kd.divergence, logits[rows, s_idx], hidden[rows, s_idx], student_embed[s_in_ids], student_embed[s_tgt_ids],
             s_tgt_ids, s_mask, targets.hidden[t_rows], teacher_embed[t_in], teacher_embed[t_tgt],
             targets.t_logprobs[t_rows], targets.t_ids[t_rows], t_mask, projectors.query, projectors.t2s,
-            projectors.s2t, student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha)
+            projectors.s2t, student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha,
+            normalization=normalization, std_over=std_over, key_std=key_std)
         return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
     return term
 
