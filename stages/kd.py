@@ -32,8 +32,8 @@ def main() -> None:
     settings = KDSettings(
         kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
         akl_alpha=kd.akl_alpha, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-        max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed, student_lora=p.active.student_kd.lora,
-        lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout,
+        max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed,
+        student_lora=p.active.student_kd.lora, lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout,
         lora_targets=tuple(p.active.student_kd.lora_targets or p.sft.lora_targets))
     inp = kd_inputs(p, cell.teacher_dir, need_alignment=cell.alg == "vanilla")
     device = state().device  # CPU, or this process's GPU under accelerate launch

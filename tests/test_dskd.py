@@ -115,7 +115,8 @@ def _garbage(x, keys):
     return y
 
 
-S_KEYS, T_KEYS = ("student_hidden", "s_in_emb", "s_tgt_emb", "student_logits"), ("teacher_hidden", "t_in_emb", "t_tgt_emb")
+S_KEYS = ("student_hidden", "s_in_emb", "s_tgt_emb", "student_logits")
+T_KEYS = ("teacher_hidden", "t_in_emb", "t_tgt_emb")
 
 
 def test_cma_ignores_prompt_and_padding_positions():
@@ -456,3 +457,59 @@ def test_dskd_params_are_validated(tmp_path, edit, match):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match=match.replace(".", r"\.").replace("<", "<")):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("teacher", ["llama", "mistral"])
+def test_terms_pass_the_options_and_the_student_token_count(tokenizers, sample_records, monkeypatch, teacher):
+    """terms.dskd_term / cma_term hand the dskd.* options (and, one vocabulary, the batch's student answer tokens)
+    to the losses; a departure option changes the term's value."""
+    import telekd.losses as L
+    from conftest import tiny_model
+    from telekd.align import vocab_map
+    from telekd.cache import compute_targets
+    from telekd.distill import KDSettings, build_pairs, make_projectors
+    from telekd.prompts import build_example, collate
+    from telekd.terms import cma_term, dskd_term
+
+    s_tok, t_tok = tokenizers["llama"], tokenizers[teacher]
+    recs = sample_records[:3]
+    exs = [build_example(s_tok, r, "Answer.", 600, 500) for r in recs]
+    pairs = build_pairs(exs, recs, s_tok, t_tok, "Answer.", 600, 500)
+    t_model, s_model = tiny_model(teacher, len(t_tok), hidden=24), tiny_model("llama", len(s_tok), hidden=16, seed=1)
+    s_map, t_map = vocab_map(s_tok, t_tok)
+    targets = compute_targets(t_model, pairs, s_map, t_map, top_k=len(t_tok), batch_size=3, pad_id=t_tok.pad_token_id)
+    kd = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+                    lr=1e-3, batch_size=3, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    proj = make_projectors(16, 24, cma=teacher != "llama")
+    heads = (s_model.get_output_embeddings().weight, t_model.get_output_embeddings().weight)
+    embeds = (s_model.get_input_embeddings().weight, t_model.get_input_embeddings().weight)
+    batch = collate(exs, s_tok.pad_token_id)
+    with torch.no_grad():
+        out = s_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    seen = {}
+
+    def spy(name):
+        real = getattr(L, name)
+
+        def f(*a, **k):
+            seen[name] = k
+            return real(*a, **k)
+        return f
+
+    monkeypatch.setattr(L, "dskd_loss", spy("dskd_loss"))
+    monkeypatch.setattr(L, "cma_loss", spy("cma_loss"))
+    if teacher == "llama":
+        make = lambda **o: dskd_term(targets, pairs, proj, *heads, kd, **o)  # noqa: E731
+        opts, name = {"normalization": "own_tokens"}, "dskd_loss"
+    else:
+        make = lambda **o: cma_term(targets, pairs, proj, *embeds, *heads, kd, **o)  # noqa: E731
+        opts, name = {"normalization": "own_tokens", "std_over": "answer", "key_std": "per_half"}, "cma_loss"
+    ref, _ = make()(out.logits, out.hidden_states[-1], batch, [0, 1, 2])
+    defaults = {"normalization": "student_tokens", "std_over": "padded", "key_std": "joint"}  # the reference's
+    assert {k: seen[name][k] for k in opts} == {k: defaults[k] for k in opts}
+    if name == "dskd_loss":
+        assert seen[name]["n_student"] == sum(len(e.input_ids) - e.prompt_len for e in exs)
+    dep, _ = make(**opts)(out.logits, out.hidden_states[-1], batch, [0, 1, 2])
+    assert {k: seen[name][k] for k in opts} == opts
+    if name == "cma_loss":  # the teacher has its own answer-token count, so the normalization matters
+        assert abs(dep.item() - ref.item()) > 1e-6
