@@ -513,3 +513,44 @@ def test_terms_pass_the_options_and_the_student_token_count(tokenizers, sample_r
     assert {k: seen[name][k] for k in opts} == opts
     if name == "cma_loss":  # the teacher has its own answer-token count, so the normalization matters
         assert abs(dep.item() - ref.item()) > 1e-6
+
+
+def test_cma_term_pads_with_batch_local_rows(tokenizers, sample_records, monkeypatch):
+    """std_over=padded reads the padding rows: they hold a zero hidden state and token 0's embeddings, which
+    depend on the batch only, not on where it sits in the cache, so kd.use_cache does not change the loss."""
+    import telekd.losses as L
+    from conftest import tiny_model
+    from telekd.align import vocab_map
+    from telekd.cache import compute_targets
+    from telekd.distill import KDSettings, build_pairs, make_projectors
+    from telekd.prompts import build_example, collate
+    from telekd.terms import cma_term
+
+    s_tok, t_tok = tokenizers["llama"], tokenizers["mistral"]
+    recs = sample_records[:3]
+    exs = [build_example(s_tok, r, "Answer.", 600, 500) for r in recs]
+    pairs = build_pairs(exs, recs, s_tok, t_tok, "Answer.", 600, 500)
+    t_model, s_model = tiny_model("mistral", len(t_tok), hidden=24), tiny_model("llama", len(s_tok), hidden=16, seed=1)
+    s_map, t_map = vocab_map(s_tok, t_tok)
+    kd = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+                    lr=1e-3, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    proj = make_projectors(16, 24, cma=True)
+    heads = (s_model.get_output_embeddings().weight, t_model.get_output_embeddings().weight)
+    embeds = (s_model.get_input_embeddings().weight, t_model.get_input_embeddings().weight)
+    batch = collate([exs[2], exs[1]], s_tok.pad_token_id)
+    with torch.no_grad():
+        out = s_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    cached = compute_targets(t_model, pairs, s_map, t_map, top_k=len(t_tok), batch_size=3, pad_id=t_tok.pad_token_id)
+    sub = [pairs[2], pairs[1]]
+    live = compute_targets(t_model, sub, s_map, t_map, top_k=len(t_tok), batch_size=2, pad_id=t_tok.pad_token_id)
+    seen = []
+    real = L.cma_loss
+    monkeypatch.setattr(L, "cma_loss", lambda *a, **k: seen.append(a) or real(*a, **k))
+    a, _ = cma_term(cached, pairs, proj, *embeds, *heads, kd)(out.logits, out.hidden_states[-1], batch, [2, 1])
+    b, _ = cma_term(live, sub, proj, *embeds, *heads, kd)(out.logits, out.hidden_states[-1], batch, [0, 1])
+    assert abs(a.item() - b.item()) < 1e-6
+    for args in seen:
+        t_hidden, t_in, t_tgt, t_mask = args[7], args[8], args[9], args[12]
+        assert (~t_mask).sum() > 0 and (t_hidden[~t_mask] == 0).all()  # this batch has padding rows
+        assert (t_in[~t_mask] == embeds[1][0]).all() and (t_tgt[~t_mask] == embeds[1][0]).all()
+    assert torch.equal(seen[0][7], seen[1][7])

@@ -57,8 +57,9 @@ def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_
              normalization: str = "student_tokens", std_over: str = "padded", key_std: str = "joint"):
     """DSKD with cross-model attention: every student answer position attends to every teacher one.
 
-    The teacher tensors span the answer windows padded to the batch's longest (filler rows: token id 0, as the
-    reference's, and the cache's row 0 hidden state); options: see losses.cma_loss."""
+    The teacher tensors span the answer windows padded to the batch's longest; padding rows hold the embedding of
+    token id 0 (as the reference's) and a zero hidden state (the reference's tensors also hold the prompt's and
+    the padding tokens' hidden states, which the cache does not keep). Options: see losses.cma_loss."""
     from .losses import cma_loss
 
     def term(logits, hidden, batch, idx):
@@ -86,7 +87,8 @@ def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_
         s_in_ids, s_tgt_ids = batch["input_ids"][rows, s_idx], batch["input_ids"][rows, s_idx + 1]
         out = cma_loss(
             kd.divergence, logits[rows, s_idx], hidden[rows, s_idx], student_embed[s_in_ids], student_embed[s_tgt_ids],
-            s_tgt_ids, s_mask, targets.hidden[t_rows], teacher_embed[t_in], teacher_embed[t_tgt],
+            s_tgt_ids, s_mask, targets.hidden[t_rows] * t_mask[..., None].to(targets.hidden),  # padding rows: 0
+            teacher_embed[t_in], teacher_embed[t_tgt],
             targets.t_logprobs[t_rows], targets.t_ids[t_rows], t_mask, projectors.query, projectors.t2s,
             projectors.s2t, student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha,
             normalization=normalization, std_over=std_over, key_std=key_std)
