@@ -419,6 +419,16 @@ def test_bad_options_name_the_param():
         _ours_cma(x, 1.0, std_over="answers")
     with pytest.raises(ValueError, match="dskd.normalization"):
         _ours_cma(x, 1.0, normalization="reference")
+    with pytest.raises(ValueError, match="dskd.key_std"):
+        _ours_cma(x, 1.0, key_std="halves")
+    N, V = 3, 5
+    args = ("forward_kl", torch.randn(N, V, dtype=D), torch.randn(N, 2, dtype=D), torch.zeros(N, dtype=torch.long),
+            torch.randn(N, 2, dtype=D), *torch.log_softmax(torch.randn(N, V, dtype=D), -1).topk(V, -1),
+            _lin(2, 2), _lin(2, 2), torch.randn(V, 2, dtype=D), torch.randn(V, 2, dtype=D))
+    with pytest.raises(ValueError, match="n_student=2 is below the 3 paired positions"):
+        dskd_loss(*args, n_student=2)
+    with pytest.raises(ValueError, match="dskd.normalization"):
+        dskd_loss(*args, normalization="own")
 
 
 # ----------------------------------------------------------------------------------------------
