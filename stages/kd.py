@@ -32,8 +32,9 @@ def main() -> None:
     settings = KDSettings(
         kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
         akl_alpha=kd.akl_alpha, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-        max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed, student_lora=kd.student_lora,
-        lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout, lora_targets=tuple(p.sft.lora_targets))
+        max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed,
+        student_lora=p.active.student_kd.lora, lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout,
+        lora_targets=tuple(p.active.student_kd.lora_targets or p.sft.lora_targets))
     inp = kd_inputs(p, cell.teacher_dir, need_alignment=cell.alg == "vanilla")
     device = state().device  # CPU, or this process's GPU under accelerate launch
     load = dict(dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
@@ -54,10 +55,13 @@ def main() -> None:
                                      seed=seed).to(student.dtype)
         heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
         if inp.vocab_match:
-            make = lambda tg, pairs: terms.dskd_term(tg, pairs, projectors, *heads, settings)  # noqa: E731
+            make = lambda tg, pairs: terms.dskd_term(tg, pairs, projectors, *heads, settings,  # noqa: E731
+                                                     normalization=p.dskd.normalization)
         else:
             embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
-            make = lambda tg, pairs: terms.cma_term(tg, pairs, projectors, *embeds, *heads, settings)  # noqa: E731
+            make = lambda tg, pairs: terms.cma_term(tg, pairs, projectors, *embeds, *heads, settings,  # noqa: E731
+                                                    normalization=p.dskd.normalization, std_over=p.dskd.std_over,
+                                                    key_std=p.dskd.key_std)
 
     if kd.use_cache:
         targets, recomputed = kd_targets(  # a corrupted entry: recomputed on `device`, counted in the metrics

@@ -439,25 +439,55 @@ def divergence_topk(
 # ----------------------------------------------------------------------------------------------
 
 
+# Named DSKD conventions. The first of each is the reference's (songmzhang/DSKD at 077337a,
+# code/criterions/dual_space_kd.py and dual_space_kd_with_cross_model_attention.py); the others are
+# this project's earlier choices, kept as options.
+NORMALIZATIONS = ("student_tokens", "own_tokens")
+STD_OVER = ("padded", "answer")
+KEY_STD = ("joint", "per_half")
+
+
+def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r} (dskd.{name} in params.yaml)")
+
+
 def dskd_loss(kind: str, student_logits: Tensor, student_hidden: Tensor, targets: Tensor, teacher_hidden: Tensor,
               teacher_topk_logprobs: Tensor, teacher_topk_ids: Tensor, t2s, s2t, student_head: Tensor,
               teacher_head: Tensor, temperature: float = 1.0, skew_lambda: float = 0.1,
-              akl_alpha: float = 0.5, *, teacher_rest_logprob: Optional[Tensor] = None) -> dict[str, Tensor]:
+              akl_alpha: float = 0.5, n_student: Optional[int] = None,
+              normalization: str = "student_tokens", *,
+              teacher_rest_logprob: Optional[Tensor] = None) -> dict[str, Tensor]:
     """DSKD with one vocabulary, on N paired answer positions (rows of every argument).
 
-    Student space: z_t2s = head_s(P_t2s(h_t)) with the student head detached; CE(z_t2s, y) trains
-    the projector, and the student learns D(student || z_t2s detached). Teacher space:
-    z_s2t = head_t(P_s2t(h_s)) with the frozen teacher head; forward KL(p_t || p_s2t).
-    Each term is summed over the N target tokens and divided by N.
+    Shapes: student_logits [N, V], student_hidden [N, d_s], targets [N] (the student's next tokens),
+    teacher_hidden [N, d_t], teacher top-k [N, k] (k = V is exact), heads [V, d].
+    Student space: z_t2s = head_s(P_t2s(h_t)) with the student head detached; CE(z_t2s, y) (at T = 1)
+    trains the projector, and the student learns D(student || z_t2s detached) at ``temperature`` on every
+    position. Teacher space: z_s2t = head_t(P_s2t(h_s)) with the frozen teacher head; forward KL(p_t || p_s2t)
+    at ``temperature``. Source: songmzhang/DSKD, code/criterions/dual_space_kd.py, lines 56-98.
+
+    Reduction (``normalization``), each term is a sum over its positions divided by:
+      * ``"student_tokens"`` (reference): ``n_student``, the number of the student's answer tokens in the batch
+        (the reference divides the whole loss by it, code/distillation.py lines 159-168); ``None`` means N
+        (every student position is paired);
+      * ``"own_tokens"``: N, the number of paired positions (this project's earlier convention).
+    Both agree when every student answer token is paired.
     """
-    n = torch.tensor(float(targets.numel()), device=targets.device)
+    _check_option("normalization", normalization, NORMALIZATIONS)
+    n_rows = targets.numel()
+    if n_student is not None and n_student < n_rows:
+        raise ValueError(f"n_student={n_student} is below the {n_rows} paired positions; pass the batch's "
+                         "student answer-token count")
+    denom = n_rows if normalization == "own_tokens" or n_student is None else n_student
+    n = torch.tensor(float(max(denom, 1)), device=targets.device)
     ones = torch.ones_like(targets, dtype=torch.bool)
     z_t2s = t2s(teacher_hidden.to(student_hidden.dtype)) @ student_head.detach().T
     ce_t2s = F.cross_entropy(_up(z_t2s), targets, reduction="sum") / n
-    kd_stu = divergence(kind, student_logits, z_t2s.detach(), ones, temperature, skew_lambda, akl_alpha)
+    kd_stu = divergence(kind, student_logits, z_t2s.detach(), ones, temperature, skew_lambda, akl_alpha) * n_rows / n
     z_s2t = s2t(student_hidden) @ teacher_head.detach().T
     kd_tea = divergence_topk("forward_kl", z_s2t, teacher_topk_logprobs, teacher_topk_ids, ones, temperature,
-                             teacher_rest_logprob=teacher_rest_logprob)
+                             teacher_rest_logprob=teacher_rest_logprob) * n_rows / n
     return {"ce_t2s": ce_t2s, "kd_stu": kd_stu, "kd_tea": kd_tea, "kd": ce_t2s + kd_stu + kd_tea,
             "t2s_acc": (z_t2s.argmax(-1) == targets).float().mean()}
 
@@ -467,51 +497,81 @@ def _up(x: Tensor) -> Tensor:
     return x.to(_compute_dtype(x))
 
 
-def _std(x: Tensor, mask: Tensor) -> Tensor:
-    """Standard deviation of the entries of x at valid positions (mask [..., T])."""
-    return _up(x[mask.bool()]).std().clamp_min(1e-6)
+def _std(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Sample standard deviation (n - 1) of the entries of x: all of them (``mask=None``, the reference's
+    ``x.std()`` over the padded tensor), or those at positions where mask [..., T] is true. float32 or wider;
+    floored at 1e-6 so an all-zero tensor divides to 0, not NaN; 1 (no scaling) for fewer than 2 entries,
+    where the sample std is undefined."""
+    x = _up(x if mask is None else x[mask.bool()])
+    return x.std().clamp_min(1e-6) if x.numel() > 1 else x.new_ones(())
 
 
 def cma_loss(kind: str, student_logits: Tensor, student_hidden: Tensor, s_in_emb: Tensor, s_tgt_emb: Tensor,
              s_targets: Tensor, s_mask: Tensor, teacher_hidden: Tensor, t_in_emb: Tensor, t_tgt_emb: Tensor,
              t_topk_logprobs: Tensor, t_topk_ids: Tensor, t_mask: Tensor, query, t2s, s2t, student_head: Tensor,
              teacher_head: Tensor, temperature: float = 1.0, skew_lambda: float = 0.1,
-             akl_alpha: float = 0.5, *, t_rest_logprob: Optional[Tensor] = None) -> dict[str, Tensor]:
-    """DSKD with cross-model attention for two vocabularies, on a batch of answer positions.
+             akl_alpha: float = 0.5, normalization: str = "student_tokens", std_over: str = "padded",
+             key_std: str = "joint", *, t_rest_logprob: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """DSKD with cross-model attention (CMA) for two vocabularies, on a padded batch.
 
-    Shapes: student side [B, Ts, ·] and teacher side [B, Tt, ·], padded; s_mask/t_mask mark real
-    answer positions (prompt and padding are never attended to). Embeddings are detached tables'
-    rows for the input token (x) and the next token (y) at each position.
-    Q = P_query([E_s(x); E_s(y)]); K = [E_t(x)/std; E_t(y)/std]; V_t = P_t2s(h_t/std + E_t(y)/std);
-    V_s = P_s2t(h_s); A = Q Kᵀ / sqrt(2 d_t).
-    t→s: softmax over teacher positions, A V_t through the student head: CE trains the projectors,
-    and D(student || z_t2s detached) counts only where z_t2s predicts the target. s→t: softmax of Aᵀ
-    over student positions, Aᵀ V_s through the teacher head: forward KL against the teacher.
-    Student terms are divided by the number of student target tokens, the teacher term by the teacher's.
+    Shapes: student side [B, Ts, ·] and teacher side [B, Tt, ·], padded; s_mask/t_mask [B, Ts]/[B, Tt] mark
+    the answer positions (prompt and padding rows are never attended to and never scored, but with
+    ``std_over="padded"`` they enter the normalising std, as in the reference). Embeddings are detached
+    table rows for the input token (x) and the next token (y) at each position; the reference puts the
+    embedding of token id 0 at every non-answer row. Source: songmzhang/DSKD,
+    code/criterions/dual_space_kd_with_cross_model_attention.py, lines 95-164.
+
+    Q = P_query([E_s(x); E_s(y)]); K = [E_t(x); E_t(y)] / std_K; V_t = P_t2s(h_t / std(h_t) + E_t(y) / std(E_t(y)));
+    V_s = P_s2t(h_s); A = Q Kᵀ / sqrt(2 d_t) (float32), scores of non-answer pairs masked out.
+    t→s: softmax over teacher positions, A V_t through the detached student head: CE (at T = 1) trains the
+    projectors, and D(student || z_t2s detached) at ``temperature`` counts only where z_t2s predicts the
+    target (argmax). s→t: softmax of Aᵀ over student positions, Aᵀ V_s through the teacher head: forward KL
+    (teacher || s2t) at ``temperature`` on every teacher answer position.
+
+    Options (first = reference):
+      * ``normalization``: ``"student_tokens"`` divides every term's sum by the number of student answer
+        tokens n_s (the reference divides the loss by it, code/distillation.py lines 159-168);
+        ``"own_tokens"`` divides the teacher-space term by the number of teacher answer tokens n_t instead
+        (the student-space terms stay / n_s).
+      * ``std_over``: ``"padded"`` takes each std over every entry of the padded tensor as passed
+        (reference, ``x.std()``, lines 108-110); ``"answer"`` only over the answer rows (t_mask).
+      * ``key_std``: ``"joint"`` divides the key [E_t(x); E_t(y)] by one std of the concatenation
+        (reference, line 108); ``"per_half"`` divides each half by its own std.
+    Every std is the sample (n - 1) std computed in float32 or wider (the reference: in the model dtype).
     """
+    _check_option("normalization", normalization, NORMALIZATIONS)
+    _check_option("std_over", std_over, STD_OVER)
+    _check_option("key_std", key_std, KEY_STD)
     s_mask, t_mask = s_mask.bool(), t_mask.bool()
+    std_mask = None if std_over == "padded" else t_mask
     teacher_hidden = teacher_hidden.to(student_hidden.dtype)  # the cache stores float32; a bf16 student
     d_t = teacher_hidden.shape[-1]
     q = query(torch.cat([s_in_emb, s_tgt_emb], -1).detach())
-    k = torch.cat([t_in_emb / _std(t_in_emb, t_mask), t_tgt_emb / _std(t_tgt_emb, t_mask)], -1).detach()
-    v_t = t2s((teacher_hidden / _std(teacher_hidden, t_mask) + t_tgt_emb / _std(t_tgt_emb, t_mask)).detach())
+    if key_std == "joint":
+        k = torch.cat([t_in_emb, t_tgt_emb], -1)
+        k = (k / _std(k, std_mask)).detach()
+    else:
+        k = torch.cat([t_in_emb / _std(t_in_emb, std_mask), t_tgt_emb / _std(t_tgt_emb, std_mask)], -1).detach()
+    v_t = t2s((teacher_hidden / _std(teacher_hidden, std_mask) + t_tgt_emb / _std(t_tgt_emb, std_mask)).detach())
     v_s = s2t(student_hidden)
-    a = _up(q @ k.transpose(-1, -2)) / math.sqrt(2 * d_t)  # [B, Ts, Tt]
+    a = _up(q) @ _up(k).transpose(-1, -2) / math.sqrt(2 * d_t)  # [B, Ts, Tt]
     pair = s_mask[:, :, None] & t_mask[:, None, :]
     a = a.masked_fill(~pair, float("-inf"))
     w_t2s = torch.softmax(a, -1).nan_to_num(0.0)                  # rows without a teacher position -> 0
     w_s2t = torch.softmax(a.transpose(-1, -2), -1).nan_to_num(0.0)
     z_t2s = (w_t2s.to(v_t.dtype) @ v_t) @ student_head.detach().T  # [B, Ts, V_s]
     z_s2t = (w_s2t.to(v_s.dtype) @ v_s) @ teacher_head.detach().T  # [B, Tt, V_t]
-    n_s = s_mask.sum()
-    ce_t2s = F.cross_entropy(_up(z_t2s[s_mask]), s_targets[s_mask], reduction="sum") / n_s.clamp_min(1)
+    n_s, n_t = s_mask.sum().clamp_min(1), t_mask.sum()
+    ce_t2s = F.cross_entropy(_up(z_t2s[s_mask]), s_targets[s_mask], reduction="sum") / n_s
     acc = s_mask & (z_t2s.argmax(-1) == s_targets)
     n_acc = acc.sum()
-    kd_stu = divergence(kind, student_logits, z_t2s.detach(), acc, temperature, skew_lambda, akl_alpha) * n_acc / n_s.clamp_min(1)
+    kd_stu = divergence(kind, student_logits, z_t2s.detach(), acc, temperature, skew_lambda, akl_alpha) * n_acc / n_s
     kd_tea = divergence_topk("forward_kl", z_s2t, t_topk_logprobs, t_topk_ids, t_mask, temperature,
                              teacher_rest_logprob=t_rest_logprob)
+    if normalization == "student_tokens":
+        kd_tea = kd_tea * n_t / n_s
     return {"ce_t2s": ce_t2s, "kd_stu": kd_stu, "kd_tea": kd_tea, "kd": ce_t2s + kd_stu + kd_tea,
-            "t2s_acc": n_acc.float() / n_s.clamp_min(1)}
+            "t2s_acc": n_acc.float() / n_s}
 
 
 def uld_loss(student_logits: Tensor, teacher_topk_logprobs: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:

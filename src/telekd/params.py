@@ -93,14 +93,29 @@ class KD(Strict):
     divergence: Divergence
     skew_lambda: float = Field(ge=0, le=1)
     akl_alpha: float = Field(ge=0, le=1)
-    student_lora: bool = False
     vocab_mismatch: Literal["align", "error"] = "align"
     use_cache: bool = True
     save_steps: int = Field(default=10, ge=0)   # optimizer steps between resumable checkpoints (0: only on SIGTERM)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, v):
+        if isinstance(v, dict) and "student_lora" in v:
+            raise ValueError("student_lora moved to profiles.<profile>.student_kd.lora (LoRA is a per-profile recipe)")
+        return v
+
 
 class DSKD(Strict):
+    """DSKD's settings. Each convention defaults to the reference's (songmzhang/DSKD at 077337a,
+    code/criterions/dual_space_kd*.py); the other value is this project's earlier choice (telekd.losses)."""
+
     projector_lr: float = Field(gt=0)
+    # every term / the student's answer-token count (reference) | the teacher-space term / the teacher's
+    normalization: Literal["student_tokens", "own_tokens"] = "student_tokens"
+    # CMA: std of teacher hidden states/embeddings over the whole padded tensor (reference) | answer rows only
+    std_over: Literal["padded", "answer"] = "padded"
+    # CMA: one std for the key [E_t(x); E_t(y)] (reference) | one per half
+    key_std: Literal["joint", "per_half"] = "joint"
 
 
 class ULD(Strict):
@@ -190,6 +205,14 @@ class Train(Strict):
         return self
 
 
+class StudentKD(Strict):
+    """How the kd stage trains the student: LoRA (r, alpha: the profile's train.lora_r/lora_alpha; dropout:
+    sft.lora_dropout) on `lora_targets` (null: sft.lora_targets), or all its weights (lora: false)."""
+
+    lora: bool = False
+    lora_targets: Optional[list[str]] = Field(default=None, min_length=1)
+
+
 class GenerateProfile(Strict):
     batch_size: int = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
@@ -205,6 +228,7 @@ class Profile(Strict):
     models: dict[Role, ModelSource]
     architectures: dict[Role, Architecture]
     train: Train
+    student_kd: StudentKD = StudentKD()
     generate: GenerateProfile
     eval: EvalProfile
 

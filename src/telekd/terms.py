@@ -41,8 +41,9 @@ def vanilla_term(targets: TeacherTargets, pairs, kd):
     return term
 
 
-def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_head, kd):
-    """DSKD with one vocabulary on the aligned answer positions."""
+def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_head, kd,
+              normalization: str = "student_tokens"):
+    """DSKD with one vocabulary on the aligned answer positions (normalization: see losses.dskd_loss)."""
     from .losses import dskd_loss
 
     _check_temperature(targets, kd)
@@ -57,13 +58,19 @@ def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_
         out = dskd_loss(kd.divergence, logits[b, s_pos], hidden[b, s_pos], y, targets.hidden[t_rows],
                         targets.t_logprobs[t_rows], targets.t_ids[t_rows], projectors.t2s, projectors.s2t,
                         student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha,
-                        teacher_rest_logprob=targets.t_rest[t_rows])
+                        n_student=sum(len(pairs[i][0].input_ids) - pairs[i][0].prompt_len for i in idx),
+                        normalization=normalization, teacher_rest_logprob=targets.t_rest[t_rows])
         return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
     return term
 
 
-def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_embed, student_head, teacher_head, kd):
-    """DSKD with cross-model attention: every student answer position attends to every teacher one."""
+def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_embed, student_head, teacher_head, kd,
+             normalization: str = "student_tokens", std_over: str = "padded", key_std: str = "joint"):
+    """DSKD with cross-model attention: every student answer position attends to every teacher one.
+
+    The teacher tensors span the answer windows padded to the batch's longest; padding rows hold the embedding of
+    token id 0 (as the reference's) and a zero hidden state (the reference's tensors also hold the prompt's and
+    the padding tokens' hidden states, which the cache does not keep). Options: see losses.cma_loss."""
     from .losses import cma_loss
 
     _check_temperature(targets, kd)
@@ -93,10 +100,11 @@ def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_
         s_in_ids, s_tgt_ids = batch["input_ids"][rows, s_idx], batch["input_ids"][rows, s_idx + 1]
         out = cma_loss(
             kd.divergence, logits[rows, s_idx], hidden[rows, s_idx], student_embed[s_in_ids], student_embed[s_tgt_ids],
-            s_tgt_ids, s_mask, targets.hidden[t_rows], teacher_embed[t_in], teacher_embed[t_tgt],
+            s_tgt_ids, s_mask, targets.hidden[t_rows] * t_mask[..., None].to(targets.hidden),  # padding rows: 0
+            teacher_embed[t_in], teacher_embed[t_tgt],
             targets.t_logprobs[t_rows], targets.t_ids[t_rows], t_mask, projectors.query, projectors.t2s,
             projectors.s2t, student_head, teacher_head, kd.temperature, kd.skew_lambda, kd.akl_alpha,
-            t_rest_logprob=targets.t_rest[t_rows])
+            normalization=normalization, std_over=std_over, key_std=key_std, t_rest_logprob=targets.t_rest[t_rows])
         return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
     return term
 
