@@ -63,6 +63,7 @@ class Side:
         if text is not None or self.sha is None:
             return text
         from dvc.exceptions import DvcException
+        from dvc_data.index.index import DataIndexDirError
 
         if self._fs is None:
             from dvc.api import DVCFileSystem
@@ -70,7 +71,7 @@ class Side:
             self._fs = DVCFileSystem(str(self.root), rev=self.sha)  # one per side: opening it costs ~1 s
         try:
             return self._fs.read_text(path)
-        except (DvcException, FileNotFoundError):
+        except (DvcException, DataIndexDirError, FileNotFoundError):  # not in the local cache: the review says so
             return None
 
     def ls(self, folder: str) -> list[str]:
@@ -192,7 +193,9 @@ def render(base: Side, head: Side, params: dict, concl: list[dict], moved: list[
            mdiff: dict, figures: list[str]) -> str:
     """review.md's Markdown (pure: everything it shows is passed in)."""
     lines = [f"## Study review: `{base.label}` → `{head.label}`", ""]
-    prows = [[f"`{k}`", str(v.get("old")), str(v.get("new"))] for f, ps in sorted(params.items()) for k, v in sorted(ps.items())]
+    show = lambda v: "–" if v is None else str(v)  # noqa: E731  (None: the side lacks the param)
+    prows = [[f"`{k}`", show(v.get("old")), show(v.get("new"))] for f, ps in sorted(params.items())
+             for k, v in sorted(ps.items())]
     lines += (["**Params changed**", ""] + _table(["param", base.label, head.label], prows) if prows
               else ["**Params changed:** none"]) + [""]
     changed = [c for c in concl if c["changed"]]
