@@ -2,6 +2,8 @@
 losses the runs return, step for step, identically across two runs, with no wall-clock values."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -50,7 +52,7 @@ def test_split_timing_and_history_parser():
         parse_history("step\ta\tb\n0\t1\t2\n")
 
 
-def _kd_run(tokenizers, records, out):
+def _kd_run(tokenizers, records, out, checkpoint=None, sigterm_at=None):
     from conftest import tiny_model
 
     from telekd.align import vocab_map
@@ -68,8 +70,15 @@ def _kd_run(tokenizers, records, out):
     s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
     live = TrainLive(out, {"cell": "t"})
-    return train_kd(student, exs, s, s_tok.pad_token_id, vanilla_term(targets, pairs, s), val_examples=exs[:2],
-                    live=live)
+    inner = vanilla_term(targets, pairs, s)
+
+    def term(*args):  # SIGTERM to ourselves during batch `sigterm_at`: the run saves a checkpoint and stops
+        term.calls += 1
+        if term.calls == sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return inner(*args)
+    term.calls = 0
+    return train_kd(student, exs, s, s_tok.pad_token_id, term, val_examples=exs[:2], live=live, checkpoint=checkpoint)
 
 
 def test_train_kd_writes_its_losses_to_dvclive_deterministically(tokenizers, sample_records, tmp_path):
@@ -83,6 +92,21 @@ def test_train_kd_writes_its_losses_to_dvclive_deterministically(tokenizers, sam
     assert summary["step"] == 3 and summary["train"]["loss"] == out["log"][-1]["loss"]
     assert summary["val_ce_after"] == out["metrics"]["val_ce_after"]
     assert _files(tmp_path / "r0") == _files(tmp_path / "r1")  # deterministic: no timestamps, no wall clock
+
+
+def test_resumed_train_kd_writes_the_uninterrupted_runs_dvclive_files(tokenizers, sample_records, tmp_path):
+    from telekd.checkpoint import Checkpoint, Interrupted
+
+    records = sample_records[:8]
+    _kd_run(tokenizers, records, tmp_path / "whole")
+    ckpt = Checkpoint(tmp_path / "ckpt", "fp", save_steps=0)
+    with pytest.raises(Interrupted):
+        _kd_run(tokenizers, records, tmp_path / "cut", ckpt, sigterm_at=2)
+    assert [r["step"] for r in read_rows(tmp_path / "cut")] == [1, 2]
+    # rerun (DVC removes a stage's outputs first; TrainLive empties its directory): the checkpoint's rows come back
+    out = _kd_run(tokenizers, records, tmp_path / "cut", ckpt)
+    assert [r["step"] for r in out["log"]] == [1, 2, 3, 4]
+    assert _files(tmp_path / "cut") == _files(tmp_path / "whole")
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
