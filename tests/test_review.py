@@ -132,6 +132,8 @@ def test_review_against_a_dvc_experiment(repo, tmp_path):
     (repo / "metrics/stats.json").write_text(json.dumps(stats))
     _dvc(repo, "add", "-q", "scores")
     _dvc(repo, "exp", "save", "-q", "-n", "t1")
+    ws = review("HEAD", "workspace", tmp_path / "ws" / "review.md", root=repo, plots=False)  # the files on disk
+    assert "| H_S | llama | vanilla | 1/14 | 2/14 |" in ws and f"| {R2} | cosine | 0.5 | 0.3 | [0.45, 0.55] |" in ws
     _run(repo, "git", "checkout", "-q", "--", ".")  # the workspace back at HEAD: the review reads the experiment ref
     _dvc(repo, "checkout", "-q")
     assert resolve(repo, "t1").sha != resolve(repo, "HEAD").sha
