@@ -34,14 +34,15 @@ def test_trainlive_writes_histories_summary_and_params(tmp_path):
 
 def test_hf_logs_split_train_eval_and_drop_timings(tmp_path):
     live = TrainLive(tmp_path / "run")
-    live.log_hf(0, {"eval_loss": 5.0, "eval_runtime": 0.3, "eval_samples_per_second": 9.0, "epoch": 0})
+    live.log_hf(0, {"eval_loss": 5.0, "eval_runtime": 0.3, "eval_samples_per_second": 9.0, "epoch": 0,
+                    "eval_model_preparation_time": 0.002})
     live.log_hf(1, {"loss": 4.0, "grad_norm": 1.5, "learning_rate": 0.001, "epoch": 0.5})
     live.log_hf(1, {"train_runtime": 2.0, "train_loss": 4.4, "total_flos": 1e9, "train_samples_per_second": 3.0})
     assert read_rows(tmp_path / "run", "eval") == [{"step": 0, "epoch": 0.0, "loss": 5.0}]
     assert read_rows(tmp_path / "run") == [{"step": 1, "epoch": 0.5, "grad_norm": 1.5, "learning_rate": 0.001,
                                            "loss": 4.0}]
     text = json.dumps(json.loads((tmp_path / "run/metrics.json").read_text()))
-    assert "runtime" not in text and "per_second" not in text and "flos" not in text
+    assert "runtime" not in text and "per_second" not in text and "flos" not in text and "_time" not in text
 
 
 def test_split_timing_and_history_parser():
@@ -131,4 +132,4 @@ def test_run_sft_writes_train_and_eval_losses_to_dvclive(saved_models, sample_re
     summary = json.loads((d / "metrics.json").read_text())
     assert summary["eval_loss_best"] == out["metrics"]["eval_loss_best"] and summary["step"] == 4
     text = (d / "metrics.json").read_text() + "".join(p.name for p in d.rglob("*"))
-    assert "runtime" not in text and "per_second" not in text
+    assert "runtime" not in text and "per_second" not in text and "_time" not in text

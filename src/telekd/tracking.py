@@ -8,7 +8,7 @@ Layout (DVCLive 3.49 conventions, https://dvc.org/doc/dvclive): `<dir>/plots/met
 Inside a DVC stage DVCLive must not touch git or DVC itself: Live is opened with save_dvc_exp=False (no experiment
 commit), dvcyaml=None (no dvc.yaml of its own: the pipeline's dvc.yaml declares these files), report=None, and
 Live.end() is never called (inside `dvc exp run` it git-adds untracked files of its directory). Wall-clock values
-(the Trainer's *_runtime, *_per_second, total_flos) are never logged here: they go to a separate timing file.
+(the Trainer's *_runtime, *_per_second, *_time, total_flos) are never logged here: they go to a separate timing file.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import csv
 import io
 from pathlib import Path
 
-# Keys of HF Trainer logs that measure time or throughput: kept out of the tracked metrics.
-TIMING_SUFFIXES = ("_runtime", "_per_second", "total_flos")
+# Keys of HF Trainer logs that measure time or throughput (eval_runtime, train_samples_per_second,
+# eval_model_preparation_time, total_flos): kept out of the tracked metrics.
+TIMING_SUFFIXES = ("_runtime", "_per_second", "_time", "total_flos")
 
 
 TIMING_KEYS = ("wall_s", "tokens_per_s")  # of telekd's own run metrics (train_kd, run_sft)
