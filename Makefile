@@ -51,11 +51,11 @@ bench: repro
 	python bench/study.py
 
 # review.md (+ review_*.png): the study at BASE against HEAD (workspace: the files on disk, e.g. after `dvc exp run`;
-# or a git revision or a dvc experiment name). Usage: make review BASE=main [HEAD=t1]
+# or a git revision or a dvc experiment name). Usage: make review BASE=main [HEAD=t1] [REVIEW_ARGS=--max-chars 60000]
 HEAD ?= workspace
 review: setup
 	@test -n "$(BASE)" || { echo "make review: give the revision to compare against, e.g. make review BASE=main"; exit 2; }
-	python -m telekd.review --base "$(BASE)" --head "$(HEAD)" --out review.md
+	python -m telekd.review --base "$(BASE)" --head "$(HEAD)" --out review.md $(REVIEW_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -122,6 +122,10 @@ def test_review_of_two_commits(repo, tmp_path):
     assert len(table) == 3
     assert "rejected.H_T.llama.vanilla.k" in folded and "rouge1" in folded
     assert len(md[:md.index("<details>")].splitlines()) <= 40  # one screen before the folds
+    cut = review("HEAD~1", "HEAD", tmp_path / "cut.md", root=repo, plots=False, max_chars=len(md) - 200)
+    assert len(cut) <= len(md) - 200 and "more rows: `dvc metrics diff HEAD~1 HEAD`" in cut
+    assert cut.split("<details>")[0] == md.split("<details>")[0].replace(
+        "![review_loss.png](review_loss.png)\n![review_metrics.png](review_metrics.png)\n\n", "")
 
 
 def test_review_against_a_dvc_experiment(repo, tmp_path):

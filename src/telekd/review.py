@@ -182,15 +182,20 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
         "| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
 
 
-def metrics_table(diff: dict, base: str, head: str) -> list[str]:
-    """`dvc metrics diff --json` as a Markdown table sorted by file and metric (dvc's own --md order varies)."""
+def metrics_table(diff: dict, base: str, head: str, limit: int | None = None) -> list[str]:
+    """`dvc metrics diff --json` as a Markdown table sorted by file and metric (dvc's own --md order varies);
+    `limit`: at most that many rows, then a line saying how many were left out."""
     rows = [[f, k, v.get("old"), v.get("new"), v.get("diff", "–")] for f, ms in sorted(diff.items())
             for k, v in sorted(ms.items())]
-    return _table(["path", "metric", base, head, "change"], rows) if rows else ["No metric changed."]
+    if not rows:
+        return ["No metric changed."]
+    cut = rows[:limit] if limit is not None else rows
+    more = ["", f"… {len(rows) - len(cut)} more rows: `dvc metrics diff {base} {head}`"] if len(cut) < len(rows) else []
+    return _table(["path", "metric", base, head, "change"], cut) + more
 
 
 def render(base: Side, head: Side, params: dict, concl: list[dict], moved: list[dict], missing: list[str],
-           mdiff: dict, figures: list[str]) -> str:
+           mdiff: dict, figures: list[str], metric_rows: int | None = None) -> str:
     """review.md's Markdown (pure: everything it shows is passed in)."""
     lines = [f"## Study review: `{base.label}` → `{head.label}`", ""]
     show = lambda v: "–" if v is None else str(v)  # noqa: E731  (None: the side lacks the param)
@@ -225,7 +230,7 @@ def render(base: Side, head: Side, params: dict, concl: list[dict], moved: list[
                            [[c["hypothesis"], c["teacher"], c["setting"], _kk(c["after"])] for c in unchanged]),
                    "", "</details>", ""]
     folded += ["<details><summary>Full <code>dvc metrics diff</code></summary>", "",
-               *metrics_table(mdiff, base.label, head.label), "", "</details>", ""]
+               *metrics_table(mdiff, base.label, head.label, metric_rows), "", "</details>", ""]
     return "\n".join(lines + folded)
 
 
@@ -306,16 +311,23 @@ def figures(base: Side, head: Side, out_dir: Path) -> list[str]:
 
 
 def review(base: str, head: str = "workspace", out: str | Path = "review.md", root: str | Path = ".",
-           plots: bool = True) -> str:
-    """Write review.md (and its PNGs beside it) comparing `base` with `head`; returns the Markdown."""
+           plots: bool = True, max_chars: int | None = None) -> str:
+    """Write review.md (and its PNGs beside it) comparing `base` with `head`; returns the Markdown.
+
+    `max_chars` (e.g. 60000: a GitHub comment holds 65536): the folded metrics table is cut to fit."""
     root = Path(root).resolve()
     b, h = resolve(root, base), resolve(root, head)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     moved, missing = moved_cells(b, h)
     figs = figures(b, h, out.parent) if plots else []
-    md = render(b, h, params_diff(b, h), conclusions(b.json("metrics/stats.json"), h.json("metrics/stats.json")),
-                moved, missing, metrics_diff(b, h), figs)
+    parts = (b, h, params_diff(b, h), conclusions(b.json("metrics/stats.json"), h.json("metrics/stats.json")),
+             moved, missing, metrics_diff(b, h), figs)
+    md = render(*parts)
+    rows = sum(len(v) for v in parts[6].values())
+    while max_chars is not None and len(md) > max_chars and rows > 0:
+        rows = int(rows * max_chars / len(md) * 0.95)
+        md = render(*parts, metric_rows=rows)
     out.write_text(md)
     return md
 
@@ -326,9 +338,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head", default="workspace", help="workspace (default), a git revision or a dvc experiment name")
     ap.add_argument("--out", default="review.md", help="the Markdown file; its PNGs are written beside it")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    ap.add_argument("--max-chars", type=int, default=None,
+                    help="cut the folded metrics table so review.md fits (a GitHub comment: 65536)")
     a = ap.parse_args(argv)
     try:
-        review(a.base, a.head, a.out, plots=not a.no_plots)
+        review(a.base, a.head, a.out, plots=not a.no_plots, max_chars=a.max_chars)
     except ReviewError as e:
         raise SystemExit(f"review: {e}") from None
     print(f"review: wrote {a.out}")
