@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 # pip's global config on our machines names local indexes that may be absent: hide that noise.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: setup repro test bench clean
+.PHONY: setup repro test bench review clean
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -49,6 +49,13 @@ bench: repro
 	else echo "bench: no CUDA device, bench/gpu_kd.py skipped"; fi
 	python bench/dvc_rebuilds.py
 	python bench/study.py
+
+# review.md (+ review_*.png): the study at BASE against HEAD (workspace: the files on disk, e.g. after `dvc exp run`;
+# or a git revision or a dvc experiment name). Usage: make review BASE=main [HEAD=t1] [REVIEW_ARGS=--max-chars 60000]
+HEAD ?= workspace
+review: setup
+	@test -n "$(BASE)" || { echo "make review: give the revision to compare against, e.g. make review BASE=main"; exit 2; }
+	python -m telekd.review --base "$(BASE)" --head "$(HEAD)" --out review.md $(REVIEW_ARGS)
 
 clean:
 	rm -rf $(VENV)

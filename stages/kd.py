@@ -26,6 +26,7 @@ def main() -> None:
     from telekd.distill import KDSettings, kd_inputs, live_term, make_projectors, train_kd
     from telekd.examples import load_split, tokenized
     from telekd.models import load_model
+    from telekd.tracking import TrainLive, split_timing
 
     t, kd = p.active.train, p.kd
     seed = p.seed if cell.seed is None else cell.seed  # the run's seed: batch order and projector initialisation
@@ -77,22 +78,27 @@ def main() -> None:
            "student_init": dir_digest(cell.student_init_dir), "validation": file_sha256(layout.split_file("validation")),
            "alg_params": getattr(p, cell.alg).model_dump() if cell.alg != "vanilla" else {}}
     ckpt = Checkpoint(Path(ROOT) / "kd" / cell.name, fingerprint(run), kd.save_steps)
+    main = state().is_main_process
+    live = TrainLive(f"{layout.LOGS}/kd/{cell.name}", {"cell": cell.name, "algorithm": variant, **asdict(settings),
+                                                      "alg_params": run["alg_params"]}) if main else None
     result = train_kd(student, inp.examples, settings, s_tok.pad_token_id, term, extra_modules=projectors,
-                      projector_lr=p.dskd.projector_lr, val_examples=val, desc=cell.name, checkpoint=ckpt)
-    if not state().is_main_process:
+                      projector_lr=p.dskd.projector_lr, val_examples=val, desc=cell.name, checkpoint=ckpt, live=live)
+    if not main:
         return
     with atomic_path(cell.student_dir) as out:
         result["model"].save_pretrained(out, safe_serialization=True)
         s_tok.save_pretrained(out)
-    write_json(f"{layout.LOGS}/kd/{cell.name}.json", result["log"])  # a JSON array: dvc plots reads it
-    m = {"algorithm": variant, **result["metrics"], "vocab_match": inp.vocab_match, "use_cache": kd.use_cache,
+    # the loss curves are DVCLive's (logs/kd/<cell>/); wall-clock figures go to an untracked-by-metrics file
+    m, timing = split_timing(result["metrics"])
+    write_json(f"{layout.LOGS}/timing/kd/{cell.name}.json", timing)
+    m = {"algorithm": variant, **m, "vocab_match": inp.vocab_match, "use_cache": kd.use_cache,
          "teacher_forward_examples": getattr(term, "examples", 0), "cache_recomputed": recomputed if kd.use_cache else 0}
     if kd.use_cache and cell.alg == "vanilla":  # alignment statistics of token-level KD
         m.update({k: v for k, v in targets.summary().items() if k in ("aligned_fraction", "mapped_mass", "top_k")})
     write_json(f"{layout.METRICS}/kd/{cell.name}.json", m)
     ckpt.clear()
     print(f"kd {cell.name} ({variant}): val CE {m['val_ce_before']:.3f} -> {m['val_ce_after']:.3f}, "
-          f"{m['tokens_per_s']} tokens/s")
+          f"{timing['tokens_per_s']} tokens/s")
 
 
 if __name__ == "__main__":

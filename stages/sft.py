@@ -24,6 +24,7 @@ def main() -> None:
     from telekd.examples import load_split, tokenized
     from telekd.models import load_model
     from telekd.sft import SFTSettings, run_sft
+    from telekd.tracking import TrainLive, split_timing
 
     t, s = p.active.train, p.sft
     settings = SFTSettings(
@@ -40,16 +41,17 @@ def main() -> None:
            "data": {x: file_sha256(layout.split_file(x)) for x in ("train", "validation")}}
     ckpt = Checkpoint(Path(ROOT) / "sft" / role, fingerprint(run))
     main = state().is_main_process
+    live = TrainLive(f"{layout.LOGS}/sft/{role}", {"model": role, **asdict(settings)}) if main else None
     with atomic_path(layout.model_dir(role, "sft")) if main else nullcontext(None) as out:
-        result = run_sft(model, tok, train, val, settings, out, checkpoint=ckpt)
+        result = run_sft(model, tok, train, val, settings, out, checkpoint=ckpt, live=live)
     if not main:
         return
-    write_json(f"{layout.LOGS}/sft/{role}/train_loss.json", result["train_log"])
-    write_json(f"{layout.LOGS}/sft/{role}/eval_loss.json", result["eval_log"])
-    write_json(f"{layout.METRICS}/sft/{role}.json", result["metrics"])
+    # the loss curves are DVCLive's (logs/sft/<model>/); wall-clock figures go to an untracked-by-metrics file
+    m, timing = split_timing(result["metrics"])
+    write_json(f"{layout.LOGS}/timing/sft/{role}.json", timing)
+    write_json(f"{layout.METRICS}/sft/{role}.json", m)
     ckpt.clear()
-    m = result["metrics"]
-    print(f"sft {role}: eval loss {m['eval_loss_initial']:.3f} -> {m['eval_loss_best']:.3f}, {m['tokens_per_s']} tokens/s")
+    print(f"sft {role}: eval loss {m['eval_loss_initial']:.3f} -> {m['eval_loss_best']:.3f}, {timing['tokens_per_s']} tokens/s")
 
 
 if __name__ == "__main__":

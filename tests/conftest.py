@@ -176,6 +176,8 @@ def study_snapshot(root: Path) -> dict:
                 snap[rel] = _stable(json.loads(f.read_text()))
             elif f.suffix == ".jsonl":
                 snap[rel] = [_stable(json.loads(line)) for line in f.read_text().splitlines() if line.strip()]
+            elif f.suffix in (".tsv", ".yaml"):  # DVCLive histories and params (logs/{sft,kd}/<name>/)
+                snap[rel] = f.read_text()
     for d in ("models", "cache/teacher"):
         for f in sorted((root / d).rglob("*")):
             if f.is_file():

@@ -62,19 +62,23 @@ def make_study(root):
                 head.update(judge_failures=N, judged=N)
             write(root / f"scores/{name}/{fam}.summary.json", summ)
             write(root / f"metrics/eval/{name}/{fam}.json", head)
+    def history(path, name, rows):  # a DVCLive metric history (telekd.tracking)
+        write(path, f"step\t{name}\n" + "".join(f"{s}\t{v}\n" for s, v in rows))
+
     for c in RUNS:
         write(root / f"metrics/kd/{c}.json", {"algorithm": c.split("-")[3], "vocab_match": True, "val_ce_before": 6.0,
-                                             "val_ce_after": 5.5, "aligned_fraction": 1.0, "mapped_mass": 1.0,
-                                             "tokens_per_s": 12345.6})
+                                             "val_ce_after": 5.5, "aligned_fraction": 1.0, "mapped_mass": 1.0})
+        write(root / f"logs/timing/kd/{c}.json", {"tokens_per_s": 12345.6, "wall_s": 1.0})
         off = 0.3 * RUNS.index(c)
-        write(root / f"logs/kd/{c}.json", "[" + ",".join(json.dumps({"step": s, "loss": 3 + off - s / 10, "ce": 4 - off - s / 9,
-                                                                 "kd": 2.0}) for s in range(1, 13)) + "]")
+        d = root / f"logs/kd/{c}/plots/metrics/train"
+        history(d / "loss.tsv", "loss", [(s, 3 + off - s / 10) for s in range(1, 13)])
+        history(d / "ce.tsv", "ce", [(s, 4 - off - s / 9) for s in range(1, 13)])
+        history(d / "kd.tsv", "kd", [(s, 2.0) for s in range(1, 13)])
     write(root / "metrics/sft/student.json", {"steps": 12, "train_loss_first": 4.0, "train_loss_last": 3.0,
-                                              "eval_loss_initial": 6.8, "eval_loss_best": 5.9, "best_step": 10,
-                                              "tokens_per_s": 9000.0})
-    write(root / "logs/sft/student/train_loss.json", "[" + ",".join(json.dumps({"step": s, "loss": 4 - s / 12})
-                                                             for s in range(1, 13)) + "]")
-    write(root / "logs/sft/student/eval_loss.json", '[{"step": 5, "loss": 6.0}, {"step": 10, "loss": 5.9}]')
+                                              "eval_loss_initial": 6.8, "eval_loss_best": 5.9, "best_step": 10})
+    write(root / "logs/timing/sft/student.json", {"tokens_per_s": 9000.0, "wall_s": 1.0})
+    history(root / "logs/sft/student/plots/metrics/train/loss.tsv", "loss", [(s, 4 - s / 12) for s in range(1, 13)])
+    history(root / "logs/sft/student/plots/metrics/eval/loss.tsv", "loss", [(5, 6.0), (10, 5.9)])
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def _answer_tokens(example) -> int:
 
 
 def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=None, projector_lr: float = 1e-3,
-             val_examples=(), desc: str = "kd", checkpoint=None) -> dict:
+             val_examples=(), desc: str = "kd", checkpoint=None, live=None) -> dict:
     """Distil into `student`: loss = (1 - kd_rate) CE + kd_rate term(...), term one of telekd.terms.
 
     `extra_modules` (DSKD's projectors) train in place with their own learning rate and are returned as
@@ -95,6 +95,8 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     for any KD term that is a mean over answer positions. Only the main process evaluates and checkpoints.
     `checkpoint` (telekd.checkpoint.Checkpoint): saved every save_steps optimizer steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised); a matching one is resumed from, bit-identically.
+    `live` (telekd.tracking.TrainLive, main process only): each step's row is logged to it (train/<name> at step
+    n + 1, as in "log"), a resumed run's checkpointed rows first; the validation CE goes into its summary.
     """
     import torch
     import torch.nn.functional as F
@@ -166,6 +168,8 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
         return t.tolist()
 
     student.train()
+    if live is not None:
+        live.replay(log)
     keys = [k for k in log[-1] if k != "step"] if log else []
     t0 = time.perf_counter()
     with SigtermFlag() as stop:
@@ -205,6 +209,8 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
                 opt.zero_grad(set_to_none=True)
             tokens += n_tok
             log.append({"step": n + 1, **row})
+            if live is not None:
+                live.log(n + 1, row)
             bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
             if checkpoint is not None and boundary and n + 1 < len(batches):
                 k = (n + 1) // s.grad_accum
@@ -218,6 +224,8 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
         student = student.merge_and_unload()
     student.eval()
     val_after = eval_ce(student, list(val_examples), pad_id, s.batch_size) if val_examples and main else None
+    if live is not None:
+        live.finish({"val_ce_before": val_before, "val_ce_after": val_after})
     return {
         "model": student,
         "projectors": extra_modules,

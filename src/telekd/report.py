@@ -241,9 +241,11 @@ def fig_family(summ: dict, names: list[str], fam: str, algs: list[str], path: Pa
 
 
 def fig_loss_sft(logs_dir: Path, metrics_dir: Path, models: list[str], path: Path) -> bool:
-    """SFT training and validation loss per model."""
-    logs = {m: (_read(logs_dir / "sft" / m / "train_loss.json") or [], _read(logs_dir / "sft" / m / "eval_loss.json") or [])
-            for m in models}
+    """SFT training and validation loss per model (DVCLive histories logs/sft/<model>/plots/metrics/{train,eval}/loss.tsv)."""
+    from .tracking import read_rows
+
+    logs = {m: ([r for r in read_rows(logs_dir / "sft" / m, "train") if "loss" in r],
+                [r for r in read_rows(logs_dir / "sft" / m, "eval") if "loss" in r]) for m in models}
     logs = {m: v for m, v in logs.items() if v[0] or v[1]}
     if not logs:
         return False
@@ -274,8 +276,11 @@ def fig_loss_sft(logs_dir: Path, metrics_dir: Path, models: list[str], path: Pat
 
 
 def fig_loss_kd(logs_dir: Path, cells: list[str], path: Path) -> bool:
-    """KD loss curves: columns teacher × algorithm, rows total loss and its CE term, one line per SFT setting."""
-    logs = {c: _read(logs_dir / "kd" / f"{c}.json") or [] for c in cells}
+    """KD loss curves: columns teacher × algorithm, rows total loss and its CE term, one line per SFT setting
+    (DVCLive histories logs/kd/<cell>/plots/metrics/train/*.tsv)."""
+    from .tracking import read_rows
+
+    logs = {c: read_rows(logs_dir / "kd" / c, "train") for c in cells}
     logs = {c: v for c, v in logs.items() if v and _parse(c)}
     if not logs:
         return False
@@ -564,7 +569,8 @@ def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: s
     sft_rows = []
     for r in ("llama", "mistral", "student"):
         s = _read(m / "sft" / f"{r}.json")
-        if s:
+        if s:  # tokens/s: wall-clock figures live apart from the tracked metrics (logs/timing/)
+            s = {**s, **((_read(lg / "timing" / "sft" / f"{r}.json") if lg else None) or {})}
             sft_rows.append([r, s.get("steps"), s.get("train_loss_first"), s.get("train_loss_last"),
                              s.get("eval_loss_initial"), s.get("eval_loss_best"), s.get("best_step"), s.get("tokens_per_s")])
     if sft_rows or "loss_sft" in figs:
@@ -606,7 +612,7 @@ def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: s
     # ---- distillation runs
     kd_rows = []
     for c in run_names:
-        k = _read(m / "kd" / f"{c}.json") or {}
+        k = {**(_read(m / "kd" / f"{c}.json") or {}), **((_read(lg / "timing" / "kd" / f"{c}.json") if lg else None) or {})}
         kd_rows.append([c, k.get("algorithm"), k.get("vocab_match"), k.get("val_ce_before"), k.get("val_ce_after"),
                         k.get("aligned_fraction"), k.get("mapped_mass"), k.get("tokens_per_s")])
     parts += ["## Distillation runs", "",
@@ -615,7 +621,7 @@ def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: s
               table(["cell", "algorithm", "same vocabulary", "val CE before", "val CE after", "aligned", "mapped mass",
                      "tokens/s"], kd_rows), ""]
     if "loss_kd" in figs:
-        parts += ["Training loss per step (logs/kd/<cell>.json): the total loss and its cross-entropy term on the "
+        parts += ["Training loss per step (DVCLive, logs/kd/<cell>/): the total loss and its cross-entropy term on the "
                   "reference answers; the total loss of different algorithms is not on one scale.", "",
                   _figure(figs["loss_kd"], "KD loss curves"), ""]
 

@@ -75,13 +75,16 @@ def _sigterm_callback(flag):
 
 
 def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_dir: str | Path | None,
-            checkpoint=None, callbacks=()) -> dict:
+            checkpoint=None, callbacks=(), live=None) -> dict:
     """Train LoRA adapters on `model`; write the merged model to out_dir and the adapter to out_dir/adapter.
 
     `checkpoint` (telekd.checkpoint.Checkpoint): the Trainer saves there every eval_steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised) and resumes from this run's newest checkpoint.
     Under `accelerate launch` each of N processes takes batch_size / N training examples (the global batch
     stays batch_size) and only the main process writes; out_dir None writes nothing.
+    `live` (telekd.tracking.TrainLive, main process only): the Trainer's logs go to it through DVCLive's callback
+    (train/* and eval/* at the global step, eval at step 0 before training); eval_loss_initial, eval_loss_best and
+    best_step go into its summary.
     """
     import tempfile
     from contextlib import nullcontext
@@ -92,6 +95,7 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
 
     from .checkpoint import Interrupted, SigtermFlag, trainer_resume_point
     from .shard import state
+    from .tracking import trainer_callback
 
     world = state().num_processes
     if s.batch_size % world:
@@ -117,9 +121,10 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
         lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                           target_modules=list(s.lora_targets), task_type="CAUSAL_LM")
         stop = _sigterm_callback(flag)
+        tracking = [trainer_callback(live)] if live is not None else []
         trainer = SFTTrainer(model=model, args=args, train_dataset=examples_dataset(train_examples),
                              eval_dataset=examples_dataset(val_examples), processing_class=tokenizer, peft_config=lora,
-                             callbacks=[stop, *callbacks])
+                             callbacks=[stop, *tracking, *callbacks])
         initial_eval = trainer.evaluate()["eval_loss"]
         # evaluate() before train() marks the model as prepared (for evaluation: no DDP wrapper) and accelerate
         # would then train it unwrapped, each rank apart (transformers 5.24 / accelerate 1.15): unmark it.
@@ -134,6 +139,8 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
         if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
             raise Interrupted(f"sft: stopped by SIGTERM at step {trainer.state.global_step}/{trainer.state.max_steps}; "
                               f"checkpoint saved in {work}: rerun (dvc repro) to resume")
+        for cb in tracking:  # the best checkpoint's evaluation below is a summary, not a step of the curve
+            trainer.remove_callback(cb)
         best_eval = trainer.evaluate()["eval_loss"]  # the best checkpoint is loaded at the end
         train_log, eval_log = loss_logs(trainer.state.log_history)
         main = trainer.is_world_process_zero()
@@ -144,6 +151,9 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
             trainer.model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
     tokens = sum(len(e.input_ids) for e in train_examples) * s.epochs
+    if live is not None:
+        live.finish({"eval_loss_initial": initial_eval, "eval_loss_best": best_eval,
+                     "best_step": trainer.state.best_global_step})
     return {
         "metrics": {
             "train_loss_first": train_log[0]["loss"] if train_log else None,
