@@ -16,6 +16,16 @@ Design
   ``maxItems = max_items``; the ``statements``/``claims`` arrays get ``minItems 1`` (Faithfulness is NaN
   on an empty list and AnswerCorrectness scores empty lists as a perfect match) and ``verdict`` is
   restricted to {0, 1}. Without the bounds a random model writes ``"verdict": 6666...`` forever.
+* Every reply, fresh or cached, is checked against the bounded schema itself (jsonschema: minItems,
+  maxItems, maxLength, verdict in {0, 1}), not only parsed into ragas's pydantic model, which accepts
+  an empty statement list, a verdict of 7 or a 5,000-character string; a server that ignores
+  ``response_format`` is caught here. Replies that fit the schema but that ragas's formulas would
+  silently turn into a number are failed judgments too (`check_classification`, `check_verdicts`): an
+  empty TP/FP/FN classification (ragas scores it F1 = 1, so "the UDM" against "the SMF" scored 0.83),
+  fewer/more NLI verdicts than statements (the denominator of faithfulness and factual correctness),
+  and, with ``eval_llm.strict_classification`` (off by default, as in ragas), a classification whose
+  TP + FP is not the answer's statement count. A failed judgment is None with its reason in ``judge_error``; it is retried only when the
+  backend is not deterministic (the local judge decodes greedily: the same prompt fails the same way).
 * Metrics: answer correctness = ragas AnswerCorrectness (weights 0.75 factuality / 0.25 semantic
   similarity, embeddings = the offline all-MiniLM-L6-v2); factual correctness = ragas FactualCorrectness
   (F1); faithfulness = ragas Faithfulness against the record's own context. A record with several
@@ -122,6 +132,48 @@ def bounded_schema(schema: dict, max_chars: int, max_items: int) -> dict:
 
 def schema_json(schema: dict) -> str:
     return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+
+
+def schema_violation(obj: Any, schema: dict) -> Optional[str]:
+    """None when `obj` satisfies the (bounded) JSON schema, else the first violation in one line (jsonschema)."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(obj))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+    return f"{where}: {error.message[:160]}"
+
+
+# -----------------------------------------------------------------------------
+# what a judgment must hold beyond its schema (ragas's metrics take degenerate replies as answers)
+
+
+def check_classification(tp: int, fp: int, fn: int, n_answer: int, n_reference: int,
+                         strict: bool = False) -> Optional[str]:
+    """None when a TP/FP/FN classification (ragas AnswerCorrectness) can be a judgment, else why not.
+
+    An empty classification always fails: ragas scores it F1 = 1 (precision and recall both default to 1),
+    a perfect match for any answer. `strict` (eval_llm.strict_classification; off by default, as in ragas)
+    also holds the classification to its definition: every answer statement is either a TP or an FP, and
+    FN are reference statements, so TP + FP = n_answer and FN <= n_reference.
+    """
+    if tp + fp + fn == 0:
+        return "empty classification (no TP, FP or FN): a failed judgment, not a perfect match"
+    if not strict:
+        return None
+    if tp + fp != n_answer:
+        return f"classification puts {tp + fp} statements in TP/FP, but the answer has {n_answer}"
+    if fn > n_reference:
+        return f"classification has {fn} FN statements, but the reference has only {n_reference}"
+    return None
+
+
+def check_verdicts(n_verdicts: int, n_statements: int) -> Optional[str]:
+    """None when an NLI reply gives one verdict per statement (Faithfulness, FactualCorrectness), else why not."""
+    if n_verdicts != n_statements:
+        return f"{n_verdicts} verdicts for {n_statements} statements: one verdict per statement is needed"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -304,6 +356,7 @@ class LocalGenerator:
 
 class LocalBackend:
     name = "local"
+    deterministic = True  # greedy decoding: the same prompt gives the same reply
 
     def __init__(self, source: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                  max_new_tokens: int = 1024, timeout_s: Optional[float] = None, generator: LocalGenerator | None = None):
@@ -456,17 +509,51 @@ def _ragas_classes() -> tuple[type, type]:
                 self.max_items = max_items
                 self.scrub = scrub
                 self.stats = CallStats()
+                self.strict_classification = False
 
-            def generate(self, prompt, response_model):
+            @property
+            def deterministic(self) -> bool:
+                """A failed reply comes back unchanged on a retry (greedy local decoding)."""
+                return bool(getattr(self.backend, "deterministic", False))
+
+            def _parse(self, text: str, response_model, schema: dict):
+                """The reply as `response_model`, after checking it against the bounded schema; JudgeError if not."""
+                name = response_model.__name__
+                try:
+                    obj = json.loads(_strip_fences(text))
+                except ValueError as e:
+                    raise JudgeError(f"unparseable judge output for {name} ({self.scrub(str(e))[:120]}): "
+                                     f"{self.scrub(text)[:120]!r}", retryable=not self.deterministic) from None
+                violation = schema_violation(obj, schema)
+                if violation is not None:
+                    raise JudgeError(f"judge output for {name} breaks its bounded schema ({self.scrub(violation)}): "
+                                     f"{self.scrub(text)[:120]!r}", retryable=not self.deterministic)
+                try:
+                    return response_model.model_validate(obj)
+                except Exception as e:  # pydantic ValidationError
+                    first = self.scrub(e.errors()[0]["msg"] if hasattr(e, "errors") else str(e))[:120]
+                    raise JudgeError(f"unparseable judge output for {name} ({first}): {self.scrub(text)[:120]!r}",
+                                     retryable=not self.deterministic) from None
+
+            def _checked(self, text: str, response_model, schema: dict, check):
+                out = self._parse(text, response_model, schema)
+                why = check(out) if check is not None else None
+                if why is not None:
+                    raise JudgeError(f"degenerate judgment: {why}", retryable=not self.deterministic)
+                return out
+
+            def generate(self, prompt, response_model, check: Optional[Callable[[Any], Optional[str]]] = None):
+                """The judge's reply as `response_model`: from the cache or the backend, checked against the bounded
+                schema and by `check` (reply -> None or why it is no judgment); only checked replies are cached."""
                 schema = bounded_schema(response_model.model_json_schema(), self.max_chars, self.max_items)
                 key = JudgeCache.key(self.backend.identity, prompt, schema)
                 cached = self.cache.get(key)
                 if cached is not None:
                     try:
-                        out = response_model.model_validate_json(_strip_fences(cached))
+                        out = self._checked(cached, response_model, schema, check)
                         self.stats.cache_hits += 1
                         return out
-                    except Exception:
+                    except JudgeError:
                         pass  # a stale or corrupt entry: ask again
                 self.stats.calls += 1
                 t0 = time.perf_counter()
@@ -474,18 +561,12 @@ def _ragas_classes() -> tuple[type, type]:
                     text = self.scrub(self.backend.complete(prompt, schema, response_model.__name__))
                 finally:
                     self.stats.seconds += time.perf_counter() - t0
-                try:
-                    out = response_model.model_validate_json(_strip_fences(text))
-                except Exception as e:
-                    first = self.scrub(e.errors()[0]["msg"] if hasattr(e, "errors") else str(e))[:120]
-                    shown = self.scrub(text)[:120]
-                    raise JudgeError(f"unparseable judge output for {response_model.__name__} ({first}): "
-                                     f"{shown!r}") from None
+                out = self._checked(text, response_model, schema, check)
                 self.cache.put(key, text, {"schema": response_model.__name__, "judge": self.backend.identity})
                 return out
 
-            async def agenerate(self, prompt, response_model):
-                return self.generate(prompt, response_model)
+            async def agenerate(self, prompt, response_model, check=None):
+                return self.generate(prompt, response_model, check)
 
         class MiniLMEmbeddings(BaseRagasEmbedding):
             """A sentence-transformers model from a local folder, loaded on first use, normalised vectors."""
@@ -505,6 +586,47 @@ def _ragas_classes() -> tuple[type, type]:
 
         _CLASSES["llm"], _CLASSES["emb"] = JudgeLLM, MiniLMEmbeddings
     return _CLASSES["llm"], _CLASSES["emb"]
+
+
+def _strict_metrics() -> tuple[type, type, type]:
+    """ragas's AnswerCorrectness, FactualCorrectness and Faithfulness, refusing degenerate judgments.
+
+    The formulas are ragas 0.4.3's, unchanged; the three methods that ask for a classification or for NLI
+    verdicts are ragas's own (the same prompt and response model) plus a `check` on the reply, so that a reply
+    those formulas would silently turn into a number (an empty classification scores a perfect F1; fewer
+    verdicts than statements shrink the denominator) raises JudgeError instead and is never cached
+    (see `check_classification`, `check_verdicts`). Empty statement and claim lists fail the bounded schema.
+    """
+    if "metrics" not in _CLASSES:
+        from ragas.metrics.collections import AnswerCorrectness, FactualCorrectness, Faithfulness
+        from ragas.metrics.collections.answer_correctness.util import (ClassificationWithReason,
+                                                                       CorrectnessClassifierInput)
+        from ragas.metrics.collections.factual_correctness import util as fc_util
+        from ragas.metrics.collections.faithfulness.util import NLIStatementInput, NLIStatementOutput
+
+        def verdicts_for(statements):
+            return lambda out: check_verdicts(len(out.statements), len(statements))
+
+        class StrictAnswerCorrectness(AnswerCorrectness):
+            async def _classify_statements(self, question, answer_statements, ground_truth_statements):
+                prompt = self.correctness_classifier_prompt.to_string(CorrectnessClassifierInput(
+                    question=question, answer=answer_statements, ground_truth=ground_truth_statements))
+                strict = self.llm.strict_classification
+                return await self.llm.agenerate(prompt, ClassificationWithReason, check=lambda c: check_classification(
+                    len(c.TP), len(c.FP), len(c.FN), len(answer_statements), len(ground_truth_statements), strict))
+
+        class StrictFactualCorrectness(FactualCorrectness):
+            async def _verify_claims(self, claims, reference):
+                prompt = self.nli_prompt.to_string(fc_util.NLIStatementInput(context=reference, statements=claims))
+                return await self.llm.agenerate(prompt, fc_util.NLIStatementOutput, check=verdicts_for(claims))
+
+        class StrictFaithfulness(Faithfulness):
+            async def _create_verdicts(self, statements, context):
+                prompt = self.nli_statement_prompt.to_string(NLIStatementInput(context=context, statements=statements))
+                return await self.llm.agenerate(prompt, NLIStatementOutput, check=verdicts_for(statements))
+
+        _CLASSES["metrics"] = (StrictAnswerCorrectness, StrictFactualCorrectness, StrictFaithfulness)
+    return _CLASSES["metrics"]
 
 
 # -----------------------------------------------------------------------------
@@ -531,6 +653,7 @@ class JudgeConfig:
     cache_dir: Optional[str] = CACHE_DIR
     backoff_s: float = 1.0
     embedding_model: Optional[str] = None  # None: the offline all-MiniLM-L6-v2
+    strict_classification: bool = False    # TP + FP must equal the answer's statements (see check_classification)
 
     @classmethod
     def from_params(cls, p, **overrides) -> "JudgeConfig":
@@ -539,7 +662,7 @@ class JudgeConfig:
                    max_retries=e.max_retries, timeout_s=e.timeout_s, base_url=e.base_url, model=e.model,
                    api_key_env=e.api_key_env, max_new_tokens=e.max_new_tokens, max_chars=e.max_chars,
                    max_items=e.max_items, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
-                   **overrides)
+                   strict_classification=e.strict_classification, **overrides)
 
 
 @dataclass
@@ -585,11 +708,12 @@ class Judge:
         self.backend = backend
         self.scrub = getattr(backend, "scrub", lambda s: s)
         JudgeLLM, Emb = _ragas_classes()
-        from ragas.metrics.collections import AnswerCorrectness, FactualCorrectness, Faithfulness
+        AnswerCorrectness, FactualCorrectness, Faithfulness = _strict_metrics()
 
         from .metrics import minilm_path
 
         self.llm = JudgeLLM(backend, JudgeCache(cfg.cache_dir), cfg.max_chars, cfg.max_items, self.scrub)
+        self.llm.strict_classification = cfg.strict_classification
         emb = Emb(cfg.embedding_model or minilm_path())
         self.answer_correctness = AnswerCorrectness(llm=self.llm, embeddings=emb)
         self.factual_correctness = FactualCorrectness(llm=self.llm, mode="f1")
