@@ -195,7 +195,8 @@ def test_failing_judge_gives_none_with_reason(mode, tmp_path, monkeypatch):
     for s in scores:
         assert all(s[m] is None for m in LLM_METRICS)
         assert ("timed out" if mode == "sleep" else "unparseable") in s["judge_error"]
-        assert "after 2 attempts" in s["judge_error"]
+        # a timeout may pass; a reply at temperature 0 comes back the same, so garbage is not asked again
+        assert ("after 2 attempts" if mode == "sleep" else "not retried: deterministic") in s["judge_error"]
     assert not list(Path(cfg.cache_dir).rglob("*.json"))  # failures are not cached
     # the written files: None stays None, failures counted, and the key appears nowhere
     evaluation.write_scores("cell", "llm", [r["id"] for r in ROWS[:2]], scores, LLM_METRICS, 200, 0,
@@ -435,3 +436,108 @@ def test_cached_reply_out_of_schema_is_asked_again(tmp_path):
     again, report = judge_rows([row], cfg, progress=False, backend=backend)
     assert again == first and backend.calls == 2 * calls  # every poisoned entry was asked again
     del cache
+
+
+# ---- concurrency and what is retried (OpenAI-compatible backend) ----------------------------------------------
+
+
+class SchemaServer(BaseHTTPRequestHandler):
+    """Answers each request with Scripted's reply for its schema after `delay` s; records the most requests in
+    flight at once. mode: ok | length (finish_reason length) | http400 | http503."""
+
+    protocol_version = "HTTP/1.1"
+    mode, delay = "ok", 0.0
+    lock = threading.Lock()
+    inflight = peak = requests = 0
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        cls = type(self)
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        with cls.lock:
+            cls.inflight += 1
+            cls.requests += 1
+            cls.peak = max(cls.peak, cls.inflight)
+        time.sleep(cls.delay)
+        with cls.lock:
+            cls.inflight -= 1
+        if cls.mode.startswith("http"):
+            code = int(cls.mode[4:])
+            self.send_response(code)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"no")
+            return
+        name = body["response_format"]["json_schema"]["name"]
+        content = json.dumps(Scripted.ANSWERS[name])
+        finish = "length" if cls.mode == "length" else "stop"
+        out = json.dumps({"choices": [{"index": 0, "finish_reason": finish,
+                                       "message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+def schema_server(mode="ok", delay=0.0):
+    handler = type(f"Schema{mode}", (SchemaServer,), {"mode": mode, "delay": delay, "lock": threading.Lock(),
+                                                      "inflight": 0, "peak": 0, "requests": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    return server, handler
+
+
+def _openai_cfg(tmp_path, server, **kw):
+    return small_cfg(tmp_path, backend="openai", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                     model="m", api_key_env=KEY_ENV, cache_dir=None, **kw)
+
+
+def test_concurrent_judging_is_bounded_and_gives_the_same_scores(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    rows = [{**ROWS[i % 3], "id": f"q-{i:02d}"} for i in range(8)]
+    runs = {}
+    for n in (1, 3):
+        server, handler = schema_server(delay=0.05)
+        thread = serve(server)
+        try:
+            scores, report = judge_rows(rows, _openai_cfg(tmp_path, server, concurrency=n), progress=False)
+        finally:
+            stop(server, thread)
+        runs[n] = (scores, report, handler.peak, handler.requests)
+    (s1, r1, peak1, req1), (s3, r3, peak3, req3) = runs[1], runs[3]
+    assert peak1 == 1 and 1 < peak3 <= 3            # bounded by eval_llm.concurrency
+    same = lambda r: {k: v for k, v in r.extra().items() if k != "judge"}  # noqa: E731 (the judge names its port)
+    assert s3 == s1 and same(r3) == same(r1)        # the same scores, in the same order
+    assert req3 == req1 == r1.calls == r3.calls     # per-row counts add up to every request made
+    assert_numbers(s3)
+
+
+def test_concurrency_needs_the_openai_backend(tmp_path):
+    from telekd.judge import Judge
+
+    with pytest.raises(JudgeSetupError, match="concurrency 2 needs backend openai"):
+        Judge(small_cfg(tmp_path, judge_model="x", concurrency=2))
+    with pytest.raises(JudgeSetupError, match="must be >= 1"):
+        Judge(small_cfg(tmp_path, concurrency=0), backend=Scripted())
+
+
+@pytest.mark.parametrize("mode,retried,reason", [
+    ("length", False, "finish_reason length"),   # temperature 0: cut at the same place again
+    ("http400", False, "HTTP 400"),              # a bad request stays bad
+    ("http503", True, "HTTP 503"),               # the server may recover
+])
+def test_only_failures_that_can_pass_are_retried(tmp_path, monkeypatch, mode, retried, reason):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    server, handler = schema_server(mode)
+    thread = serve(server)
+    try:
+        [s], report = judge_rows(ROWS[1:2], _openai_cfg(tmp_path, server, max_retries=2), progress=False)
+    finally:
+        stop(server, thread)
+    assert all(s[m] is None for m in LLM_METRICS) and reason in s["judge_error"]
+    # the first call of each of the 3 metrics fails; retried: 3 attempts each
+    assert handler.requests == (9 if retried else 3)
+    assert ("(after 3 attempts)" if retried else "not retried: deterministic") in s["judge_error"]
