@@ -39,8 +39,10 @@ def test_ngram_matches_libraries(pred, refs):
         assert got[f"bleu{n}"] == pytest.approx(want, abs=1e-12)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     per_ref = [scorer.score(r, pred) for r in refs]
+    library = M.ngram_scores(pred, refs, rouge_tokenizer="rouge-score")
     for k in ("rouge1", "rouge2", "rougeL"):
-        assert got[k] == pytest.approx(max(s[k].fmeasure for s in per_ref), abs=1e-12)
+        assert library[k] == pytest.approx(max(s[k].fmeasure for s in per_ref), abs=1e-12)
+        assert got[k] == library[k]  # plain ASCII words: our tokenizer agrees with rouge-score's
     assert all(0.0 <= v <= 1.0 for v in got.values())
 
 
@@ -65,6 +67,66 @@ def test_ngram_empty_prediction_is_zero():
     got = M.ngram_scores("", ["some reference"])
     assert got == dict.fromkeys(M.NGRAM_METRICS, 0.0)
     assert M.ngram_scores("   ", ["x"])["rougeL"] == 0.0
+
+
+# hand-computed: sacrebleu 13a tokens, case-sensitive; exp smoothing gives a zero-match order 1 / (2 * total);
+# effective order leaves out orders the hypothesis has no n-grams of. ROUGE F1 = 2PR / (P + R) on our tokens.
+HAND = [
+    # a symbol: 13a keeps "±3" whole (p1 1/2, p2 smoothed 1/2); ROUGE [±, 3, second] vs [3, second]
+    ("±3 seconds", "3 seconds", dict(bleu1=0.5, bleu2=0.5, bleu3=0.5, bleu4=0.5, rouge1=0.8, rouge2=2 / 3, rougeL=0.8)),
+    # ≤ vs ≥: p1 2/3, p2 1/2, p3 smoothed 1/2 (order 4 left out); ROUGE-2 (10, ms) of 2 bigrams
+    ("≤ 10 ms", "≥ 10 ms", dict(bleu1=2 / 3, bleu2=(2 / 3 * 1 / 2) ** 0.5, bleu3=(2 / 3 * 1 / 2 * 1 / 2) ** (1 / 3),
+                                 bleu4=(2 / 3 * 1 / 2 * 1 / 2) ** (1 / 3), rouge1=2 / 3, rouge2=0.5, rougeL=2 / 3)),
+    # a digit
+    ("3 seconds", "5 seconds", dict(bleu1=0.5, bleu2=0.5, bleu3=0.5, bleu4=0.5, rouge1=0.5, rouge2=0.0, rougeL=0.5)),
+    # Greek letters: [α, =, 0.5] vs [β, =, 0.5]
+    ("α = 0.5", "β = 0.5", dict(bleu1=2 / 3, bleu2=(2 / 3 * 1 / 2) ** 0.5, bleu3=(2 / 3 * 1 / 2 * 1 / 2) ** (1 / 3),
+                                 bleu4=(2 / 3 * 1 / 2 * 1 / 2) ** (1 / 3), rouge1=2 / 3, rouge2=0.5, rougeL=2 / 3)),
+    # casing: BLEU is case-sensitive (sacrebleu's default), ROUGE lowercases (rouge-score's)
+    ("The SMF", "the SMF", dict(bleu1=0.5, bleu2=0.5, bleu3=0.5, bleu4=0.5, rouge1=1.0, rouge2=1.0, rougeL=1.0)),
+    # a shorter hypothesis: brevity penalty exp(1 - 8/4) on perfect precisions
+    ("a b c d", "a b c d e f g h", dict(bleu1=math.exp(-1), bleu2=math.exp(-1), bleu3=math.exp(-1),
+                                        bleu4=math.exp(-1), rouge1=2 / 3, rouge2=2 * (3 / 3 * 3 / 7) / (1 + 3 / 7),
+                                        rougeL=2 / 3)),
+    # units and degrees: [2, µs, at, 25, ˚, c] vs [2, µs, at, 25, °, c]; 13a: "˚C" / "°C" one token each
+    ("2 µs at 25 ˚C", "2 µs at 25 °C", dict(bleu1=0.8, bleu2=(0.8 * 3 / 4) ** 0.5, bleu3=(0.8 * 3 / 4 * 2 / 3) ** (1 / 3),
+                                           bleu4=(0.8 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25, rouge1=5 / 6, rouge2=3 / 5,
+                                           rougeL=5 / 6)),
+]
+
+
+@pytest.mark.parametrize("pred,ref,want", HAND)
+def test_ngram_hand_computed(pred, ref, want):
+    got = M.ngram_scores(pred, [ref])
+    assert got == {k: pytest.approx(v, abs=1e-9) for k, v in want.items()}
+
+
+def test_rouge_keeps_symbols_that_rouge_score_drops():
+    """The issue's cases: rouge-score's own tokenizer deletes ± and ≤/≥ and scores both pairs 1.0."""
+    for pred, ref in (("±3 seconds", "3 seconds"), ("≤ 10 ms", "≥ 10 ms")):
+        library = M.ngram_scores(pred, [ref], rouge_tokenizer="rouge-score")
+        assert [library[k] for k in M.ROUGE_TYPES] == [1.0, 1.0, 1.0]
+        assert all(M.ngram_scores(pred, [ref])[k] < 1.0 for k in M.ROUGE_TYPES)
+    tok = M.UnicodeTokenizer()
+    assert tok.tokenize("±3 seconds") == ["±", "3", "second"]
+    assert tok.tokenize("RRC_INACTIVE (NR), 0.5 µs at 25 ˚C; 10%") == ["rrc_inactive", "nr", "0.5", "µs", "at", "25",
+                                                                        "˚", "c", "10", "%"]
+    assert tok.tokenize("α ≤ β") == ["α", "≤", "β"] and tok.tokenize("中文 3GPP") == ["中文", "3gpp"]
+    with pytest.raises(ValueError, match="rouge_tokenizer 'x'"):
+        M.ngram_scores("a", ["a"], rouge_tokenizer="x")
+
+
+def test_ngram_text_conventions():
+    import unicodedata
+
+    nfd, nfc = unicodedata.normalize("NFD", "café à 5 µs"), unicodedata.normalize("NFC", "café à 5 µs")
+    assert nfd != nfc
+    ones = dict.fromkeys(M.NGRAM_METRICS, pytest.approx(1.0))
+    assert M.ngram_scores(nfd, [nfc]) == ones                            # canonically equivalent: the same text
+    assert M.ngram_scores("  3\tseconds \n", ["3 seconds"]) == ones      # whitespace is no token
+    assert M.ngram_scores("a b c d", ["", "  ", "a b c d e f g h"]) == M.ngram_scores("a b c d", ["a b c d e f g h"])
+    assert M.ngram_scores("a", ["", " "]) == dict.fromkeys(M.NGRAM_METRICS, 0.0)  # no reference text: 0
+    assert set(M.NGRAM_TOKENIZATION) == {"bleu", "rouge", "text"} and "13a" in M.NGRAM_TOKENIZATION["bleu"]
 
 
 def test_ngram_bad_references():
@@ -133,6 +195,24 @@ def test_cosine(minilm):
     assert got[2] < got[1]
     assert got[3] == 0.0  # empty prediction
     assert all(math.isfinite(v) for v in got)
+
+
+def test_embedding_identities(minilm):
+    import unicodedata
+
+    nfd, nfc = unicodedata.normalize("NFD", "café à 5 µs"), unicodedata.normalize("NFC", "café à 5 µs")
+    cos = M.cosine_scores([nfd, "±3 seconds", "3 seconds", "x"], [[nfc], ["±3 seconds"], ["3 seconds"], ["", " "]])
+    assert cos[0] == pytest.approx(1.0, abs=1e-5) and cos[1] == pytest.approx(1.0, abs=1e-5)
+    assert cos[3] == 0.0  # no reference text
+    bert = M.bertscore_scores([nfd, "x"], [[nfc], [""]])
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in bert[0].values())
+    assert bert[1] == dict.fromkeys(M.EMBED_METRICS[1:], 0.0)
+    # symmetric in prediction and reference: cosine exactly, BERTScore with P and R swapped
+    a, b = "the AMF selects the SMF", "the SMF is selected by the AMF"
+    assert M.cosine_scores([a], [[b]])[0] == pytest.approx(M.cosine_scores([b], [[a]])[0], abs=1e-6)
+    ab, ba = M.bertscore_scores([a, b], [[b], [a]])
+    assert ab["bertscore_p"] == pytest.approx(ba["bertscore_r"], abs=1e-5)
+    assert ab["bertscore_f1"] == pytest.approx(ba["bertscore_f1"], abs=1e-5)
 
 
 def test_bertscore(minilm):

@@ -16,6 +16,16 @@ Design
   ``maxItems = max_items``; the ``statements``/``claims`` arrays get ``minItems 1`` (Faithfulness is NaN
   on an empty list and AnswerCorrectness scores empty lists as a perfect match) and ``verdict`` is
   restricted to {0, 1}. Without the bounds a random model writes ``"verdict": 6666...`` forever.
+* Every reply, fresh or cached, is checked against the bounded schema itself (jsonschema: minItems,
+  maxItems, maxLength, verdict in {0, 1}), not only parsed into ragas's pydantic model, which accepts
+  an empty statement list, a verdict of 7 or a 5,000-character string; a server that ignores
+  ``response_format`` is caught here. Replies that fit the schema but that ragas's formulas would
+  silently turn into a number are failed judgments too (`check_classification`, `check_verdicts`): an
+  empty TP/FP/FN classification (ragas scores it F1 = 1, so "the UDM" against "the SMF" scored 0.83),
+  fewer/more NLI verdicts than statements (the denominator of faithfulness and factual correctness),
+  and, with ``eval_llm.strict_classification`` (off by default, as in ragas), a classification whose
+  TP + FP is not the answer's statement count. A failed judgment is None with its reason in ``judge_error``; it is retried only when the
+  backend is not deterministic (the local judge decodes greedily: the same prompt fails the same way).
 * Metrics: answer correctness = ragas AnswerCorrectness (weights 0.75 factuality / 0.25 semantic
   similarity, embeddings = the offline all-MiniLM-L6-v2); factual correctness = ragas FactualCorrectness
   (F1); faithfulness = ragas Faithfulness against the record's own context. A record with several
@@ -29,9 +39,14 @@ Design
   ``cache/judge/`` (one JSON file per call, written to a temporary name and renamed, so processes that
   share the cache never read a partial entry); only outputs that parsed into the response model are
   written, so a failed call is retried on the next run.
-* Failures (timeouts, HTTP errors, refusals, unparseable output, ragas exceptions, NaN) are retried up to
-  ``max_retries`` times with exponential backoff; after that the metric is None and the sample's
-  ``judge_error`` says why. A missing score is never turned into a number.
+* Failures that can pass (timeouts, connection errors, HTTP 408/409/429/5xx, ragas exceptions, NaN) are
+  retried up to ``max_retries`` times with exponential backoff; deterministic ones are not (the local
+  judge decodes greedily and the OpenAI-compatible one runs at temperature 0, so a reply cut at the token
+  limit, refused, unparseable, out of schema or degenerate comes back the same; other HTTP 4xx). Then the
+  metric is None and the sample's ``judge_error`` says why. A missing score is never turned into a number.
+* ``eval_llm.concurrency`` samples are judged at once (threads; the OpenAI-compatible backend only: a
+  server such as vLLM batches concurrent requests). Scores do not depend on it: each sample's calls are
+  its own, and results are kept in sample order.
 * Only the first ``max_samples`` samples in sorted question-id order are judged (the same subset in
   every cell); the rest get None with the reason ``not judged: beyond eval_llm.max_samples``. Under
   ``accelerate launch`` the processes share the judged samples (telekd.shard) and all get every score.
@@ -64,6 +79,7 @@ UNDEFINED = (EMPTY_PREDICTION, NO_CONTEXT)  # reasons that are not judge failure
 CACHE_DIR = "cache/judge"
 XGRAMMAR_FIX = "pip install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 (see requirements.txt / Makefile)"
 MAX_BACKOFF_S = 30.0
+RETRYABLE_HTTP = (408, 409, 429)  # and every 5xx: the server may answer next time
 SMALL_MODEL_PARAMS = 100_000_000  # below this, CPU decoding runs on one torch thread
 _DECODING = "greedy+xgrammar-json-schema"
 
@@ -124,6 +140,48 @@ def schema_json(schema: dict) -> str:
     return json.dumps(schema, sort_keys=True, separators=(",", ":"))
 
 
+def schema_violation(obj: Any, schema: dict) -> Optional[str]:
+    """None when `obj` satisfies the (bounded) JSON schema, else the first violation in one line (jsonschema)."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(obj))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+    return f"{where}: {error.message[:160]}"
+
+
+# -----------------------------------------------------------------------------
+# what a judgment must hold beyond its schema (ragas's metrics take degenerate replies as answers)
+
+
+def check_classification(tp: int, fp: int, fn: int, n_answer: int, n_reference: int,
+                         strict: bool = False) -> Optional[str]:
+    """None when a TP/FP/FN classification (ragas AnswerCorrectness) can be a judgment, else why not.
+
+    An empty classification always fails: ragas scores it F1 = 1 (precision and recall both default to 1),
+    a perfect match for any answer. `strict` (eval_llm.strict_classification; off by default, as in ragas)
+    also holds the classification to its definition: every answer statement is either a TP or an FP, and
+    FN are reference statements, so TP + FP = n_answer and FN <= n_reference.
+    """
+    if tp + fp + fn == 0:
+        return "empty classification (no TP, FP or FN): a failed judgment, not a perfect match"
+    if not strict:
+        return None
+    if tp + fp != n_answer:
+        return f"classification puts {tp + fp} statements in TP/FP, but the answer has {n_answer}"
+    if fn > n_reference:
+        return f"classification has {fn} FN statements, but the reference has only {n_reference}"
+    return None
+
+
+def check_verdicts(n_verdicts: int, n_statements: int) -> Optional[str]:
+    """None when an NLI reply gives one verdict per statement (Faithfulness, FactualCorrectness), else why not."""
+    if n_verdicts != n_statements:
+        return f"{n_verdicts} verdicts for {n_statements} statements: one verdict per statement is needed"
+    return None
+
+
 # -----------------------------------------------------------------------------
 # disk cache
 
@@ -135,11 +193,17 @@ class JudgeCache:
         self.root = Path(root) if root is not None else None
         self._mem: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
 
     @staticmethod
     def key(identity: str, prompt: str, schema: dict) -> str:
         blob = json.dumps({"judge": identity, "prompt": prompt, "schema": schema}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def key_lock(self, key: str) -> threading.Lock:
+        """One lock per key: concurrent threads asking the same prompt wait for the first one's answer."""
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
@@ -304,6 +368,7 @@ class LocalGenerator:
 
 class LocalBackend:
     name = "local"
+    deterministic = True  # greedy decoding: the same prompt gives the same reply
 
     def __init__(self, source: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                  max_new_tokens: int = 1024, timeout_s: Optional[float] = None, generator: LocalGenerator | None = None):
@@ -333,9 +398,15 @@ def is_loopback(url: str) -> bool:
 
 
 class OpenAIBackend:
-    """POST {base_url}/chat/completions with response_format json_schema (stdlib HTTP, no retries of its own)."""
+    """POST {base_url}/chat/completions with response_format json_schema (stdlib HTTP, no retries of its own).
+
+    Thread-safe: `Judge` sends up to eval_llm.concurrency requests at once. At temperature 0 a reply is
+    deterministic, so a reply that fails (cut at max_tokens, refused, empty, out of schema) is not retried;
+    timeouts, connection errors, HTTP 408/409/429 and 5xx are (the server may recover), other HTTP 4xx are not.
+    """
 
     name = "openai"
+    deterministic = True  # temperature 0
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "TELEKD_JUDGE_API_KEY",
                  max_new_tokens: int = 1024, timeout_s: float = 120.0):
@@ -379,12 +450,14 @@ class OpenAIBackend:
         req = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
                                      headers=headers, method="POST")
         error: Optional[str] = None
+        retryable = True
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             detail = self.scrub(e.read(4096).decode("utf-8", "replace"))[:300]
             error = f"HTTP {e.code} from {self.base_url}: {detail}"
+            retryable = e.code in RETRYABLE_HTTP or e.code >= 500
         except (TimeoutError, socket.timeout):
             error = f"judge timed out after {self.timeout_s:g}s ({self.base_url})"
         except urllib.error.URLError as e:
@@ -396,7 +469,7 @@ class OpenAIBackend:
         except OSError as e:
             error = f"connection error with {self.base_url}: {type(e).__name__}: {e}"
         if error is not None:
-            raise JudgeError(self.scrub(error)) from None
+            raise JudgeError(self.scrub(error), retryable=retryable) from None
         try:
             msg = json.loads(raw)["choices"][0]
             content = msg["message"].get("content")
@@ -406,11 +479,12 @@ class OpenAIBackend:
             raw_text = self.scrub(raw.decode("utf-8", "replace"))[:200]
             raise JudgeError(f"not an OpenAI chat completion from {self.base_url}: {raw_text!r}") from None
         if refusal:
-            raise JudgeError(f"judge refused: {self.scrub(str(refusal))[:200]}")
+            raise JudgeError(f"judge refused: {self.scrub(str(refusal))[:200]}", retryable=False)
         if not isinstance(content, str) or not content.strip():
-            raise JudgeError(f"empty judge answer (finish_reason {finish})")
-        if finish == "length":
-            raise JudgeError(f"judge output cut at max_tokens={self.max_new_tokens} (finish_reason length)")
+            raise JudgeError(f"empty judge answer (finish_reason {finish})", retryable=False)
+        if finish == "length":  # temperature 0: the same prompt is cut at the same place again
+            raise JudgeError(f"judge output cut at max_tokens={self.max_new_tokens} (finish_reason length; raise "
+                             "eval_llm.max_new_tokens or lower max_chars/max_items)", retryable=False)
         return content
 
 
@@ -434,6 +508,31 @@ class CallStats:
     seconds: float = 0.0
 
 
+class _Counters:
+    """Totals (`total`) and the current thread's own counts (`mine()`): with concurrent rows, each row is
+    scored in one thread, so a row's calls and cache hits are its thread's counts while it runs."""
+
+    def __init__(self):
+        self.total = CallStats()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def mine(self) -> CallStats:
+        if not hasattr(self._local, "stats"):
+            self._local.stats = CallStats()
+        return self._local.stats
+
+    def add(self, calls: int = 0, hits: int = 0, seconds: float = 0.0) -> None:
+        with self._lock:
+            self.total.calls += calls
+            self.total.cache_hits += hits
+            self.total.seconds += seconds
+        m = self.mine()
+        m.calls += calls
+        m.cache_hits += hits
+        m.seconds += seconds
+
+
 _CLASSES: dict[str, type] = {}
 
 
@@ -455,37 +554,72 @@ def _ragas_classes() -> tuple[type, type]:
                 self.max_chars = max_chars
                 self.max_items = max_items
                 self.scrub = scrub
-                self.stats = CallStats()
+                self.counters = _Counters()
+                self.strict_classification = False
 
-            def generate(self, prompt, response_model):
+            @property
+            def stats(self) -> CallStats:
+                return self.counters.total
+
+            @property
+            def deterministic(self) -> bool:
+                """A failed reply comes back unchanged on a retry (greedy local decoding)."""
+                return bool(getattr(self.backend, "deterministic", False))
+
+            def _parse(self, text: str, response_model, schema: dict):
+                """The reply as `response_model`, after checking it against the bounded schema; JudgeError if not."""
+                name = response_model.__name__
+                try:
+                    obj = json.loads(_strip_fences(text))
+                except ValueError as e:
+                    raise JudgeError(f"unparseable judge output for {name} ({self.scrub(str(e))[:120]}): "
+                                     f"{self.scrub(text)[:120]!r}", retryable=not self.deterministic) from None
+                violation = schema_violation(obj, schema)
+                if violation is not None:
+                    raise JudgeError(f"judge output for {name} breaks its bounded schema ({self.scrub(violation)}): "
+                                     f"{self.scrub(text)[:120]!r}", retryable=not self.deterministic)
+                try:
+                    return response_model.model_validate(obj)
+                except Exception as e:  # pydantic ValidationError
+                    first = self.scrub(e.errors()[0]["msg"] if hasattr(e, "errors") else str(e))[:120]
+                    raise JudgeError(f"unparseable judge output for {name} ({first}): {self.scrub(text)[:120]!r}",
+                                     retryable=not self.deterministic) from None
+
+            def _checked(self, text: str, response_model, schema: dict, check):
+                out = self._parse(text, response_model, schema)
+                why = check(out) if check is not None else None
+                if why is not None:
+                    raise JudgeError(f"degenerate judgment: {why}", retryable=not self.deterministic)
+                return out
+
+            def generate(self, prompt, response_model, check: Optional[Callable[[Any], Optional[str]]] = None):
+                """The judge's reply as `response_model`: from the cache or the backend, checked against the bounded
+                schema and by `check` (reply -> None or why it is no judgment); only checked replies are cached."""
                 schema = bounded_schema(response_model.model_json_schema(), self.max_chars, self.max_items)
                 key = JudgeCache.key(self.backend.identity, prompt, schema)
+                with self.cache.key_lock(key):  # the same prompt in flight twice: asked once
+                    return self._generate(prompt, response_model, check, schema, key)
+
+            def _generate(self, prompt, response_model, check, schema, key):
                 cached = self.cache.get(key)
                 if cached is not None:
                     try:
-                        out = response_model.model_validate_json(_strip_fences(cached))
-                        self.stats.cache_hits += 1
+                        out = self._checked(cached, response_model, schema, check)
+                        self.counters.add(hits=1)
                         return out
-                    except Exception:
+                    except JudgeError:
                         pass  # a stale or corrupt entry: ask again
-                self.stats.calls += 1
                 t0 = time.perf_counter()
                 try:
                     text = self.scrub(self.backend.complete(prompt, schema, response_model.__name__))
                 finally:
-                    self.stats.seconds += time.perf_counter() - t0
-                try:
-                    out = response_model.model_validate_json(_strip_fences(text))
-                except Exception as e:
-                    first = self.scrub(e.errors()[0]["msg"] if hasattr(e, "errors") else str(e))[:120]
-                    shown = self.scrub(text)[:120]
-                    raise JudgeError(f"unparseable judge output for {response_model.__name__} ({first}): "
-                                     f"{shown!r}") from None
+                    self.counters.add(calls=1, seconds=time.perf_counter() - t0)
+                out = self._checked(text, response_model, schema, check)
                 self.cache.put(key, text, {"schema": response_model.__name__, "judge": self.backend.identity})
                 return out
 
-            async def agenerate(self, prompt, response_model):
-                return self.generate(prompt, response_model)
+            async def agenerate(self, prompt, response_model, check=None):
+                return self.generate(prompt, response_model, check)
 
         class MiniLMEmbeddings(BaseRagasEmbedding):
             """A sentence-transformers model from a local folder, loaded on first use, normalised vectors."""
@@ -493,18 +627,61 @@ def _ragas_classes() -> tuple[type, type]:
             def __init__(self, path: str, device: str = "cpu"):
                 super().__init__(cache=None)
                 self.path, self.device = path, device
+                self._lock = threading.Lock()  # concurrent judge threads share one model
 
             def embed_text(self, text, **kwargs):
                 from .metrics import _sentence_model
 
-                model = _sentence_model(self.path, self.device)
-                return model.encode(text, normalize_embeddings=True, show_progress_bar=False).tolist()
+                with self._lock:
+                    model = _sentence_model(self.path, self.device)
+                    return model.encode(text, normalize_embeddings=True, show_progress_bar=False).tolist()
 
             async def aembed_text(self, text, **kwargs):
                 return self.embed_text(text)
 
         _CLASSES["llm"], _CLASSES["emb"] = JudgeLLM, MiniLMEmbeddings
     return _CLASSES["llm"], _CLASSES["emb"]
+
+
+def _strict_metrics() -> tuple[type, type, type]:
+    """ragas's AnswerCorrectness, FactualCorrectness and Faithfulness, refusing degenerate judgments.
+
+    The formulas are ragas 0.4.3's, unchanged; the three methods that ask for a classification or for NLI
+    verdicts are ragas's own (the same prompt and response model) plus a `check` on the reply, so that a reply
+    those formulas would silently turn into a number (an empty classification scores a perfect F1; fewer
+    verdicts than statements shrink the denominator) raises JudgeError instead and is never cached
+    (see `check_classification`, `check_verdicts`). Empty statement and claim lists fail the bounded schema.
+    """
+    if "metrics" not in _CLASSES:
+        from ragas.metrics.collections import AnswerCorrectness, FactualCorrectness, Faithfulness
+        from ragas.metrics.collections.answer_correctness.util import (ClassificationWithReason,
+                                                                       CorrectnessClassifierInput)
+        from ragas.metrics.collections.factual_correctness import util as fc_util
+        from ragas.metrics.collections.faithfulness.util import NLIStatementInput, NLIStatementOutput
+
+        def verdicts_for(statements):
+            return lambda out: check_verdicts(len(out.statements), len(statements))
+
+        class StrictAnswerCorrectness(AnswerCorrectness):
+            async def _classify_statements(self, question, answer_statements, ground_truth_statements):
+                prompt = self.correctness_classifier_prompt.to_string(CorrectnessClassifierInput(
+                    question=question, answer=answer_statements, ground_truth=ground_truth_statements))
+                strict = self.llm.strict_classification
+                return await self.llm.agenerate(prompt, ClassificationWithReason, check=lambda c: check_classification(
+                    len(c.TP), len(c.FP), len(c.FN), len(answer_statements), len(ground_truth_statements), strict))
+
+        class StrictFactualCorrectness(FactualCorrectness):
+            async def _verify_claims(self, claims, reference):
+                prompt = self.nli_prompt.to_string(fc_util.NLIStatementInput(context=reference, statements=claims))
+                return await self.llm.agenerate(prompt, fc_util.NLIStatementOutput, check=verdicts_for(claims))
+
+        class StrictFaithfulness(Faithfulness):
+            async def _create_verdicts(self, statements, context):
+                prompt = self.nli_statement_prompt.to_string(NLIStatementInput(context=context, statements=statements))
+                return await self.llm.agenerate(prompt, NLIStatementOutput, check=verdicts_for(statements))
+
+        _CLASSES["metrics"] = (StrictAnswerCorrectness, StrictFactualCorrectness, StrictFaithfulness)
+    return _CLASSES["metrics"]
 
 
 # -----------------------------------------------------------------------------
@@ -531,6 +708,8 @@ class JudgeConfig:
     cache_dir: Optional[str] = CACHE_DIR
     backoff_s: float = 1.0
     embedding_model: Optional[str] = None  # None: the offline all-MiniLM-L6-v2
+    strict_classification: bool = False    # TP + FP must equal the answer's statements (see check_classification)
+    concurrency: int = 1                   # samples judged at once (openai backend; the local judge is one model)
 
     @classmethod
     def from_params(cls, p, **overrides) -> "JudgeConfig":
@@ -539,7 +718,7 @@ class JudgeConfig:
                    max_retries=e.max_retries, timeout_s=e.timeout_s, base_url=e.base_url, model=e.model,
                    api_key_env=e.api_key_env, max_new_tokens=e.max_new_tokens, max_chars=e.max_chars,
                    max_items=e.max_items, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
-                   **overrides)
+                   strict_classification=e.strict_classification, concurrency=e.concurrency, **overrides)
 
 
 @dataclass
@@ -571,6 +750,11 @@ class Judge:
 
     def __init__(self, cfg: JudgeConfig, backend=None):
         self.cfg = cfg
+        if cfg.concurrency < 1:
+            raise JudgeSetupError(f"eval_llm.concurrency {cfg.concurrency} must be >= 1")
+        if cfg.concurrency > 1 and (backend is None and cfg.backend == "local" or isinstance(backend, LocalBackend)):
+            raise JudgeSetupError(f"eval_llm.concurrency {cfg.concurrency} needs backend openai: the local judge is one "
+                                  "model that decodes one request at a time (set eval_llm.concurrency: 1)")
         if backend is None:
             if cfg.backend == "local":
                 if not cfg.judge_model:
@@ -585,11 +769,12 @@ class Judge:
         self.backend = backend
         self.scrub = getattr(backend, "scrub", lambda s: s)
         JudgeLLM, Emb = _ragas_classes()
-        from ragas.metrics.collections import AnswerCorrectness, FactualCorrectness, Faithfulness
+        AnswerCorrectness, FactualCorrectness, Faithfulness = _strict_metrics()
 
         from .metrics import minilm_path
 
         self.llm = JudgeLLM(backend, JudgeCache(cfg.cache_dir), cfg.max_chars, cfg.max_items, self.scrub)
+        self.llm.strict_classification = cfg.strict_classification
         emb = Emb(cfg.embedding_model or minilm_path())
         self.answer_correctness = AnswerCorrectness(llm=self.llm, embeddings=emb)
         self.factual_correctness = FactualCorrectness(llm=self.llm, mode="f1")
@@ -663,17 +848,33 @@ class Judge:
         todo = sorted((i for i, r in enumerate(rows) if r["id"] in chosen), key=lambda i: rows[i]["id"])
         stats = self.llm.stats
 
+        counters = self.llm.counters
+
+        def one(i):  # one row, entirely in the calling thread: its counts are the thread's
+            mine = counters.mine()
+            calls, hits, t0 = mine.calls, mine.cache_hits, time.perf_counter()
+            values, reasons = self.score_row(rows[i])
+            return values, reasons, mine.calls - calls, mine.cache_hits - hits, time.perf_counter() - t0
+
         def run(share):  # under a launcher each process judges its share of `todo`
-            out, failures = [], 0
+            from concurrent.futures import ThreadPoolExecutor
+
+            failures = 0
             bar = tqdm(total=len(share), unit="sample", desc="judge", disable=not progress or not shard.is_main(),
                        dynamic_ncols=True)
-            for i in share:
-                calls, hits, t0 = stats.calls, stats.cache_hits, time.perf_counter()
-                values, reasons = self.score_row(rows[i])
-                out.append((values, reasons, stats.calls - calls, stats.cache_hits - hits, time.perf_counter() - t0))
-                failures += any(reasons[m] not in UNDEFINED for m in reasons)
+
+            def done(result):
+                nonlocal failures
+                failures += any(result[1][m] not in UNDEFINED for m in result[1])
                 bar.update(1)
                 bar.set_postfix(failures=failures, calls=stats.calls, cached=stats.cache_hits)
+                return result
+
+            if self.cfg.concurrency == 1:
+                out = [done(one(i)) for i in share]
+            else:  # results in `share` order whatever order they finish in
+                with ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="judge") as pool:
+                    out = [done(r) for r in pool.map(one, share)]
             bar.close()
             return out
 

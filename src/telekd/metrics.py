@@ -3,21 +3,79 @@ BERTScore on the offline MiniLM), and a bootstrap mean with confidence interval.
 
 All scores are in 0-1. Heavy libraries are imported inside the functions that need them, so the
 n-gram path never imports torch or sentence-transformers.
+
+Text conventions (every metric): predictions and references are put in Unicode NFC first, so
+canonically equivalent texts (a precomposed "é" and "e" + combining accent) are the same text;
+compatibility forms stay distinct (NFKC would turn "10⁻³" into "10-3" and the micro sign into Greek
+mu). Empty references are skipped; a prediction that is empty, or that has no non-empty reference,
+scores 0. The n-gram tokenizations are stated in `NGRAM_TOKENIZATION` (the report prints them):
+
+* BLEU: sacrebleu's defaults (tokenizer ``13a``, case-sensitive, ``exp`` smoothing, effective order);
+  13a splits ASCII punctuation and keeps every other character, so "±3" and "3" differ.
+* ROUGE: rouge-score's scorer with our `UnicodeTokenizer` (default, ``rouge_tokenizer="unicode"``):
+  rouge-score's own tokenizer (``rouge_tokenizer="rouge-score"``) deletes every character outside
+  [a-z0-9], so "±3 seconds" = "3 seconds" and "≤ 10 ms" = "≥ 10 ms" scored 1.0, and Greek letters,
+  µ, ˚ and CJK vanish.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import unicodedata
 from functools import lru_cache
 
 NGRAM_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL")
 EMBED_METRICS = ("cosine", "bertscore_p", "bertscore_r", "bertscore_f1")
 BERTSCORE_BATCH = 32  # (prediction, reference) pairs per bert-score batch
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+ROUGE_TOKENIZERS = ("unicode", "rouge-score")
+NGRAM_TOKENIZATION = {
+    "bleu": "sacrebleu 2.6 sentence BLEU, tokenizer 13a (splits ASCII punctuation, keeps every other character), "
+            "case-sensitive, exp smoothing, effective order; multi-reference",
+    "rouge": "rouge-score F1 (max over references) on tokens: lowercased; runs of letters, digits and _ (decimal "
+             "numbers such as 0.5 kept whole); every other non-space character (± ≤ ≥ ˚ ° € % / - + =) a token of "
+             "its own, except the separating punctuation . , ; : ! ? quotes and brackets, which is dropped; "
+             "Porter-stemmed ASCII words longer than 3 characters (rouge-score's rule)",
+    "text": "Unicode NFC on predictions and references before every metric; empty references skipped",
+}
 
 # -----------------------------------------------------------------------------
 # n-gram metrics
+
+
+def nfc(text: str) -> str:
+    """`text` in Unicode normal form C (canonically equivalent texts become identical strings)."""
+    return unicodedata.normalize("NFC", text)
+
+
+_TOKEN = re.compile(r"\d+(?:[.,]\d+)+|\w+|[^\w\s]")
+# separating punctuation, dropped like rouge-score drops all punctuation; every other symbol is a token
+_SEPARATORS = frozenset(".,;:!?'\"`()[]{}‘’‚“”„«»‹›…¡¿")
+_ASCII_WORD = re.compile(r"^[a-z0-9]+$")
+
+
+class UnicodeTokenizer:
+    """ROUGE tokens that keep symbols and non-ASCII letters (see NGRAM_TOKENIZATION["rouge"]).
+
+    `tokenize("±3 seconds")` -> ["±", "3", "second"]; `tokenize("≤ 10 ms")` -> ["≤", "10", "ms"].
+    A rouge-score `Tokenizer` (anything with `tokenize(text) -> list[str]`).
+    """
+
+    def __init__(self, use_stemmer: bool = True):
+        if use_stemmer:
+            from nltk.stem import porter  # rouge-score's own stemmer
+
+            self._stemmer = porter.PorterStemmer()
+        else:
+            self._stemmer = None
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = [t for t in _TOKEN.findall(nfc(text).lower()) if t not in _SEPARATORS]
+        if self._stemmer is None:
+            return tokens
+        return [self._stemmer.stem(t) if len(t) > 3 and _ASCII_WORD.match(t) else t for t in tokens]
 
 
 @lru_cache(maxsize=None)
@@ -31,11 +89,15 @@ def _bleu(order: int):
 
 
 @lru_cache(maxsize=None)
-def _rouge():
-    """rouge-score scorer for ROUGE-1/2/L with Porter stemming (built once)."""
+def _rouge(tokenizer: str = "unicode"):
+    """rouge-score scorer for ROUGE-1/2/L with Porter stemming (built once per tokenizer name)."""
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    if tokenizer not in ROUGE_TOKENIZERS:
+        raise ValueError(f"rouge_tokenizer {tokenizer!r} is not one of {ROUGE_TOKENIZERS}")
+    if tokenizer == "rouge-score":  # the library's own: ASCII letters and digits only
+        return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=UnicodeTokenizer(use_stemmer=True))
 
 
 def _check_references(references, where: str = "references") -> None:
@@ -45,17 +107,22 @@ def _check_references(references, where: str = "references") -> None:
         raise ValueError(f"{where} is empty: give at least one reference answer")
 
 
-def ngram_scores(prediction: str, references: list[str]) -> dict[str, float]:
-    """BLEU-1..4 (sacrebleu, multi-reference) and ROUGE-1/2/L F1 (max over references) of one prediction."""
+def ngram_scores(prediction: str, references: list[str], rouge_tokenizer: str = "unicode") -> dict[str, float]:
+    """BLEU-1..4 (sacrebleu, multi-reference) and ROUGE-1/2/L F1 (max over references) of one prediction.
+
+    Texts in NFC; empty references skipped; 0 for an empty prediction or when no reference has text.
+    Tokenization: NGRAM_TOKENIZATION; `rouge_tokenizer` "rouge-score" is the library's ASCII-only one.
+    """
     if not isinstance(prediction, str):
         raise TypeError(f"prediction must be a string, got {type(prediction).__name__}: pass the answer text")
     _check_references(references)
-    if not prediction.strip():
+    refs = [nfc(r) for r in _nonempty(references)]
+    if not prediction.strip() or not refs:
         return dict.fromkeys(NGRAM_METRICS, 0.0)
-    refs = list(references)
+    prediction = nfc(prediction)
     # min(): sacrebleu's exp(sum of logs) gives 100.00000000000004 for a perfect match
     out = {f"bleu{n}": min(_bleu(n).sentence_score(prediction, refs).score / 100.0, 1.0) for n in (1, 2, 3, 4)}
-    rouge = _rouge().score_multi(refs, prediction)
+    rouge = _rouge(rouge_tokenizer).score_multi(refs, prediction)
     out.update({k: float(rouge[k].fmeasure) for k in ROUGE_TYPES})
     return out
 
@@ -67,10 +134,11 @@ def _check_lengths(predictions, references) -> None:
         )
 
 
-def ngram_batch(predictions: list[str], references: list[list[str]]) -> list[dict[str, float]]:
+def ngram_batch(predictions: list[str], references: list[list[str]],
+                rouge_tokenizer: str = "unicode") -> list[dict[str, float]]:
     """ngram_scores for each (prediction, references) pair."""
     _check_lengths(predictions, references)
-    return [ngram_scores(p, r) for p, r in zip(predictions, references)]
+    return [ngram_scores(p, r, rouge_tokenizer) for p, r in zip(predictions, references)]
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +177,7 @@ def bertscore_layers(name: str) -> int:
 
 
 def _nonempty(refs: list[str]) -> list[str]:
-    """References with text; empty ones are skipped (an empty text has no meaningful embedding)."""
+    """References with text; empty ones are skipped (no n-grams, no meaningful embedding)."""
     return [r for r in refs if r.strip()]
 
 
@@ -126,7 +194,7 @@ def cosine_scores(predictions: list[str], references: list[list[str]], model_nam
     _check_lengths(predictions, references)
     for i, refs in enumerate(references):
         _check_references(refs, f"references[{i}]")
-    pairs = [(p, _nonempty(refs)) for p, refs in zip(predictions, references)]
+    pairs = [(nfc(p), [nfc(r) for r in _nonempty(refs)]) for p, refs in zip(predictions, references)]
     pairs = [(p, refs) if p.strip() and refs else None for p, refs in pairs]  # None: scores 0
     texts = list(dict.fromkeys(t for pair in pairs if pair for t in (pair[0], *pair[1])))  # distinct, in order
     if not texts:
@@ -157,7 +225,7 @@ def bertscore_scores(predictions: list[str], references: list[list[str]], model_
     num_layers = bertscore_layers(model_name) if num_layers is None else num_layers
     # bert-score 0.3.13 scores an empty text 0 but, under transformers 5, crashes on it
     # (build_inputs_with_special_tokens is gone), so empty texts never reach it: they score 0 here.
-    keep = [(i, p, _nonempty(refs)) for i, (p, refs) in enumerate(zip(predictions, references))]
+    keep = [(i, nfc(p), [nfc(r) for r in _nonempty(refs)]) for i, (p, refs) in enumerate(zip(predictions, references))]
     keep = [(i, p, refs) for i, p, refs in keep if p.strip() and refs]
     out = [dict.fromkeys(("bertscore_p", "bertscore_r", "bertscore_f1"), 0.0) for _ in predictions]
     if not keep:

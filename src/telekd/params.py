@@ -143,6 +143,8 @@ class EvalLLM(Strict):
     max_new_tokens: int = Field(default=1024, ge=16)
     max_chars: int = Field(default=100, ge=8, le=4000)   # bound on every string of a judge answer
     max_items: int = Field(default=3, ge=1, le=64)       # bound on every list of a judge answer
+    strict_classification: bool = False  # answer correctness: TP + FP must equal the answer's statements
+    concurrency: int = Field(default=1, ge=1, le=256)  # judge requests in flight at once (openai backend)
 
     @model_validator(mode="after")
     def _openai_endpoint(self):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .judge import LLM_METRICS
 from .layout import Cell
-from .metrics import EMBED_METRICS, NGRAM_METRICS
+from .metrics import EMBED_METRICS, NGRAM_METRICS, NGRAM_TOKENIZATION
 
 METRICS = NGRAM_METRICS + EMBED_METRICS + LLM_METRICS
 FAMILY_OF = {**{m: "ngram" for m in NGRAM_METRICS}, **{m: "embed" for m in EMBED_METRICS}, **{m: "llm" for m in LLM_METRICS}}
@@ -676,6 +676,9 @@ def build(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: s
         ["metrics", "BLEU-1..4 (sacrebleu sentence BLEU, effective order), ROUGE-1/2/L F1 (rouge-score, Porter "
                     f"stemmer), cosine similarity of sentence embeddings ({embed}), BERTScore P/R/F1 "
                     f"({bert}), ragas answer correctness, factual correctness, faithfulness"],
+        ["BLEU tokenization", NGRAM_TOKENIZATION["bleu"]],
+        ["ROUGE tokenization", NGRAM_TOKENIZATION["rouge"]],
+        ["text normalisation", NGRAM_TOKENIZATION["text"]],
         ["oracle judge", f"backend `{judge_backend}`, model `{judge_model}`"],
         ["tests", f"Wilcoxon signed-rank ({alternative}, zeros dropped) per metric, {correction} across the 14 metrics "
                   f"of each hypothesis × teacher × setting, α = {alpha}; paired t-test, rank-biserial effect and "

@@ -111,3 +111,50 @@ def test_recovery_fills_only_the_missing_scores(tmp_path, saved_models, monkeypa
     assert only_b[0] == second[1]
     # the rerun made exactly the calls row b needs on an empty cache; row a's answers all came from the cache
     assert flaky.calls == fresh.calls == r2.calls > 0 and r2.cache_hits > 0
+
+
+def test_server_that_ignores_the_schema_gives_none_with_reason(tmp_path, monkeypatch):
+    """An OpenAI-compatible server that ignores response_format and answers every request with empty lists:
+    ragas alone scored that 0.79 (answer correctness; factuality taken as a perfect match). Every metric must be
+    None with its reason, nothing cached, and the run completes."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+    import threading
+
+    fake_clock(monkeypatch)
+    content = json.dumps({"statements": [], "claims": [], "TP": [], "FP": [], "FN": []})
+
+    class Lenient(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": content}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Lenient)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        c = cfg(tmp_path, backend="openai", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="m",
+                max_retries=0)
+        scores, report = judge_rows(ROWS, c, progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert (report.judged, report.failures) == (2, 2) and report.failed_metrics == {m: 2 for m in LLM_METRICS}
+    for s in scores:
+        assert all(s[m] is None for m in LLM_METRICS)
+        assert s["judge_error"].count("breaks its bounded schema") == 3  # statements / claims: minItems 1
+    assert not list(Path(c.cache_dir).rglob("*.json"))
