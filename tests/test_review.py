@@ -4,7 +4,6 @@ commit against a `dvc exp` experiment. Checked against `dvc metrics diff --json`
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
