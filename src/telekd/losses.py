@@ -376,8 +376,11 @@ def divergence_topk(
     ``softmax(student_logits / T)`` collapsed onto them (the residual a logsumexp over the other ids); the
     teacher's are the given log-probs and rest, used as they are. The value is the divergence of ``kind``
     between these two ``(k + 1)``-bin distributions: exactly :func:`divergence` computed on the bins. When
-    ``k = V`` the residual bin is empty on both sides (any rest passed is ignored) and the value equals
-    the dense :func:`divergence` at ``T``.
+    ``k = V`` the student's residual bin is empty; with the rest derived (``None``) the teacher's is too and
+    the value equals the dense :func:`divergence` at ``T`` (as with the ``-inf`` rest ``topk_targets`` gives at
+    ``k = V``). A finite rest passed at ``k = V`` (a cross-vocabulary teacher's mass on ids without a student
+    twin) is kept: the student cannot match it, and it counts as zero student mass does everywhere (see the
+    module docstring's floor).
 
     Lower bound (one vocabulary, targets from ``telekd.cache.topk_targets`` on the teacher's logits): both sides
     are the exact tempered distributions merged by the same map, and merging bins never increases an
@@ -415,6 +418,10 @@ def divergence_topk(
         raise ValueError(f"top-k size k={k} must be in [1, V={vocab}]")
     mask = _check_mask(mask, student_logits.shape[:-1], "student_logits")
     dtype = _compute_dtype(student_logits, teacher_topk_logprobs)
+    # k = V with a derived rest: the residual bin is empty on both sides (what 1 - sum leaves is rounding). A rest
+    # that is passed is used as is, also at k = V: a cross-vocabulary teacher keeps its mass on ids without a
+    # student twin there, and dropping it would leave the teacher's bins unnormalised (negative KL).
+    empty_rest = teacher_rest_logprob is None and k == vocab
     if teacher_rest_logprob is None:
         # 1 - sum(top-k) in float64 and log space: log(-expm1(logsumexp)); -inf where rounding left nothing
         lse = _logsumexp(teacher_topk_logprobs.double())
@@ -424,8 +431,7 @@ def divergence_topk(
     def chunk_sum(s: Tensor, t_lp: Tensor, ids: Tensor, t_rest: Tensor) -> Tensor:
         ids = ids.long()
         ls = _collapse(_log_softmax(s.to(dtype) / temperature), ids)
-        # k = V: no id is left over, the residual bin is empty on both sides
-        rest = t_rest.to(dtype) if k < vocab else torch.full_like(t_rest, float("-inf"), dtype=dtype)
+        rest = torch.full_like(t_rest, float("-inf"), dtype=dtype) if empty_rest else t_rest.to(dtype)
         lt = torch.cat([t_lp.to(dtype), rest.unsqueeze(-1)], dim=-1)
         return per_token_divergence(kind, ls, lt, skew_lambda, akl_alpha).sum()
 
