@@ -46,3 +46,20 @@ def test_k_equal_to_v_with_nothing_left_is_still_dense():
             got = divergence_topk(kind, s, lp, idx, mask, temperature, teacher_rest_logprob=rest)
             want = divergence(kind, s, t, mask, temperature)
             assert got.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12), kind
+
+
+def test_uld_refuses_to_re_temper_a_truncated_teacher():
+    """uld_loss(temperature=T != 1) took softmax(top-k log-probs / T): the top-k renormalised as if it were the whole
+    distribution (the issue's kind): here (k = 2 of 8, T = 2, the tempered tail 0.495 of the mass) a student equal
+    to its teacher scored 2 x 0.495 = 0.989, twice the tail. ULD has no temperature (its reference): T != 1 is
+    refused."""
+    from telekd.losses import uld_loss
+
+    t = torch.tensor([[3.0, 1.0, 0, 0, 0, 0, 0, 0]])
+    lp = torch.log_softmax(t, -1).topk(2, -1).values
+    with pytest.raises(ValueError, match="temperature must be 1"):
+        uld_loss(t, lp, torch.tensor([True]), temperature=2.0)
+    # T = 1: the teacher's kept mass against the student's whole vector (the tail treated as 0, as documented)
+    p = torch.softmax(t, -1)[0].sort(descending=True).values
+    want = (p[:2] - p[:2]).abs().sum() + p[2:].sum()
+    assert uld_loss(t, lp, torch.tensor([True])).item() == pytest.approx(want.item(), rel=1e-6)

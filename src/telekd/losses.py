@@ -585,12 +585,16 @@ def uld_loss(student_logits: Tensor, teacher_topk_logprobs: Tensor, mask: Tensor
 
     Rows are paired positions of the two models (aligned from the answer start). Both vectors are
     sorted in decreasing order and zero-padded to the larger size; the teacher's mass outside its top-k
-    is unknown and treated as 0 (exact when k covers the vocabulary).
+    is unknown and treated as 0 (exact when k covers the vocabulary). No temperature, as the reference's
+    (Boizard et al.; songmzhang/DSKD code/criterions/universal_logit_distillation.py): ``temperature`` must be 1,
+    since top-k log-probs at T = 1 cannot be re-tempered (softmax(lp / T) over the k ids renormalises a truncated
+    distribution, the fault of issue 12 section 1).
     """
+    if temperature != 1.0:
+        raise ValueError(f"uld_loss: temperature must be 1 (ULD has no temperature), got {temperature}")
     mask = mask.bool()
-    s = torch.softmax(_up(student_logits[mask]) / temperature, -1).sort(-1, descending=True).values
-    t = torch.softmax(_up(teacher_topk_logprobs[mask]) / temperature, -1) if temperature != 1.0 \
-        else _up(teacher_topk_logprobs[mask]).exp()
+    s = torch.softmax(_up(student_logits[mask]), -1).sort(-1, descending=True).values
+    t = _up(teacher_topk_logprobs[mask]).exp()
     t = t.sort(-1, descending=True).values
     width = max(s.shape[-1], t.shape[-1])
     s, t = F.pad(s, (0, width - s.shape[-1])), F.pad(t, (0, width - t.shape[-1]))
