@@ -401,10 +401,12 @@ def test_topk_full_vocab_equals_dense(kind, temperature):
     s, t, m = _rand(2, 5, 11, seed=19), _rand(2, 5, 11, seed=20), _rand_mask(2, 5, seed=19)
     dense = divergence(kind, s, t, m, temperature).item()
     assert _cached(kind, s, t, 11, temperature, m).item() == pytest.approx(dense, abs=1e-5)
-    # any id order works; a rest passed with k = V is ignored (nothing is left over)
-    lp, ids, _ = topk_targets(t, 11, temperature)
+    # any id order works; at k = V topk_targets leaves nothing over (rest = -inf); a finite rest passed at k = V
+    # is kept (tests/test_break_topk.py), so only -inf or None give the dense value
+    lp, ids, rest = topk_targets(t, 11, temperature)
+    assert torch.isneginf(rest).all()
     perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
-    v = divergence_topk(kind, s, lp[..., perm], ids[..., perm], m, temperature, teacher_rest_logprob=torch.zeros(2, 5))
+    v = divergence_topk(kind, s, lp[..., perm], ids[..., perm], m, temperature, teacher_rest_logprob=rest)
     assert v.item() == pytest.approx(dense, abs=1e-5)
 
 

@@ -91,8 +91,10 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
 
     `extra_modules` (DSKD's projectors) train in place with their own learning rate and are returned as
     "projectors". Under `accelerate launch` every rank takes its share of each global batch and weights its
-    loss by its share of the batch's answer tokens; summed gradients then equal one process's for CE and
-    for any KD term that is a mean over answer positions. Only the main process evaluates and checkpoints.
+    loss by its share of the batch's answer tokens, and with gradient accumulation each batch by its share of the
+    optimizer step's answer tokens (the reference's division by the student tokens of the whole accumulated
+    batch); summed gradients then equal one process's for CE and for any KD term that is a mean over answer
+    positions. Only the main process evaluates and checkpoints.
     `checkpoint` (telekd.checkpoint.Checkpoint): saved every save_steps optimizer steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised); a matching one is resumed from, bit-identically.
     `live` (telekd.tracking.TrainLive, main process only): each step's row is logged to it (train/<name> at step
@@ -131,6 +133,12 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     gen = torch.Generator().manual_seed(s.seed)
     order = torch.cat([torch.randperm(len(examples), generator=gen) for _ in range(math.ceil(s.epochs))])
     batches = [order[b: b + s.batch_size].tolist() for b in range(0, int(len(examples) * s.epochs), s.batch_size)]
+    # answer tokens of each optimizer step's accumulated batches: every micro-batch's per-token mean loss is weighted
+    # by its share of them, so the step's gradient is the sum over all its tokens / their count, as the reference's
+    # (songmzhang/DSKD code/distillation.py lines 159-168: loss_denom = global tokens / (gas * world))
+    step_tokens: dict[int, int] = {}
+    for n, b in enumerate(batches):
+        step_tokens[n // s.grad_accum] = step_tokens.get(n // s.grad_accum, 0) + sum(_answer_tokens(examples[i]) for i in b)
     params = [p for _, p in trainable] + (list(extra_modules.parameters()) if extra_modules is not None else [])
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is None:
@@ -178,6 +186,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
             idx = batches[n][rank::world]
             share = (sum(_answer_tokens(examples[i]) for i in idx) /
                      max(1, sum(_answer_tokens(examples[i]) for i in batches[n]))) if world > 1 else 1.0
+            weight = sum(_answer_tokens(examples[i]) for i in batches[n]) / max(1, step_tokens[n // s.grad_accum])
             if idx:
                 batch = {k: v.to(proc.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
                 out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -187,7 +196,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
                 kd, extra = term(logits, out.hidden_states[-1] if out.hidden_states is not None else None, batch, idx)
                 loss = (1 - s.kd_rate) * ce + s.kd_rate * kd
-                ((loss * share if world > 1 else loss) / s.grad_accum).backward()
+                (loss * share * weight).backward()  # this rank's tokens / the step's tokens
                 row = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), **extra}
                 keys = list(row)
                 n_tok = int(batch["attention_mask"].sum())

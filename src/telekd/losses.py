@@ -376,8 +376,11 @@ def divergence_topk(
     ``softmax(student_logits / T)`` collapsed onto them (the residual a logsumexp over the other ids); the
     teacher's are the given log-probs and rest, used as they are. The value is the divergence of ``kind``
     between these two ``(k + 1)``-bin distributions: exactly :func:`divergence` computed on the bins. When
-    ``k = V`` the residual bin is empty on both sides (any rest passed is ignored) and the value equals
-    the dense :func:`divergence` at ``T``.
+    ``k = V`` the student's residual bin is empty; with the rest derived (``None``) the teacher's is too and
+    the value equals the dense :func:`divergence` at ``T`` (as with the ``-inf`` rest ``topk_targets`` gives at
+    ``k = V``). A finite rest passed at ``k = V`` (a cross-vocabulary teacher's mass on ids without a student
+    twin) is kept: the student cannot match it, and it counts as zero student mass does everywhere (see the
+    module docstring's floor).
 
     Lower bound (one vocabulary, targets from ``telekd.cache.topk_targets`` on the teacher's logits): both sides
     are the exact tempered distributions merged by the same map, and merging bins never increases an
@@ -415,6 +418,10 @@ def divergence_topk(
         raise ValueError(f"top-k size k={k} must be in [1, V={vocab}]")
     mask = _check_mask(mask, student_logits.shape[:-1], "student_logits")
     dtype = _compute_dtype(student_logits, teacher_topk_logprobs)
+    # k = V with a derived rest: the residual bin is empty on both sides (what 1 - sum leaves is rounding). A rest
+    # that is passed is used as is, also at k = V: a cross-vocabulary teacher keeps its mass on ids without a
+    # student twin there, and dropping it would leave the teacher's bins unnormalised (negative KL).
+    empty_rest = teacher_rest_logprob is None and k == vocab
     if teacher_rest_logprob is None:
         # 1 - sum(top-k) in float64 and log space: log(-expm1(logsumexp)); -inf where rounding left nothing
         lse = _logsumexp(teacher_topk_logprobs.double())
@@ -424,8 +431,7 @@ def divergence_topk(
     def chunk_sum(s: Tensor, t_lp: Tensor, ids: Tensor, t_rest: Tensor) -> Tensor:
         ids = ids.long()
         ls = _collapse(_log_softmax(s.to(dtype) / temperature), ids)
-        # k = V: no id is left over, the residual bin is empty on both sides
-        rest = t_rest.to(dtype) if k < vocab else torch.full_like(t_rest, float("-inf"), dtype=dtype)
+        rest = torch.full_like(t_rest, float("-inf"), dtype=dtype) if empty_rest else t_rest.to(dtype)
         lt = torch.cat([t_lp.to(dtype), rest.unsqueeze(-1)], dim=-1)
         return per_token_divergence(kind, ls, lt, skew_lambda, akl_alpha).sum()
 
@@ -579,12 +585,16 @@ def uld_loss(student_logits: Tensor, teacher_topk_logprobs: Tensor, mask: Tensor
 
     Rows are paired positions of the two models (aligned from the answer start). Both vectors are
     sorted in decreasing order and zero-padded to the larger size; the teacher's mass outside its top-k
-    is unknown and treated as 0 (exact when k covers the vocabulary).
+    is unknown and treated as 0 (exact when k covers the vocabulary). No temperature, as the reference's
+    (Boizard et al.; songmzhang/DSKD code/criterions/universal_logit_distillation.py): ``temperature`` must be 1,
+    since top-k log-probs at T = 1 cannot be re-tempered (softmax(lp / T) over the k ids renormalises a truncated
+    distribution, the fault of issue 12 section 1).
     """
+    if temperature != 1.0:
+        raise ValueError(f"uld_loss: temperature must be 1 (ULD has no temperature), got {temperature}")
     mask = mask.bool()
-    s = torch.softmax(_up(student_logits[mask]) / temperature, -1).sort(-1, descending=True).values
-    t = torch.softmax(_up(teacher_topk_logprobs[mask]) / temperature, -1) if temperature != 1.0 \
-        else _up(teacher_topk_logprobs[mask]).exp()
+    s = torch.softmax(_up(student_logits[mask]), -1).sort(-1, descending=True).values
+    t = _up(teacher_topk_logprobs[mask]).exp()
     t = t.sort(-1, descending=True).values
     width = max(s.shape[-1], t.shape[-1])
     s, t = F.pad(s, (0, width - s.shape[-1])), F.pad(t, (0, width - t.shape[-1]))
