@@ -29,8 +29,7 @@ def main() -> None:
     a = ap.parse_args()
     p = load_params()
     t, kd = p.active.train, p.kd
-    s = KDSettings(kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
-                   akl_alpha=kd.akl_alpha, epochs=a.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
+    s = KDSettings(kd_rate=kd.kd_rate, **p.vanilla.model_dump(), epochs=a.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
                    max_grad_norm=1.0, weight_decay=0.01, seed=p.seed)
     teacher_dir = layout.model_dir(a.teacher, "base")
     inp = kd_inputs(p, teacher_dir)

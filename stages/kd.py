@@ -29,9 +29,10 @@ def main() -> None:
 
     t, kd = p.active.train, p.kd
     seed = p.seed if cell.seed is None else cell.seed  # the run's seed: batch order and projector initialisation
+    alg = getattr(p, cell.alg)  # the algorithm's own section: all it reads beyond kd.* (dvc.yaml: ${item.alg})
+    divergence = {k: getattr(alg, k) for k in ("temperature", "divergence", "skew_lambda", "akl_alpha") if hasattr(alg, k)}
     settings = KDSettings(
-        kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
-        akl_alpha=kd.akl_alpha, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
+        kd_rate=kd.kd_rate, **divergence, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
         max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed, student_lora=kd.student_lora,
         lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout, lora_targets=tuple(p.sft.lora_targets))
     inp = kd_inputs(p, cell.teacher_dir, need_alignment=cell.alg == "vanilla")
@@ -74,10 +75,10 @@ def main() -> None:
     val = tokenized(load_split("validation"), s_tok, p.prompt.system, t.max_length, t.max_prompt_length)
     run = {"cell": cell.name, "settings": asdict(settings), "teacher_cache_key": inp.key, "use_cache": kd.use_cache,
            "student_init": dir_digest(cell.student_init_dir), "validation": file_sha256(layout.split_file("validation")),
-           "alg_params": getattr(p, cell.alg).model_dump() if cell.alg != "vanilla" else {}}
-    ckpt = Checkpoint(Path(ROOT) / "kd" / cell.name, fingerprint(run), kd.save_steps)
+           "alg_params": alg.model_dump()}
+    ckpt = Checkpoint(Path(ROOT) / "kd" / cell.name, fingerprint(run), t.save_steps)
     result = train_kd(student, inp.examples, settings, s_tok.pad_token_id, term, extra_modules=projectors,
-                      projector_lr=p.dskd.projector_lr, val_examples=val, desc=cell.name, checkpoint=ckpt)
+                      projector_lr=alg.projector_lr if projectors is not None else None, val_examples=val, desc=cell.name, checkpoint=ckpt)
     if not state().is_main_process:
         return
     with atomic_path(cell.student_dir) as out:

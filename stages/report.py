@@ -23,8 +23,8 @@ def main() -> None:
         "bertscore_model": prof.eval.bertscore_model, "embed_model": p.eval_embed.model,
         "split_group_by": p.split.group_by, "split_fractions": dict(p.split.fractions), "split_seed": p.split.seed,
         "train": prof.train.model_dump(), "generate": prof.generate.model_dump(),
-        "kd": {"kd_rate": p.kd.kd_rate, "temperature": p.kd.temperature, "divergence": p.kd.divergence,
-               "projector_lr": p.dskd.projector_lr},
+        # kd_rate and the compared algorithms' own settings (the first algorithm's where both set a key)
+        "kd": {"kd_rate": p.kd.kd_rate, **{k: v for a in reversed(algs) for k, v in getattr(p, a).model_dump().items()}},
         "alpha": p.stats.alpha, "alternative": p.stats.alternative, "correction": p.stats.correction,
         "resamples": p.stats.bootstrap_resamples, "seed": p.seed,
     }

@@ -25,12 +25,12 @@ def test_repository_params_are_valid():
 
 @pytest.mark.parametrize("edit, key", [
     (lambda p: p["kd"].update(alg="dsdk"), "kd.alg"),
-    (lambda p: p["kd"].update(divergence="kl"), "kd.divergence"),
+    (lambda p: p["vanilla"].update(divergence="kl"), "vanilla.divergence"),
     (lambda p: p["grid"].update(teachers=["llama", "gpt"]), "grid.teachers"),
     (lambda p: p.update(profile="huge"), "profile"),
     (lambda p: p["kd"].update(kd_rate="half"), "kd.kd_rate"),
     (lambda p: p["data"].update(on_invalid="ignore"), "data.on_invalid"),
-    (lambda p: p["kd"].update(temprature=2.0), "kd.temprature"),
+    (lambda p: p["vanilla"].update(temprature=2.0), "vanilla.temprature"),
 ])
 def test_bad_values_fail_naming_the_key(tmp_path, edit, key):
     with pytest.raises(ParamsError) as e:
@@ -42,3 +42,127 @@ def test_hub_model_without_revision_is_refused(tmp_path):
     f = _write(tmp_path, lambda p: p["profiles"]["paper"]["models"]["llama"].pop("revision"))
     with pytest.raises(ParamsError, match="revision"):
         load_params(f)
+
+
+def _one_line(tmp_path, edit) -> str:
+    with pytest.raises(ParamsError) as e:
+        load_params(_write(tmp_path, edit))
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _set(path: str, value):
+    """An edit that sets params[a][b]... = value."""
+    *head, last = path.split(".")
+
+    def edit(p):
+        for k in head:
+            p = p[k]
+        p[last] = value
+    return edit
+
+
+# Every numeric (and bounded) param: a value just outside its valid range is refused in one line naming the key,
+# the range and the value. (skew_lambda 1 makes both skewed KLs identically 0; float16 turns the weights NaN.)
+OUT_OF_RANGE = [
+    ("vanilla.skew_lambda", 1.0, "less than 1"), ("dskd.skew_lambda", 1.0, "less than 1"),
+    ("vanilla.skew_lambda", -0.1, "greater than or equal to 0"),
+    ("vanilla.akl_alpha", 1.5, "less than or equal to 1"), ("dskd.akl_alpha", -0.5, "greater than or equal to 0"),
+    ("vanilla.temperature", 0.0, "greater than 0"), ("dskd.temperature", -1.0, "greater than 0"),
+    ("kd.kd_rate", 1.5, "less than or equal to 1"), ("kd.kd_rate", -0.1, "greater than or equal to 0"),
+    ("dskd.projector_lr", 0.0, "greater than 0"), ("uld.weight", 0.0, "greater than 0"),
+    ("teacher_cache.top_k", 0, "greater than or equal to 1"),
+    ("profiles.tiny.train.lr", 0.0, "greater than 0"), ("profiles.tiny.train.epochs", 0, "greater than 0"),
+    ("profiles.tiny.train.batch_size", 0, "greater than or equal to 1"),
+    ("profiles.tiny.train.grad_accum", 0, "greater than or equal to 1"),
+    ("profiles.tiny.train.lora_r", 0, "greater than or equal to 1"),
+    ("profiles.tiny.train.lora_alpha", 0, "greater than 0"),
+    ("profiles.tiny.train.save_steps", 0, "greater than or equal to 1"),
+    ("profiles.tiny.train.max_length", 8, "greater than or equal to 16"),
+    ("profiles.tiny.generate.batch_size", 0, "greater than or equal to 1"),
+    ("profiles.tiny.generate.max_new_tokens", 0, "greater than or equal to 1"),
+    ("profiles.tiny.dtype", "float16", "Input should be 'float32' or 'bfloat16'"),
+    ("sft.lora_dropout", 1.0, "less than 1"), ("sft.weight_decay", -0.01, "greater than or equal to 0"),
+    ("sft.max_grad_norm", 0.0, "greater than 0"), ("sft.lr_scheduler", "cosin", "Input should be 'linear'"),
+    ("base_models.pretrain_lr", 0.0, "greater than 0"), ("base_models.pretrain_batch", 0, "greater than or equal to 1"),
+    ("base_models.pretrain_steps.student", 0, "greater than or equal to 1"),
+    ("base_models.threads", 0, "greater than or equal to 1"),
+    ("generate.temperature", 0.0, "greater than 0"), ("generate.top_p", 1.5, "less than or equal to 1"),
+    ("generate.top_p", 0.0, "greater than 0"),
+    ("eval_llm.max_items", 0, "greater than or equal to 1"), ("eval_llm.max_samples", 0, "greater than or equal to 1"),
+    ("eval_llm.max_retries", -1, "greater than or equal to 0"), ("eval_llm.timeout_s", 0, "greater than 0"),
+    ("eval_llm.max_chars", 4, "greater than or equal to 8"),
+    ("stats.alpha", 1.0, "less than 1"), ("stats.alpha", 0.0, "greater than 0"),
+    ("stats.bootstrap_resamples", 10, "greater than or equal to 100"),
+    ("data.max_train", 0, "greater than or equal to 1"), ("seed", -1, "greater than or equal to 0"),
+    ("split.seed", -1, "greater than or equal to 0"),
+]
+
+
+@pytest.mark.parametrize("key, value, rule", OUT_OF_RANGE, ids=[f"{k}={v}" for k, v, _ in OUT_OF_RANGE])
+def test_out_of_range_value_is_refused_naming_key_range_and_value(tmp_path, key, value, rule):
+    msg = _one_line(tmp_path, _set(key, value))
+    assert msg.startswith(f"{tmp_path / 'params.yaml'}: {key}: "), msg
+    assert rule in msg and msg.endswith(f"got {value!r}"), msg
+
+
+@pytest.mark.parametrize("key, value", [("vanilla.skew_lambda", 0.0), ("vanilla.skew_lambda", 0.999),
+                                        ("vanilla.akl_alpha", 0.0), ("vanilla.akl_alpha", 1.0), ("kd.kd_rate", 0.0),
+                                        ("kd.kd_rate", 1.0), ("sft.lora_dropout", 0.0), ("generate.top_p", 1.0)])
+def test_range_ends_that_are_valid_are_accepted(tmp_path, key, value):
+    load_params(_write(tmp_path, _set(key, value)))
+
+
+@pytest.mark.parametrize("fractions, bad", [({"train": 1.2, "validation": -0.2, "test": 0.0}, "train 1.2"),
+                                            ({"train": 0.9, "validation": 0.1, "test": 0.0}, "test 0.0")])
+def test_split_fractions_must_each_be_in_range(tmp_path, fractions, bad):
+    msg = _one_line(tmp_path, _set("split.fractions", fractions))
+    assert "split.fractions" in msg and bad in msg, msg
+
+
+@pytest.mark.parametrize("arch, rule", [({"heads": 3}, "heads 3 must divide hidden 256"),
+                                        ({"kv_heads": 3}, "kv_heads 3 must divide heads 4")])
+def test_architecture_heads_must_divide(tmp_path, arch, rule):
+    msg = _one_line(tmp_path, lambda p: p["profiles"]["tiny"]["architectures"]["llama"].update(arch))
+    assert "profiles.tiny.architectures.llama" in msg and rule in msg, msg
+
+
+def test_token_level_settings_live_in_the_algorithm_sections_uld_has_none():
+    p = load_params(ROOT / "params.yaml")
+    assert set(p.vanilla.model_dump()) == {"temperature", "divergence", "skew_lambda", "akl_alpha"}
+    assert {"temperature", "divergence", "skew_lambda", "akl_alpha", "projector_lr"} <= set(p.dskd.model_dump())
+    assert set(p.uld.model_dump()) == {"weight"}
+    assert not {"temperature", "divergence", "skew_lambda", "akl_alpha"} & set(p.kd.model_dump())
+
+
+# params.yaml is read with DVC's rules (ruamel.yaml typ="safe", YAML 1.2): the value `dvc exp run -S` writes is the
+# value DVC hashes and the value the stage gets. PyYAML (YAML 1.1) reads several of them differently (right column).
+YAML_12 = [
+    ("off", "off", False), ("on", "on", True), ("yes", "yes", True), ("no", "no", False), ("Off", "Off", False),
+    ("NO", "NO", False), ("y", "y", "y"), ("n", "n", "n"),
+    ("010", 10, 8), ("08", 8, "08"), ("0o10", 8, "0o10"), ("0x10", 16, 16), ("1_000", 1000, 1000),
+    ("1e3", 1000.0, "1e3"), ("1.0e3", 1000.0, "1.0e3"), ("1.0e-3", 0.001, 0.001), ("1:20", "1:20", 80),
+    ("~", None, None), ("null", None, None), ("true", True, True),
+]
+
+
+@pytest.mark.parametrize("text, dvc_value, pyyaml_value", YAML_12, ids=[t for t, *_ in YAML_12])
+def test_params_are_read_with_dvcs_yaml_rules(tmp_path, text, dvc_value, pyyaml_value):
+    from dvc.utils.serialize import parse_yaml
+
+    from telekd.params import read_yaml
+
+    f = tmp_path / "x.yaml"
+    f.write_text(f"a: {text}\n")
+    ours, dvcs = read_yaml(f)["a"], parse_yaml(f.read_text(), str(f))["a"]
+    assert ours == dvc_value and type(ours) is type(dvc_value) and dvcs == ours and type(dvcs) is type(ours)
+    assert yaml.safe_load(f.read_text())["a"] == pyyaml_value  # what a YAML 1.1 reader would have made of it
+
+
+def test_no_answer_text_off_as_dvc_writes_it_is_the_string_off(tmp_path):
+    """`dvc exp run -S data.no_answer_text=off` writes `no_answer_text: off` (unquoted)."""
+    text = (ROOT / "params.yaml").read_text().replace("no_answer_text: unanswerable", "no_answer_text: off")
+    assert "no_answer_text: off" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").data.no_answer_text == "off"

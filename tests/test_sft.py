@@ -30,7 +30,7 @@ def test_sft_trains_lora_and_writes_merged_model_and_adapter(saved_models, sampl
     val = [build_example(tok, r, SYSTEM, 400, 300) for r in sample_records[16:20]]
     s = SFTSettings(max_length=400, max_prompt_length=300, batch_size=4, grad_accum=1, epochs=2, lr=5e-3, lora_r=4,
                     lora_alpha=8, lora_dropout=0.0, lora_targets=("q_proj", "v_proj"), weight_decay=0.0,
-                    lr_scheduler="cosine", max_grad_norm=1.0, eval_steps=2, dtype="float32", seed=0)
+                    lr_scheduler="cosine", max_grad_norm=1.0, save_steps=2, dtype="float32", seed=0)
     out = run_sft(model, tok, train, val, s, tmp_path / "sft")
     m = out["metrics"]
     assert m["steps"] == 8 and m["eval_loss_best"] <= m["eval_loss_initial"]

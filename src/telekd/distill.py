@@ -19,10 +19,6 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class KDSettings:
     kd_rate: float
-    temperature: float
-    divergence: str
-    skew_lambda: float
-    akl_alpha: float
     epochs: float
     lr: float
     batch_size: int
@@ -30,6 +26,11 @@ class KDSettings:
     max_grad_norm: float
     weight_decay: float
     seed: int
+    # the divergence of the algorithms that compare distributions (params vanilla.* / dskd.*); None for ULD
+    temperature: float | None = None
+    divergence: str | None = None
+    skew_lambda: float | None = None
+    akl_alpha: float | None = None
     student_lora: bool = False
     lora_r: int = 16
     lora_alpha: float = 32
@@ -84,7 +85,7 @@ def _answer_tokens(example) -> int:
     return sum(1 for t in example.labels[1:] if t != -100)
 
 
-def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=None, projector_lr: float = 1e-3,
+def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=None, projector_lr: float | None = None,
              val_examples=(), desc: str = "kd", checkpoint=None) -> dict:
     """Distil into `student`: loss = (1 - kd_rate) CE + kd_rate term(...), term one of telekd.terms.
 
@@ -99,7 +100,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from .checkpoint import Interrupted, SigtermFlag
+    from .checkpoint import Interrupted, SigtermFlag, check_finite
     from .shard import state
 
     proc = state()
@@ -118,6 +119,8 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable], "lr": s.lr}]
     if extra_modules is not None:
+        if projector_lr is None:
+            raise ValueError(f"{desc}: extra_modules (DSKD's projectors) need projector_lr (params dskd.projector_lr)")
         groups.append({"params": list(extra_modules.parameters()), "lr": projector_lr})
     opt = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
     per_epoch = math.ceil(len(examples) / s.batch_size)
@@ -192,13 +195,17 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
             if world > 1:
                 *vals, n_tok, halt = reduce_([row[k] * share for k in keys] + [n_tok, float(stop.requested)])
                 row, n_tok, stop.requested = dict(zip(keys, vals)), int(n_tok), halt > 0
+            kept = str(checkpoint.file) if checkpoint is not None and checkpoint.file.exists() else None
+            at = f"batch {n + 1}/{len(batches)} (optimizer step {n // s.grad_accum + 1})"
+            check_finite(row["loss"], "the loss", desc, at, kept)  # summed over ranks: every rank stops together
             if boundary:
                 if world > 1:
                     for p in params:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
                         torch.distributed.all_reduce(p.grad)
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                check_finite(float(norm), "the gradient norm", desc, at, kept)  # before it reaches the weights
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)

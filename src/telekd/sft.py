@@ -23,7 +23,7 @@ class SFTSettings:
     weight_decay: float
     lr_scheduler: str
     max_grad_norm: float
-    eval_steps: int
+    save_steps: int      # evaluation and checkpoint interval (optimizer steps)
     dtype: str
     seed: int
 
@@ -74,11 +74,32 @@ def _sigterm_callback(flag):
     return SaveAndStop()
 
 
+def _finite_callback(where: str, checkpoint_dir):
+    """A TrainerCallback that stops the run at the first non-finite train loss, gradient norm or eval loss.
+
+    It raises from on_log, which the Trainer calls (on every rank, with values gathered over ranks) before
+    it saves that step's checkpoint: the last good checkpoint is kept and nothing is written.
+    """
+    from transformers import TrainerCallback
+
+    from .checkpoint import check_finite
+
+    class StopOnNonFinite(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            done = sorted(Path(checkpoint_dir).glob("checkpoint-*")) if checkpoint_dir else []
+            kept = str(max(done, key=lambda c: int(c.name.split("-")[1]))) if done else None
+            for key in ("loss", "grad_norm", "eval_loss"):
+                if key in (logs or {}):
+                    check_finite(float(logs[key]), key, where, f"step {state.global_step}/{state.max_steps}", kept)
+
+    return StopOnNonFinite()
+
+
 def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_dir: str | Path | None,
-            checkpoint=None, callbacks=()) -> dict:
+            checkpoint=None, callbacks=(), desc: str = "sft") -> dict:
     """Train LoRA adapters on `model`; write the merged model to out_dir and the adapter to out_dir/adapter.
 
-    `checkpoint` (telekd.checkpoint.Checkpoint): the Trainer saves there every eval_steps and on SIGTERM
+    `checkpoint` (telekd.checkpoint.Checkpoint): the Trainer saves there every save_steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised) and resumes from this run's newest checkpoint.
     Under `accelerate launch` each of N processes takes batch_size / N training examples (the global batch
     stays batch_size) and only the main process writes; out_dir None writes nothing.
@@ -108,8 +129,10 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
             per_device_train_batch_size=s.batch_size // world, per_device_eval_batch_size=s.batch_size,
             gradient_accumulation_steps=s.grad_accum, num_train_epochs=s.epochs, learning_rate=s.lr,
             lr_scheduler_type=s.lr_scheduler, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
-            optim="adamw_torch", logging_steps=1, eval_strategy="steps", eval_steps=s.eval_steps,
-            save_strategy="steps", save_steps=s.eval_steps, save_total_limit=2, load_best_model_at_end=True,
+            # the best checkpoint by eval loss must be on disk: it saves at every evaluation and keeps the best and
+            # the latest (save_total_limit 1); a checkpoint is the adapter and its optimizer state, not the base weights
+            optim="adamw_torch", logging_steps=1, eval_strategy="steps", eval_steps=s.save_steps,
+            save_strategy="steps", save_steps=s.save_steps, save_total_limit=1, load_best_model_at_end=True,
             metric_for_best_model="eval_loss", greater_is_better=False, report_to="none",
             bf16=cuda and s.dtype == "bfloat16", fp16=False, use_cpu=not cuda, gradient_checkpointing=False,
             disable_tqdm=False, dataloader_num_workers=0, save_only_model=checkpoint is None,
@@ -119,7 +142,8 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
         stop = _sigterm_callback(flag)
         trainer = SFTTrainer(model=model, args=args, train_dataset=examples_dataset(train_examples),
                              eval_dataset=examples_dataset(val_examples), processing_class=tokenizer, peft_config=lora,
-                             callbacks=[stop, *callbacks])
+                             callbacks=[stop, _finite_callback(desc, checkpoint.dir if checkpoint else None),
+                                        *callbacks])
         initial_eval = trainer.evaluate()["eval_loss"]
         # evaluate() before train() marks the model as prepared (for evaluation: no DDP wrapper) and accelerate
         # would then train it unwrapped, each rank apart (transformers 5.24 / accelerate 1.15): unmark it.

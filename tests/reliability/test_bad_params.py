@@ -39,7 +39,7 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("edit, line", [
     (lambda p: p["kd"].update(alg="dsdk"), "params.yaml: kd.alg: Input should be 'vanilla', 'dskd' or 'uld'"),
-    (lambda p: p["kd"].update(divergence="kl"), "params.yaml: kd.divergence: Input should be 'forward_kl', 'reverse_kl'"),
+    (lambda p: p["vanilla"].update(divergence="kl"), "params.yaml: vanilla.divergence: Input should be 'forward_kl', 'reverse_kl'"),
     (lambda p: p["grid"].update(teachers=["llama", "gpt"]), "params.yaml: grid.teachers.1: Input should be 'llama' or 'mistral'"),
     (lambda p: p.update(profile="huge"), "params.yaml: profile: 'huge' is not one of the profiles: paper, tiny"),
     (lambda p: p.update(seed="abc"), "params.yaml: seed: Input should be a valid integer, unable to parse string as an integer, got 'abc'"),
@@ -63,11 +63,11 @@ def test_every_stage_fails_fast_naming_the_key(tmp_path, edit, line):
 
 def test_a_stage_process_prints_the_line_and_exits_1(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["kd"]["divergence"] = "kl"
+    params["dskd"]["divergence"] = "kl"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     p = subprocess.run([sys.executable, str(ROOT / "stages/kd.py"), "--cell", "llama-base-base-vanilla"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
-        "params.yaml: kd.divergence: Input should be 'forward_kl', 'reverse_kl', 'js', 'skewed_forward_kl', "
-        "'skewed_reverse_kl', 'tvd' or 'adaptive_kl'"]
+        "params.yaml: dskd.divergence: Input should be 'forward_kl', 'reverse_kl', 'js', 'skewed_forward_kl', "
+        "'skewed_reverse_kl', 'tvd' or 'adaptive_kl', got 'kl'"]

@@ -31,9 +31,10 @@ def _study(tmp: Path, models: dict, records) -> Path:
 
     d = tmp / "study"
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["profiles"]["tiny"]["train"].update(max_length=300, max_prompt_length=256, batch_size=4, epochs=1)
-    params["kd"].update(save_steps=2, alg="vanilla")
-    params["sft"].update(eval_steps=2, lora_dropout=0.0)  # dropout off: the ranks' RNG streams differ
+    params["profiles"]["tiny"]["train"].update(max_length=300, max_prompt_length=256, batch_size=4, epochs=1,
+                                               save_steps=2)
+    params["kd"].update(alg="vanilla")
+    params["sft"].update(lora_dropout=0.0)  # dropout off: the ranks' RNG streams differ
     d.mkdir()
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_jsonl(d / "data/prepared/train.jsonl", [r.to_dict() for r in records[:16]])
