@@ -41,3 +41,58 @@ def test_sft_trains_lora_and_writes_merged_model_and_adapter(saved_models, sampl
     assert cfg["target_modules"] == sorted(cfg["target_modules"])  # stable across processes (hash seeds)
     merged, _ = load_model(str(tmp_path / "sft"))  # an ordinary model: no peft wrapper needed
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_non_finite_loss_stops_sft_before_its_checkpoint_is_saved(tmp_path):
+    """The callback raises from on_log, which the Trainer calls before it saves that step's checkpoint."""
+    import math
+
+    from telekd.checkpoint import NonFinite
+    from telekd.sft import _finite_callback
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-10").mkdir()
+    cb = _finite_callback("sft student", tmp_path)
+
+    class State:
+        global_step, max_steps = 12, 40
+
+    cb.on_log(None, State, None, logs={"loss": 2.5, "grad_norm": 1.0})  # finite: nothing happens
+    for key in ("loss", "grad_norm", "eval_loss"):
+        with pytest.raises(NonFinite) as e:
+            cb.on_log(None, State, None, logs={key: math.nan})
+        assert str(e.value).startswith(f"sft student: {key} is nan at step 12/40: training diverged")
+        assert str(e.value).endswith(f"last good checkpoint kept: {tmp_path / 'checkpoint-10'}")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_diverging_sft_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(saved_models, sample_records, tmp_path):
+    """Weights that turn NaN after step 3 (checkpoint-2 saved) give a NaN loss at step 4: the run ends with
+    NonFinite naming the run and step, checkpoint-2 stays the newest, and no model is written."""
+    import torch
+    from transformers import TrainerCallback
+
+    from telekd.checkpoint import Checkpoint, NonFinite
+    from telekd.models import load_model
+    from telekd.sft import SFTSettings, run_sft
+
+    model, tok = load_model(str(saved_models["student"]))
+    train = [build_example(tok, r, SYSTEM, 400, 300) for r in sample_records[:8]]
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    model.get_input_embeddings().weight.fill_(float("nan"))
+
+    s = SFTSettings(max_length=400, max_prompt_length=300, batch_size=4, grad_accum=1, epochs=3, lr=1e-3, lora_r=4,
+                    lora_alpha=8, lora_dropout=0.0, lora_targets=("q_proj", "v_proj"), weight_decay=0.0,
+                    lr_scheduler="constant", max_grad_norm=1.0, save_steps=2, dtype="float32", seed=0)
+    ckpt = Checkpoint(tmp_path / "ck", "fp")
+    with pytest.raises(NonFinite) as e:
+        run_sft(model, tok, train, train[:2], s, tmp_path / "sft", checkpoint=ckpt, callbacks=[Poison()],
+                desc="sft student")
+    assert str(e.value).startswith("sft student: loss is nan at step 4/6: training diverged"), str(e.value)
+    assert str(e.value).endswith(f"last good checkpoint kept: {ckpt.dir / 'checkpoint-2'}")
+    assert sorted(c.name for c in ckpt.dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (tmp_path / "sft").exists()

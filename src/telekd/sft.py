@@ -135,7 +135,9 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
             save_strategy="steps", save_steps=s.save_steps, save_total_limit=1, load_best_model_at_end=True,
             metric_for_best_model="eval_loss", greater_is_better=False, report_to="none",
             bf16=cuda and s.dtype == "bfloat16", fp16=False, use_cpu=not cuda, gradient_checkpointing=False,
-            disable_tqdm=False, dataloader_num_workers=0, save_only_model=checkpoint is None,
+            disable_tqdm=False, dataloader_num_workers=0,
+            logging_nan_inf_filter=False,  # log a NaN/inf loss as it is (the default hides it): _finite_callback stops
+            save_only_model=checkpoint is None,
         )
         lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                           target_modules=list(s.lora_targets), task_type="CAUSAL_LM")

@@ -65,7 +65,7 @@ def kd_run(models: Path, ckpt_dir: Path, out: Path, fp: str = FP, delay: float =
         time.sleep(delay)
         return inner(*args)
     term.calls = 0
-    r = train_kd(student, exs, s, tok.pad_token_id, term, extra_modules=proj, val_examples=exs[:4],
+    r = train_kd(student, exs, s, tok.pad_token_id, term, extra_modules=proj, projector_lr=1e-3, val_examples=exs[:4],
                  checkpoint=Checkpoint(ckpt_dir, fp, save_steps=2))
     weights = {f"student.{k}": v.contiguous() for k, v in r["model"].state_dict().items()}
     weights.update({f"proj.{k}": v.contiguous() for k, v in r["projectors"].state_dict().items()})
