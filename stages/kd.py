@@ -48,7 +48,7 @@ def main() -> None:
     if cell.alg == "vanilla":
         make = lambda tg, pairs: terms.vanilla_term(tg, pairs, settings)  # noqa: E731
     elif cell.alg == "uld":
-        make = lambda tg, pairs: terms.uld_term(tg, pairs, settings, p.uld.weight)  # noqa: E731
+        make = lambda tg, pairs: terms.uld_term(tg, pairs, settings, alg.weight)  # noqa: E731
     else:
         variant = "dskd" if inp.vocab_match else "dskd_cma"
         projectors = make_projectors(student.config.hidden_size, teacher.config.hidden_size, cma=not inp.vocab_match,
