@@ -213,3 +213,27 @@ def test_the_analysis_sees_what_the_kd_stage_reads():
             "profiles.${profile}.dtype", "profiles.${profile}.train.lr", "kd.vocab_mismatch",
             "models.trust_remote_code"} <= r
     assert not any(x.startswith(("vanilla", "dskd", "uld", "kd.temperature")) for x in r), r
+
+
+def test_dvc_resolves_each_cell_to_its_own_algorithm_section(tmp_path, monkeypatch):
+    """As `dvc exp run -S kd.alg=uld` leaves it: the ULD cell depends on uld.weight and no temperature or divergence;
+    the DSKD cell on dskd's (DVC 3.67 resolves `${item.alg}` in params)."""
+    import shutil
+
+    from dvc.repo import Repo
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    text = (ROOT / "params.yaml").read_text()
+    assert "  alg: vanilla " in text
+    (tmp_path / "params.yaml").write_text(text.replace("  alg: vanilla ", "  alg: uld ", 1))
+    monkeypatch.chdir(tmp_path)  # DVC resolves stage addresses against the working directory
+    Repo.init(".", no_scm=True)
+    with Repo(".") as repo:
+        def params(name):
+            (stage,) = repo.stage.collect(name)
+            return {k for dep in stage.deps if hasattr(dep, "params") and dep.params for k in dep.params}
+
+        uld, dskd = params("kd@llama-base-base-uld-0"), params("kd@llama-base-base-dskd-0")
+    assert "uld" in uld and not {"vanilla", "dskd"} & uld
+    assert not any(k.startswith(("kd.temperature", "kd.divergence", "kd.skew", "kd.akl")) for k in uld | dskd)
+    assert "dskd" in dskd and not {"vanilla", "uld"} & dskd
