@@ -80,9 +80,22 @@ def eval_ce(model, examples, pad_id: int, batch_size: int) -> float:
     return total / max(1, count)
 
 
-def _answer_tokens(example) -> int:
-    """Positions where the answer's cross-entropy counts (labels shifted by one, as in the loss)."""
-    return sum(1 for t in example.labels[1:] if t != -100)
+def check_processes(proc, grad_accum: int, batch_size: int, desc: str) -> None:
+    """Refuse, in one line, a launch the loops cannot serve: FSDP (not implemented: every process holds the
+    whole model, as data parallel) and a process count that does not divide grad_accum (the global batch
+    batch_size x grad_accum is split into whole micro-batches, grad_accum / N per process and step)."""
+    from accelerate.utils import DistributedType
+
+    if proc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise SystemExit(f"{desc}: {proc.distributed_type.value} is not supported (the sft and kd loops run data "
+                         "parallel, each process holding the whole model): launch with configs/accelerate/ddp.yaml "
+                         "or torchrun (docs/gpu.md)")
+    world = proc.num_processes
+    if grad_accum % world:
+        raise SystemExit(f"{desc}: {world} processes do not divide profiles.<profile>.train.grad_accum {grad_accum}: the "
+                         f"global batch {batch_size} x {grad_accum} is split into whole micro-batches of {batch_size}, "
+                         f"grad_accum / processes per process; launch a divisor of {grad_accum} processes "
+                         "(--num_processes / --nproc-per-node)")
 
 
 def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=None, projector_lr: float | None = None,
@@ -90,9 +103,10 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     """Distil into `student`: loss = (1 - kd_rate) CE + kd_rate term(...), term one of telekd.terms.
 
     `extra_modules` (DSKD's projectors) train in place with their own learning rate and are returned as
-    "projectors". Under `accelerate launch` every rank takes its share of each global batch and weights its
-    loss by its share of the batch's answer tokens; summed gradients then equal one process's for CE and
-    for any KD term that is a mean over answer positions. Only the main process evaluates and checkpoints.
+    "projectors". An optimizer step is grad_accum micro-batches of batch_size examples (the global batch,
+    whatever the process count); under a launcher with N processes (data parallel, see check_processes)
+    each process computes grad_accum / N whole micro-batches of every step and the summed gradients are
+    one process's. Only the main process evaluates and checkpoints.
     `checkpoint` (telekd.checkpoint.Checkpoint): saved every save_steps optimizer steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised); a matching one is resumed from, bit-identically.
     """
@@ -105,8 +119,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
 
     proc = state()
     world, rank, main = proc.num_processes, proc.process_index, proc.is_main_process
-    if s.batch_size < world:
-        raise ValueError(f"batch_size {s.batch_size} < {world} processes: every rank needs examples; raise batch_size")
+    check_processes(proc, s.grad_accum, s.batch_size, desc)
     torch.manual_seed(s.seed)
     if s.student_lora:
         from peft import LoraConfig, get_peft_model
@@ -161,22 +174,14 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
         proc.wait_for_everyone()
 
-    def reduce_(values: list[float]) -> list[float]:
-        """Sum over ranks (each value already weighted by the rank's token share)."""
-        t = torch.tensor(values, dtype=torch.float64, device=proc.device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
     student.train()
-    keys = [k for k in log[-1] if k != "step"] if log else []
     t0 = time.perf_counter()
     with SigtermFlag() as stop:
+        done = []  # this optimizer step's (batch, log row, tokens) computed by this process
         for n in (bar := tqdm(range(start, len(batches)), desc=desc, unit="batch", mininterval=2, disable=not main,
                               initial=start, total=len(batches))):
-            idx = batches[n][rank::world]
-            share = (sum(_answer_tokens(examples[i]) for i in idx) /
-                     max(1, sum(_answer_tokens(examples[i]) for i in batches[n]))) if world > 1 else 1.0
-            if idx:
+            if n % s.grad_accum % world == rank:  # whole micro-batches per process: rank r takes every world-th
+                idx = batches[n]
                 batch = {k: v.to(proc.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
                 out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=extra_modules is not None)
@@ -185,34 +190,39 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
                 kd, extra = term(logits, out.hidden_states[-1] if out.hidden_states is not None else None, batch, idx)
                 loss = (1 - s.kd_rate) * ce + s.kd_rate * kd
-                ((loss * share if world > 1 else loss) / s.grad_accum).backward()
-                row = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), **extra}
-                keys = list(row)
-                n_tok = int(batch["attention_mask"].sum())
-            else:  # a short last batch left this rank nothing: it adds zeros
-                row, n_tok = dict.fromkeys(keys, 0.0), 0
+                (loss / s.grad_accum).backward()
+                done.append((n, {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), **extra},
+                             int(batch["attention_mask"].sum())))
             boundary = (n + 1) % s.grad_accum == 0 or n + 1 == len(batches)
-            if world > 1:
-                *vals, n_tok, halt = reduce_([row[k] * share for k in keys] + [n_tok, float(stop.requested)])
-                row, n_tok, stop.requested = dict(zip(keys, vals)), int(n_tok), halt > 0
+            if not boundary:
+                continue
+            halt = stop.requested
+            if world > 1:  # every process gets the step's rows, in batch order, and any process's SIGTERM
+                shares = [None] * world
+                torch.distributed.all_gather_object(shares, (done, halt))
+                done = sorted((x for rows, _ in shares for x in rows), key=lambda x: x[0])
+                halt = any(h for _, h in shares)
             kept = str(checkpoint.file) if checkpoint is not None and checkpoint.file.exists() else None
             at = f"batch {n + 1}/{len(batches)} (optimizer step {n // s.grad_accum + 1})"
-            check_finite(row["loss"], "the loss", desc, at, kept)  # summed over ranks: every rank stops together
-            if boundary:
-                if world > 1:
-                    for p in params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        torch.distributed.all_reduce(p.grad)
-                norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                check_finite(float(norm), "the gradient norm", desc, at, kept)  # before it reaches the weights
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            tokens += n_tok
-            log.append({"step": n + 1, **row})
+            for m, row, n_tok in done:
+                check_finite(row["loss"], "the loss", desc,
+                             f"batch {m + 1}/{len(batches)} (optimizer step {m // s.grad_accum + 1})", kept)
+                tokens += n_tok
+                log.append({"step": m + 1, **row})
+            done = []
+            if world > 1:  # the sum of the processes' gradients is one process's over the whole step
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+            norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            check_finite(float(norm), "the gradient norm", desc, at, kept)  # before it reaches the weights
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
-            if checkpoint is not None and boundary and n + 1 < len(batches):
+            stop.requested = halt
+            if checkpoint is not None and n + 1 < len(batches):
                 k = (n + 1) // s.grad_accum
                 if stop.requested or (checkpoint.save_steps and k % checkpoint.save_steps == 0):
                     save(n + 1)

@@ -101,8 +101,9 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
 
     `checkpoint` (telekd.checkpoint.Checkpoint): the Trainer saves there every save_steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised) and resumes from this run's newest checkpoint.
-    Under `accelerate launch` each of N processes takes batch_size / N training examples (the global batch
-    stays batch_size) and only the main process writes; out_dir None writes nothing.
+    Under a launcher each of N processes accumulates grad_accum / N micro-batches of batch_size (the global
+    batch stays batch_size x grad_accum; FSDP is refused) and only the main process writes; out_dir None
+    writes nothing.
     """
     import tempfile
     from contextlib import nullcontext
@@ -114,20 +115,22 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
     from .checkpoint import Interrupted, SigtermFlag, trainer_resume_point
     from .shard import state
 
-    world = state().num_processes
-    if s.batch_size % world:
-        raise ValueError(f"batch_size {s.batch_size} is not a multiple of the {world} processes: "
-                         "the global batch must split evenly; change batch_size or the process count")
+    from .distill import check_processes
+
+    proc = state()
+    world = proc.num_processes
+    check_processes(proc, s.grad_accum, s.batch_size, desc)
     cuda = torch.cuda.is_available()
     resume = trainer_resume_point(checkpoint) if checkpoint is not None else None
     with (nullcontext(str(checkpoint.dir)) if checkpoint is not None else
           tempfile.TemporaryDirectory(prefix="telekd-sft-")) as work, SigtermFlag() as flag:
         args = SFTConfig(
             output_dir=work, seed=s.seed, data_seed=s.seed, max_length=s.max_length,
-            # each process takes batch_size / N training examples (the global batch stays batch_size) and whole
-            # evaluation batches (the eval loss, a mean of per-batch means, stays that of one process)
-            per_device_train_batch_size=s.batch_size // world, per_device_eval_batch_size=s.batch_size,
-            gradient_accumulation_steps=s.grad_accum, num_train_epochs=s.epochs, learning_rate=s.lr,
+            # each of N processes takes micro-batches of batch_size and accumulates grad_accum / N of them: the global
+            # batch stays batch_size x grad_accum (check_processes); whole evaluation batches per process (the eval
+            # loss, a mean of per-batch means, stays that of one process)
+            per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
+            gradient_accumulation_steps=s.grad_accum // world, num_train_epochs=s.epochs, learning_rate=s.lr,
             lr_scheduler_type=s.lr_scheduler, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
             # the best checkpoint by eval loss must be on disk: it saves at every evaluation and keeps the best and
             # the latest (save_total_limit 1); a checkpoint is the adapter and its optimizer state, not the base weights

@@ -1,5 +1,6 @@
-"""The kd stage under `accelerate launch` with 2 CPU processes (gloo): both ranks end with identical weights,
-only rank 0 writes, and the result matches the one-process run to float tolerance.
+"""The kd and sft stages under `accelerate launch` with 2 CPU processes (gloo): both ranks end with identical
+weights, only rank 0 writes, and the result matches the one-process run to float tolerance. A launch the loops
+cannot serve (FSDP, DeepSpeed, a process count that does not divide grad_accum) is refused in one line.
 
 The stage runs unchanged (stages/kd.py through runpy) in a temporary study folder; this file, run as a
 script, wraps train_kd and the writers only to record what each rank holds and writes.
@@ -31,8 +32,9 @@ def _study(tmp: Path, models: dict, records) -> Path:
 
     d = tmp / "study"
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["profiles"]["tiny"]["train"].update(max_length=300, max_prompt_length=256, batch_size=4, epochs=1,
-                                               save_steps=2)
+    # global batch 2 x 2: each of 2 processes computes one whole micro-batch of 2 per step (grad_accum / processes)
+    params["profiles"]["tiny"]["train"].update(max_length=300, max_prompt_length=256, batch_size=2, grad_accum=2,
+                                               epochs=1, save_steps=2)
     params["kd"].update(alg="vanilla")
     params["sft"].update(lora_dropout=0.0)  # dropout off: the ranks' RNG streams differ
     d.mkdir()
@@ -175,6 +177,43 @@ def test_sft_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, 
     assert a.keys() == b.keys() and worst < 1e-5
     for k in ("eval_loss_initial", "eval_loss_best", "train_loss_first", "train_loss_last"):
         assert abs(ma[k] - mb[k]) < 1e-5, k
+
+
+class _Proc:
+    def __init__(self, kind: str, n: int):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type, self.num_processes = DistributedType(kind), n
+
+
+@pytest.mark.parametrize("n, grad_accum", [(1, 1), (2, 2), (8, 8), (4, 8), (2, 8), (1, 8)])
+def test_any_process_count_that_divides_grad_accum_is_served(n, grad_accum):
+    """The paper profile (batch 4 x accumulation 8) on 8, 4, 2 or 1 GPUs: the global batch stays 32."""
+    from telekd.distill import check_processes
+
+    check_processes(_Proc("MULTI_GPU" if n > 1 else "NO", n), grad_accum, 4, "kd")
+
+
+@pytest.mark.parametrize("kind, n, grad_accum, line", [
+    ("MULTI_GPU", 3, 8, "kd: 3 processes do not divide profiles.<profile>.train.grad_accum 8: the global batch 4 x 8"),
+    ("MULTI_GPU", 16, 8, "kd: 16 processes do not divide profiles.<profile>.train.grad_accum 8"),
+    ("FSDP", 8, 8, "kd: FSDP is not supported (the sft and kd loops run data parallel"),
+    ("DEEPSPEED", 8, 8, "kd: DEEPSPEED is not supported"),
+])
+def test_launches_the_loops_cannot_serve_are_refused_in_one_line(kind, n, grad_accum, line):
+    from telekd.distill import check_processes
+
+    with pytest.raises(SystemExit) as e:
+        check_processes(_Proc(kind, n), grad_accum, 4, "kd")
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+def test_shipped_accelerate_configs_take_the_process_count_from_the_command_line():
+    """No config fixes a GPU count (it was 8, which refused every smaller machine's batch): ddp.yaml needs
+    --num_processes; the FSDP config is gone (refused above)."""
+    cfgs = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "configs/accelerate").glob("*.yaml")}
+    assert set(cfgs) == {"ddp.yaml", "cpu-ddp.yaml"}
+    assert "num_processes" not in cfgs["ddp.yaml"] and cfgs["ddp.yaml"]["distributed_type"] == "MULTI_GPU"
 
 
 if __name__ == "__main__":
