@@ -243,3 +243,28 @@ def test_pretraining_stops_at_a_non_finite_loss(tokenizers, sample_records):
     with pytest.raises(NonFinite, match=r"^pretrain student: the loss is nan at step 1/3"):
         pretrain(model, tok, [r.context for r in sample_records[:4]], steps=3, lr=1e-3, batch=2, seq_len=32, seed=0,
                  desc="pretrain student")
+
+
+def test_lora_kd_checkpoint_holds_the_adapter_and_its_optimizer_state_only(tokenizers, sample_records, tmp_path):
+    """A checkpoint of a LoRA student is the adapter (not the frozen base weights) and AdamW's state of it; one file,
+    replaced at each save."""
+    from conftest import tiny_model
+    from telekd.checkpoint import Checkpoint
+
+    tok = tokenizers["llama"]
+    student = tiny_model("llama", len(tok), hidden=32, seed=1)
+    n_base = sum(p.numel() for p in student.parameters())
+    exs, _ = _pairs(tokenizers, sample_records[:6])
+    s = KDSettings(kd_rate=0.0, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
+                   seed=0, student_lora=True, lora_r=2, lora_alpha=4, lora_targets=("q_proj", "v_proj"))
+    term = lambda logits, hidden, batch, idx: (logits.sum() * 0, {})  # noqa: E731
+    ckpt = Checkpoint(tmp_path / "ck", "fp", save_steps=1)
+    train_kd(student, exs, s, tok.pad_token_id, term, checkpoint=ckpt)
+    saved = ckpt.load()
+    assert saved["step"] == 2 and list(ckpt.dir.iterdir()) == [ckpt.file]  # the latest only
+    assert saved["student"] and all("lora_" in k for k in saved["student"])
+    n_saved = sum(v.numel() for v in saved["student"].values())
+    assert n_saved < n_base / 10
+    states = saved["opt"]["state"]
+    assert len(states) == len(saved["student"])
+    assert sum(v["exp_avg"].numel() + v["exp_avg_sq"].numel() for v in states.values()) == 2 * n_saved

@@ -166,3 +166,10 @@ def test_no_answer_text_off_as_dvc_writes_it_is_the_string_off(tmp_path):
     assert "no_answer_text: off" in text
     (tmp_path / "params.yaml").write_text(text)
     assert load_params(tmp_path / "params.yaml").data.no_answer_text == "off"
+
+
+def test_checkpoint_interval_is_sized_per_profile():
+    """KD's paper-scale state is 6.6 GB and SFT's 7.7 GB: the paper profile saves every 100 optimizer steps, not 10/20."""
+    p = load_params(ROOT / "params.yaml")
+    assert p.profiles["tiny"].train.save_steps == 20 and p.profiles["paper"].train.save_steps == 100
+    assert "save_steps" not in p.kd.model_dump() and "eval_steps" not in p.sft.model_dump()

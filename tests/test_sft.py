@@ -96,3 +96,32 @@ def test_diverging_sft_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(
     assert str(e.value).endswith(f"last good checkpoint kept: {ckpt.dir / 'checkpoint-2'}")
     assert sorted(c.name for c in ckpt.dir.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_sft_checkpoints_are_adapters_and_only_the_best_and_latest_are_kept(saved_models, sample_records, tmp_path):
+    from transformers import TrainerCallback
+
+    from telekd.checkpoint import Checkpoint
+    from telekd.models import load_model
+    from telekd.sft import SFTSettings, run_sft
+
+    model, tok = load_model(str(saved_models["student"]))
+    base_bytes = (saved_models["student"] / "model.safetensors").stat().st_size
+    train = [build_example(tok, r, SYSTEM, 400, 300) for r in sample_records[:16]]
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen.append(sorted(c.name for c in ckpt.dir.glob("checkpoint-*")))
+
+    s = SFTSettings(max_length=400, max_prompt_length=300, batch_size=4, grad_accum=1, epochs=2, lr=5e-3, lora_r=4,
+                    lora_alpha=8, lora_dropout=0.0, lora_targets=("q_proj", "v_proj"), weight_decay=0.0,
+                    lr_scheduler="cosine", max_grad_norm=1.0, save_steps=2, dtype="float32", seed=0)
+    ckpt = Checkpoint(tmp_path / "ck", "fp")
+    run_sft(model, tok, train, train[:4], s, None, checkpoint=ckpt, callbacks=[Watch()])
+    assert len(seen) == 4 and max(len(x) for x in seen) <= 2  # saves at steps 2, 4, 6, 8; best + latest kept
+    for c in ckpt.dir.glob("checkpoint-*"):
+        files = {f.name for f in c.iterdir()}
+        assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+        assert (c / "adapter_model.safetensors").stat().st_size < base_bytes / 10
