@@ -8,7 +8,8 @@ read what changed must rerun, and those downstream of them may (DVC compares con
 unchanged output stops the chain):
 
   kd.alg=dskd                      the DSKD cells exist already: only stats and report
-  kd.temperature=1.0               every KD run and what reads it; no SFT, teacher cache or reference row
+  vanilla.temperature=1.0          every vanilla-KD run and what reads it; no DSKD run, SFT, teacher cache or
+                                   reference row (kd.temperature=1.0: the same for every KD run, before it moved)
   base_models.pretrain_steps.llama the tiny profile's stand-in for a new pinned revision of one teacher:
                                    the llama teacher's chain only (base_models rebuilds all three models,
                                    and the unchanged ones come out identical, so nothing of theirs reruns)
@@ -59,8 +60,11 @@ def expected(names: list[str], change: str) -> tuple[set[str], set[str]]:
     kd = {n for n in per_run if n.startswith("kd@")}
     if change == "kd.alg=dskd":                       # read by stats and report only
         return study, study
-    if change == "kd.temperature=1.0":                # read by every KD run and the report
+    if change == "kd.temperature=1.0":                # (recorded runs before the move) every KD run and the report
         return kd | {"report"}, per_run | study
+    if change == "vanilla.temperature=1.0":           # read by the vanilla-KD runs and the report only
+        vanilla = {n for n in per_run if "-vanilla-" in n}
+        return {n for n in vanilla if n.startswith("kd@")} | {"report"}, vanilla | study
     if change == "base_models.pretrain_steps.llama=5":  # a new llama teacher: its chain, nothing of mistral's
         must = {"base_models"} | {n for n in names if n.startswith(("teacher_cache@llama-", "kd@llama-"))}
         return must, must | {n for n in names if "@llama-" in n or n == "sft@llama"} | study
@@ -78,7 +82,7 @@ def verdict(ran: set[str], names: list[str], change: str) -> dict:
             "missing": sorted(must - ran), "unexpected": sorted(ran - may)}
 
 
-CHANGES = ["kd.alg=dskd", "kd.temperature=1.0", "base_models.pretrain_steps.llama=5",
+CHANGES = ["kd.alg=dskd", "vanilla.temperature=1.0", "base_models.pretrain_steps.llama=5",
            "profiles.paper.models.llama.revision=0000000000000000000000000000000000000000", "grid.seeds=[0,1]"]
 
 
