@@ -268,3 +268,24 @@ def test_lora_kd_checkpoint_holds_the_adapter_and_its_optimizer_state_only(token
     states = saved["opt"]["state"]
     assert len(states) == len(saved["student"])
     assert sum(v["exp_avg"].numel() + v["exp_avg_sq"].numel() for v in states.values()) == 2 * n_saved
+
+
+def test_weights_that_overflow_are_never_checkpointed(tokenizers, sample_records, tmp_path):
+    """An infinite learning rate: loss and gradients are finite, the updated weights are not. The save of that step
+    is refused in one line (a good checkpoint is never replaced by non-finite weights)."""
+    import pytest
+
+    from conftest import tiny_model
+    from telekd.checkpoint import Checkpoint, NonFinite
+
+    tok = tokenizers["llama"]
+    student = tiny_model("llama", len(tok), hidden=32, seed=1)
+    exs, _ = _pairs(tokenizers, sample_records[:6])
+    s = KDSettings(kd_rate=0.0, epochs=1, lr=float("inf"), batch_size=2, grad_accum=1, max_grad_norm=1.0,
+                   weight_decay=0.0, seed=0)
+    term = lambda logits, hidden, batch, idx: (logits.sum() * 0, {})  # noqa: E731
+    ckpt = Checkpoint(tmp_path / "ck", "fp", save_steps=1)
+    with pytest.raises(NonFinite, match=r"^kd: the trained weights \(\d+ not finite\) is nan at optimizer step 1: .*"
+                                        r"nothing was saved$"):
+        train_kd(student, exs, s, tok.pad_token_id, term, checkpoint=ckpt)
+    assert not ckpt.file.exists()

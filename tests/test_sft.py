@@ -67,8 +67,8 @@ def test_non_finite_loss_stops_sft_before_its_checkpoint_is_saved(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_diverging_sft_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(saved_models, sample_records, tmp_path):
-    """Weights that turn NaN after step 3 (checkpoint-2 saved) give a NaN loss at step 4: the run ends with
-    NonFinite naming the run and step, checkpoint-2 stays the newest, and no model is written."""
+    """Frozen weights that turn NaN after step 5 (checkpoint-4 saved) give a NaN loss at step 6: the run ends with
+    NonFinite naming the run and step, checkpoint-4 stays the newest, and no model is written."""
     import torch
     from transformers import TrainerCallback
 
@@ -81,20 +81,20 @@ def test_diverging_sft_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(
 
     class Poison(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 3:
+            if state.global_step == 5:
                 with torch.no_grad():
                     model.get_input_embeddings().weight.fill_(float("nan"))
 
-    s = SFTSettings(max_length=400, max_prompt_length=300, batch_size=4, grad_accum=1, epochs=3, lr=1e-3, lora_r=4,
+    s = SFTSettings(max_length=400, max_prompt_length=300, batch_size=4, grad_accum=1, epochs=4, lr=1e-3, lora_r=4,
                     lora_alpha=8, lora_dropout=0.0, lora_targets=("q_proj", "v_proj"), weight_decay=0.0,
-                    lr_scheduler="constant", max_grad_norm=1.0, save_steps=2, dtype="float32", seed=0)
+                    lr_scheduler="constant", max_grad_norm=1.0, save_steps=4, dtype="float32", seed=0)
     ckpt = Checkpoint(tmp_path / "ck", "fp")
     with pytest.raises(NonFinite) as e:
         run_sft(model, tok, train, train[:2], s, tmp_path / "sft", checkpoint=ckpt, callbacks=[Poison()],
                 desc="sft student")
-    assert str(e.value).startswith("sft student: loss is nan at step 4/6: training diverged"), str(e.value)
-    assert str(e.value).endswith(f"last good checkpoint kept: {ckpt.dir / 'checkpoint-2'}")
-    assert sorted(c.name for c in ckpt.dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert str(e.value).startswith("sft student: loss is nan at step 6/8: training diverged"), str(e.value)
+    assert str(e.value).endswith(f"last good checkpoint kept: {ckpt.dir / 'checkpoint-4'}")
+    assert sorted(c.name for c in ckpt.dir.glob("checkpoint-*")) == ["checkpoint-4"]
     assert not (tmp_path / "sft").exists()
 
 
@@ -125,3 +125,36 @@ def test_sft_checkpoints_are_adapters_and_only_the_best_and_latest_are_kept(save
         files = {f.name for f in c.iterdir()}
         assert "adapter_model.safetensors" in files and "model.safetensors" not in files
         assert (c / "adapter_model.safetensors").stat().st_size < base_bytes / 10
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_sft_never_checkpoints_weights_that_overflowed(saved_models, sample_records, tmp_path):
+    """Weights made NaN right after an optimizer step (loss and gradient norm of that step finite): the step's
+    checkpoint is refused, the previous one (checkpoint-2) stays the newest."""
+    import torch
+    from transformers import TrainerCallback
+
+    from telekd.checkpoint import Checkpoint, NonFinite
+    from telekd.models import load_model
+    from telekd.sft import SFTSettings, run_sft
+
+    model, tok = load_model(str(saved_models["student"]))
+    train = [build_example(tok, r, SYSTEM, 400, 300) for r in sample_records[:8]]
+
+    class Overflow(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:  # the 4th update
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.fill_(float("inf"))
+
+    s = SFTSettings(max_length=400, max_prompt_length=300, batch_size=4, grad_accum=1, epochs=3, lr=1e-3, lora_r=4,
+                    lora_alpha=8, lora_dropout=0.0, lora_targets=("q_proj", "v_proj"), weight_decay=0.0,
+                    lr_scheduler="constant", max_grad_norm=1.0, save_steps=2, dtype="float32", seed=0)
+    ckpt = Checkpoint(tmp_path / "ck", "fp")
+    with pytest.raises(NonFinite) as e:
+        run_sft(model, tok, train, train[:2], s, None, checkpoint=ckpt, callbacks=[Overflow()], desc="sft student")
+    assert str(e.value).startswith("sft student: the trained weights ("), str(e.value)
+    assert "not finite) is nan at step 4/6" in str(e.value)
+    assert sorted(c.name for c in ckpt.dir.glob("checkpoint-*")) == ["checkpoint-2"]

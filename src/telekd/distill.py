@@ -165,6 +165,10 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
         print(f"{desc}: resumed from {checkpoint.file} at batch {start}/{len(batches)}", flush=True)
 
     def save(step: int) -> None:
+        kept = str(checkpoint.file) if checkpoint.file.exists() else None
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in params)  # identical on every rank: all stop together
+        check_finite(float("nan") if bad else 0.0, f"the trained weights ({bad} not finite)", desc,
+                     f"optimizer step {step // s.grad_accum}", kept)  # never overwrite a good checkpoint with them
         if main:
             checkpoint.save({
                 "step": step, "log": log, "tokens": tokens, "wall": wall + time.perf_counter() - t0,

@@ -84,13 +84,22 @@ def _finite_callback(where: str, checkpoint_dir):
 
     from .checkpoint import check_finite
 
+    def last_good():
+        done = list(Path(checkpoint_dir).glob("checkpoint-*")) if checkpoint_dir else []
+        return str(max(done, key=lambda c: int(c.name.split("-")[1]))) if done else None
+
     class StopOnNonFinite(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            done = sorted(Path(checkpoint_dir).glob("checkpoint-*")) if checkpoint_dir else []
-            kept = str(max(done, key=lambda c: int(c.name.split("-")[1]))) if done else None
             for key in ("loss", "grad_norm", "eval_loss"):
                 if key in (logs or {}):
-                    check_finite(float(logs[key]), key, where, f"step {state.global_step}/{state.max_steps}", kept)
+                    check_finite(float(logs[key]), key, where, f"step {state.global_step}/{state.max_steps}",
+                                 last_good())
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_save and model is not None:  # an update that overflowed: not into a checkpoint
+                bad = sum(int((~p.isfinite()).sum()) for p in model.parameters() if p.requires_grad)
+                check_finite(float("nan") if bad else 0.0, f"the trained weights ({bad} not finite)", where,
+                             f"step {state.global_step}/{state.max_steps}", last_good())
 
     return StopOnNonFinite()
 
