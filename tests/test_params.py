@@ -173,3 +173,9 @@ def test_checkpoint_interval_is_sized_per_profile():
     p = load_params(ROOT / "params.yaml")
     assert p.profiles["tiny"].train.save_steps == 20 and p.profiles["paper"].train.save_steps == 100
     assert "save_steps" not in p.kd.model_dump() and "eval_steps" not in p.sft.model_dump()
+
+
+def test_top_k_beyond_the_vocabulary_is_refused(tmp_path):
+    msg = _one_line(tmp_path, _set("teacher_cache.top_k", 4096))
+    assert "teacher_cache.top_k 4096 exceeds the vocabulary (base_models.vocab_size 2048)" in msg
+    load_params(_write(tmp_path, _set("teacher_cache.top_k", 2048)))  # k = V: the dense divergence

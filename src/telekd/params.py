@@ -268,6 +268,10 @@ class Params(Strict):
         missing = {"llama", "mistral", "student"} - set(self.profiles[self.profile].models)
         if missing:
             raise ValueError(f"profiles.{self.profile}.models: lacks {', '.join(sorted(missing))}")
+        built = all(m.build for m in self.active.models.values())
+        if built and self.teacher_cache.top_k > self.base_models.vocab_size:
+            raise ValueError(f"teacher_cache.top_k {self.teacher_cache.top_k} exceeds the vocabulary "
+                             f"(base_models.vocab_size {self.base_models.vocab_size}): valid range [1, vocab_size]")
         return self
 
     @property
