@@ -78,7 +78,8 @@ def main() -> None:
            "alg_params": alg.model_dump()}
     ckpt = Checkpoint(Path(ROOT) / "kd" / cell.name, fingerprint(run), t.save_steps)
     result = train_kd(student, inp.examples, settings, s_tok.pad_token_id, term, extra_modules=projectors,
-                      projector_lr=alg.projector_lr if projectors is not None else None, val_examples=val, desc=cell.name, checkpoint=ckpt)
+                      projector_lr=alg.projector_lr if projectors is not None else None, val_examples=val,
+                      desc=cell.name, checkpoint=ckpt)
     if not state().is_main_process:
         return
     with atomic_path(cell.student_dir) as out:
