@@ -37,7 +37,7 @@ def _field_model(model, name):
     return ann if inspect.isclass(ann) and issubclass(ann, BaseModel) else None
 
 
-class Reads(ast.NodeVisitor):  # noqa: D101
+class Reads(ast.NodeVisitor):
     """Params paths read in one function body, `roots` mapping local names to (path, pydantic model)."""
 
     def __init__(self, roots: dict, module, out: set, seen: set):

@@ -100,8 +100,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_both(tmp_path, study, stage: str, args: tuple) -> tuple[Path, Path, Path, float]:
-    """The stage under accelerate launch (2 CPU processes) in `study`, and in this process in a copy of it."""
+def _run_both(tmp_path, study, stage: str, args: tuple, torchrun: bool = False) -> tuple[Path, Path, Path, float]:
+    """The stage under accelerate launch (or torchrun; 2 CPU processes) in `study`, and in this process in a copy."""
     single = tmp_path / f"single-{stage}"
     shutil.copytree(study, single)
     one, two = tmp_path / f"rec1-{stage}", tmp_path / f"rec2-{stage}"
@@ -111,6 +111,8 @@ def _run_both(tmp_path, study, stage: str, args: tuple) -> tuple[Path, Path, Pat
            "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "configs/accelerate/cpu-ddp.yaml"), "--main_process_port", str(_free_port())]
+    if torchrun:  # the documented machine-sized launcher (there: --nproc-per-node gpu)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     p = subprocess.run([*launch, __file__, str(two), stage, *args], cwd=study, env=env, capture_output=True, text=True,
                        timeout=240)
     wall = time.perf_counter() - t0
@@ -154,6 +156,19 @@ def test_kd_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, s
     assert abs(ma["val_ce_after"] - mb["val_ce_after"]) < 1e-5
     with capsys.disabled():
         print(f"\n2-process KD: ranks identical; max |w_2proc - w_1proc| = {worst:.2e}; launch wall {wall:.1f}s")
+
+
+def test_kd_stage_under_torchrun_equals_one_process(saved_models, sample_records, tmp_path):
+    """`launcher: torchrun --standalone --nproc-per-node ...` (docs/gpu.md) runs the same data-parallel loop."""
+    from safetensors.torch import load_file
+
+    study = _study(tmp_path, saved_models, sample_records)
+    single, one, two, _ = _run_both(tmp_path, study, "kd", ("--cell", CELL), torchrun=True)
+    assert (two / "rank0.digest").read_text() == (two / "rank1.digest").read_text()
+    a = load_file(str(study / "models/kd" / CELL / "model.safetensors"))
+    b = load_file(str(single / "models/kd" / CELL / "model.safetensors"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert json.loads((study / "metrics/kd" / f"{CELL}.json").read_text())["processes"] == 2
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
