@@ -179,3 +179,18 @@ def test_top_k_beyond_the_vocabulary_is_refused(tmp_path):
     msg = _one_line(tmp_path, _set("teacher_cache.top_k", 4096))
     assert "teacher_cache.top_k 4096 exceeds the vocabulary (base_models.vocab_size 2048)" in msg
     load_params(_write(tmp_path, _set("teacher_cache.top_k", 2048)))  # k = V: the dense divergence
+
+
+@pytest.mark.parametrize("edit, line", [
+    (_set("generate.temperature", 0.7), "generate: temperature 0.7 / top_p 1.0 have no effect with do_sample false"),
+    (_set("generate.top_p", 0.9), "generate: temperature 1.0 / top_p 0.9 have no effect with do_sample false"),
+    (_set("teacher_cache.hidden", False), "teacher_cache.hidden: false, but DSKD (kd.alg / kd.versus) needs"),
+])
+def test_settings_that_would_silently_do_nothing_are_refused(tmp_path, edit, line):
+    assert line in _one_line(tmp_path, edit)
+
+
+def test_sampling_knobs_are_accepted_with_sampling_and_hidden_off_without_dskd(tmp_path):
+    load_params(_write(tmp_path, lambda p: p["generate"].update(do_sample=True, temperature=0.7, top_p=0.9)))
+    load_params(_write(tmp_path, lambda p: (p["teacher_cache"].update(hidden=False),
+                                            p["kd"].update(alg="vanilla", versus="uld"))))

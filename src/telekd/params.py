@@ -124,6 +124,13 @@ class Generate(Strict):
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
 
+    @model_validator(mode="after")
+    def _sampling_knobs_need_sampling(self):
+        if not self.do_sample and (self.temperature != 1 or self.top_p != 1):  # greedy decoding ignores both
+            raise ValueError(f"temperature {self.temperature} / top_p {self.top_p} have no effect with do_sample false "
+                             "(greedy): set do_sample: true, or leave them at 1.0")
+        return self
+
 
 class EvalEmbed(Strict):
     model: str
@@ -268,6 +275,9 @@ class Params(Strict):
         missing = {"llama", "mistral", "student"} - set(self.profiles[self.profile].models)
         if missing:
             raise ValueError(f"profiles.{self.profile}.models: lacks {', '.join(sorted(missing))}")
+        if "dskd" in (self.kd.alg, self.kd.versus) and not self.teacher_cache.hidden:
+            raise ValueError("teacher_cache.hidden: false, but DSKD (kd.alg / kd.versus) needs the teacher's hidden "
+                             "states: set it to true")
         built = all(m.build for m in self.active.models.values())
         if built and self.teacher_cache.top_k > self.base_models.vocab_size:
             raise ValueError(f"teacher_cache.top_k {self.teacher_cache.top_k} exceeds the vocabulary "
