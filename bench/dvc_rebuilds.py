@@ -8,7 +8,8 @@ read what changed must rerun, and those downstream of them may (DVC compares con
 unchanged output stops the chain):
 
   kd.alg=dskd                      the DSKD cells exist already: only stats and report
-  kd.temperature=1.0               every KD run and what reads it; no SFT, teacher cache or reference row
+  kd.temperature=1.0               the teacher caches (held at the temperature), every KD run and what reads
+                                   them; no SFT or reference row
   base_models.pretrain_steps.llama the tiny profile's stand-in for a new pinned revision of one teacher:
                                    the llama teacher's chain only (base_models rebuilds all three models,
                                    and the unchanged ones come out identical, so nothing of theirs reruns)

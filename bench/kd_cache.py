@@ -58,7 +58,8 @@ def main() -> None:
             term = make(cached, inp.pairs, proj) if mode == "cache" else \
                 live_term(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, t_tok.pad_token_id,
                           lambda tg, pairs: make(tg, pairs, proj), hidden=a.alg == "dskd", temperature=s.temperature)
-            out = train_kd(student, inp.examples, s, t_tok.pad_token_id, term, extra_modules=proj, desc=mode)
+            out = train_kd(student, inp.examples, s, t_tok.pad_token_id, term, extra_modules=proj,
+                           projector_lr=p.dskd.projector_lr, desc=mode)
             runs[mode].append(out["metrics"]["tokens_per_s"])
     best = {m: max(v) for m, v in runs.items()}
     result = {

@@ -30,6 +30,7 @@ def main() -> None:
 
     t, kd = p.active.train, p.kd
     seed = p.seed if cell.seed is None else cell.seed  # the run's seed: batch order and projector initialisation
+    alg = getattr(p, cell.alg)  # the algorithm's own section: all it reads beyond kd.* (dvc.yaml: ${item.alg})
     settings = KDSettings(
         kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
         akl_alpha=kd.akl_alpha, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
@@ -49,7 +50,7 @@ def main() -> None:
     if cell.alg == "vanilla":
         make = lambda tg, pairs: terms.vanilla_term(tg, pairs, settings)  # noqa: E731
     elif cell.alg == "uld":
-        make = lambda tg, pairs: terms.uld_term(tg, pairs, settings, p.uld.weight)  # noqa: E731
+        make = lambda tg, pairs: terms.uld_term(tg, pairs, settings, alg.weight)  # noqa: E731
     else:
         variant = "dskd" if inp.vocab_match else "dskd_cma"
         projectors = make_projectors(student.config.hidden_size, teacher.config.hidden_size, cma=not inp.vocab_match,
@@ -57,12 +58,12 @@ def main() -> None:
         heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
         if inp.vocab_match:
             make = lambda tg, pairs: terms.dskd_term(tg, pairs, projectors, *heads, settings,  # noqa: E731
-                                                     normalization=p.dskd.normalization)
+                                                     normalization=alg.normalization)
         else:
             embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
             make = lambda tg, pairs: terms.cma_term(tg, pairs, projectors, *embeds, *heads, settings,  # noqa: E731
-                                                    normalization=p.dskd.normalization, std_over=p.dskd.std_over,
-                                                    key_std=p.dskd.key_std)
+                                                    normalization=alg.normalization, std_over=alg.std_over,
+                                                    key_std=alg.key_std)
 
     if kd.use_cache:
         targets, recomputed = kd_targets(  # a corrupted entry: recomputed on `device`, counted in the metrics
@@ -76,13 +77,14 @@ def main() -> None:
     val = tokenized(load_split("validation"), s_tok, p.prompt.system, t.max_length, t.max_prompt_length)
     run = {"cell": cell.name, "settings": asdict(settings), "teacher_cache_key": inp.key, "use_cache": kd.use_cache,
            "student_init": dir_digest(cell.student_init_dir), "validation": file_sha256(layout.split_file("validation")),
-           "alg_params": getattr(p, cell.alg).model_dump() if cell.alg != "vanilla" else {}}
-    ckpt = Checkpoint(Path(ROOT) / "kd" / cell.name, fingerprint(run), kd.save_steps)
+           "alg_params": alg.model_dump()}
+    ckpt = Checkpoint(Path(ROOT) / "kd" / cell.name, fingerprint(run), t.save_steps)
     main = state().is_main_process
     live = TrainLive(f"{layout.LOGS}/kd/{cell.name}", {"cell": cell.name, "algorithm": variant, **asdict(settings),
                                                       "alg_params": run["alg_params"]}) if main else None
     result = train_kd(student, inp.examples, settings, s_tok.pad_token_id, term, extra_modules=projectors,
-                      projector_lr=p.dskd.projector_lr, val_examples=val, desc=cell.name, checkpoint=ckpt, live=live)
+                      projector_lr=alg.projector_lr if projectors is not None else None, val_examples=val,
+                      desc=cell.name, checkpoint=ckpt, live=live)
     if not main:
         return
     with atomic_path(cell.student_dir) as out:

@@ -31,7 +31,7 @@ def main() -> None:
         max_length=t.max_length, max_prompt_length=t.max_prompt_length, batch_size=t.batch_size,
         grad_accum=t.grad_accum, epochs=t.epochs, lr=t.lr, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
         lora_dropout=s.lora_dropout, lora_targets=tuple(s.lora_targets), weight_decay=s.weight_decay,
-        lr_scheduler=s.lr_scheduler, max_grad_norm=s.max_grad_norm, eval_steps=s.eval_steps,
+        lr_scheduler=s.lr_scheduler, max_grad_norm=s.max_grad_norm, save_steps=t.save_steps,
         dtype=p.active.dtype, seed=p.seed)
     base = layout.model_dir(role, "base")
     model, tok = load_model(base, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
@@ -43,7 +43,7 @@ def main() -> None:
     main = state().is_main_process
     live = TrainLive(f"{layout.LOGS}/sft/{role}", {"model": role, **asdict(settings)}) if main else None
     with atomic_path(layout.model_dir(role, "sft")) if main else nullcontext(None) as out:
-        result = run_sft(model, tok, train, val, settings, out, checkpoint=ckpt, live=live)
+        result = run_sft(model, tok, train, val, settings, out, checkpoint=ckpt, live=live, desc=f"sft {role}")
     if not main:
         return
     # the loss curves are DVCLive's (logs/sft/<model>/); wall-clock figures go to an untracked-by-metrics file

@@ -108,7 +108,7 @@ def reduce_study(params: dict) -> dict:
     """4 cells (both teachers, base teachers, SFT student, vanilla vs dskd) with models of a few thousand weights."""
     params["grid"].update(teachers=["llama", "mistral"], teacher_sft=["base"], student_sft=["sft"])
     params["sft"]["models"] = ["student"]
-    params["sft"]["eval_steps"] = 4
+    params["profiles"]["tiny"]["train"]["save_steps"] = 4   # sft evaluation + checkpoint, kd checkpoint interval
     params["base_models"].update(vocab_size=400, pretrain_steps={"llama": 4, "mistral": 4, "student": 4},
                                  pretrain_batch=2, pretrain_seq_len=64)
     tiny = params["profiles"]["tiny"]

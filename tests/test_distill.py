@@ -155,7 +155,7 @@ def test_dskd_with_cross_model_attention_trains_student_and_projectors(tokenizer
     make = lambda tg, ps: cma_term(tg, ps, proj, *embeds, *heads, s)  # noqa: E731
     term = live_term(teacher, pairs, s_map, t_map, top_k=len(t_tok), pad_id=t_tok.pad_token_id, make_term=make,
                      hidden=True, temperature=1.0)
-    out = train_kd(student, exs, s, s_tok.pad_token_id, term, extra_modules=proj)
+    out = train_kd(student, exs, s, s_tok.pad_token_id, term, extra_modules=proj, projector_lr=1e-3)
     assert out["metrics"]["steps"] == 2 and term.examples == 4
     assert {"ce_t2s", "kd_stu", "kd_tea", "t2s_acc"} <= set(out["log"][0])
     assert any(not torch.equal(s_before[k], v) for k, v in out["model"].state_dict().items())
@@ -179,3 +179,117 @@ def test_uld_trains_across_vocabularies_without_projectors(tokenizers, sample_re
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
     out = train_kd(student, exs, s, s_tok.pad_token_id, uld_term(targets, pairs, s, weight=1.0))
     assert out["metrics"]["steps"] == 2 and all(0 <= r["kd"] <= 2 for r in out["log"])
+
+
+def test_non_finite_loss_stops_kd_in_one_line_and_keeps_the_last_good_checkpoint(tokenizers, sample_records, tmp_path):
+    """A term that turns NaN at batch 3 (after checkpoints at steps 1 and 2) stops the loop before the optimizer
+    applies it: the error names the run, the batch and the likely cause, and the checkpoint is step 2's, finite."""
+    import pytest
+
+    from conftest import tiny_model
+    from telekd.checkpoint import Checkpoint, NonFinite
+
+    tok = tokenizers["llama"]
+    student = tiny_model("llama", len(tok), hidden=32, seed=1)
+    exs, _ = _pairs(tokenizers, sample_records[:8])
+    s = KDSettings(kd_rate=0.5, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
+                   seed=0)
+    calls = []
+
+    def term(logits, hidden, batch, idx):
+        calls.append(1)
+        kd = logits.float().logsumexp(-1).mean() * 0
+        return (kd + float("nan")) if len(calls) == 3 else kd, {}
+
+    ckpt = Checkpoint(tmp_path / "ck", "fp", save_steps=1)
+    with pytest.raises(NonFinite) as e:
+        train_kd(student, exs, s, tok.pad_token_id, term, desc="llama-base-base-vanilla-s0", checkpoint=ckpt)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("llama-base-base-vanilla-s0: the loss is nan at batch 3/4 (optimizer step 3)")
+    assert "learning rate" in msg and f"last good checkpoint kept: {ckpt.file}" in msg
+    saved = ckpt.load()
+    assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["student"].values())
+    assert all(torch.isfinite(p).all() for p in student.parameters())  # the NaN never reached the weights
+
+
+def test_non_finite_gradient_stops_kd_before_the_step(tokenizers, sample_records):
+    import pytest
+
+    from conftest import tiny_model
+    from telekd.checkpoint import NonFinite
+
+    tok = tokenizers["llama"]
+    student = tiny_model("llama", len(tok), hidden=32, seed=1)
+    exs, _ = _pairs(tokenizers, sample_records[:4])
+    s = KDSettings(kd_rate=0.5, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
+                   seed=0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+
+    def term(logits, hidden, batch, idx):  # finite value, infinite gradient: sqrt'(0) = inf
+        return torch.sqrt(logits.float().sum() * 0), {}
+
+    with pytest.raises(NonFinite, match=r"^kd: the gradient norm is (nan|inf) at batch 1/2 .*nothing was saved$"):
+        train_kd(student, exs, s, tok.pad_token_id, term)
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_pretraining_stops_at_a_non_finite_loss(tokenizers, sample_records):
+    import pytest
+
+    from conftest import tiny_model
+    from telekd.checkpoint import NonFinite
+    from telekd.zoo import pretrain
+
+    tok = tokenizers["llama"]
+    model = tiny_model("llama", len(tok), hidden=32, seed=1)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:] = float("inf")
+    with pytest.raises(NonFinite, match=r"^pretrain student: the loss is nan at step 1/3"):
+        pretrain(model, tok, [r.context for r in sample_records[:4]], steps=3, lr=1e-3, batch=2, seq_len=32, seed=0,
+                 desc="pretrain student")
+
+
+def test_lora_kd_checkpoint_holds_the_adapter_and_its_optimizer_state_only(tokenizers, sample_records, tmp_path):
+    """A checkpoint of a LoRA student is the adapter (not the frozen base weights) and AdamW's state of it; one file,
+    replaced at each save."""
+    from conftest import tiny_model
+    from telekd.checkpoint import Checkpoint
+
+    tok = tokenizers["llama"]
+    student = tiny_model("llama", len(tok), hidden=32, seed=1)
+    n_base = sum(p.numel() for p in student.parameters())
+    exs, _ = _pairs(tokenizers, sample_records[:6])
+    s = KDSettings(kd_rate=0.0, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
+                   seed=0, student_lora=True, lora_r=2, lora_alpha=4, lora_targets=("q_proj", "v_proj"))
+    term = lambda logits, hidden, batch, idx: (logits.sum() * 0, {})  # noqa: E731
+    ckpt = Checkpoint(tmp_path / "ck", "fp", save_steps=1)
+    train_kd(student, exs, s, tok.pad_token_id, term, checkpoint=ckpt)
+    saved = ckpt.load()
+    assert saved["step"] == 2 and list(ckpt.dir.iterdir()) == [ckpt.file]  # the latest only
+    assert saved["student"] and all("lora_" in k for k in saved["student"])
+    n_saved = sum(v.numel() for v in saved["student"].values())
+    assert n_saved < n_base / 10
+    states = saved["opt"]["state"]
+    assert len(states) == len(saved["student"])
+    assert sum(v["exp_avg"].numel() + v["exp_avg_sq"].numel() for v in states.values()) == 2 * n_saved
+
+
+def test_weights_that_overflow_are_never_checkpointed(tokenizers, sample_records, tmp_path):
+    """An infinite learning rate: loss and gradients are finite, the updated weights are not. The save of that step
+    is refused in one line (a good checkpoint is never replaced by non-finite weights)."""
+    import pytest
+
+    from conftest import tiny_model
+    from telekd.checkpoint import Checkpoint, NonFinite
+
+    tok = tokenizers["llama"]
+    student = tiny_model("llama", len(tok), hidden=32, seed=1)
+    exs, _ = _pairs(tokenizers, sample_records[:6])
+    s = KDSettings(kd_rate=0.0, epochs=1, lr=float("inf"), batch_size=2, grad_accum=1, max_grad_norm=1.0,
+                   weight_decay=0.0, seed=0)
+    term = lambda logits, hidden, batch, idx: (logits.sum() * 0, {})  # noqa: E731
+    ckpt = Checkpoint(tmp_path / "ck", "fp", save_steps=1)
+    with pytest.raises(NonFinite, match=r"^kd: the trained weights \(\d+ not finite\) is nan at optimizer step 1: .*"
+                                        r"nothing was saved$"):
+        train_kd(student, exs, s, tok.pad_token_id, term, checkpoint=ckpt)
+    assert not ckpt.file.exists()

@@ -67,7 +67,8 @@ def _kd_run(tokenizers, records, out, checkpoint=None, sigterm_at=None):
     exs = [build_example(s_tok, r, SYSTEM, 600, 500) for r in records]
     pairs = build_pairs(exs, records, s_tok, t_tok, SYSTEM, 600, 500)
     s_map, t_map = vocab_map(s_tok, t_tok)
-    targets = compute_targets(teacher, pairs, s_map, t_map, top_k=16, batch_size=2, pad_id=t_tok.pad_token_id)
+    targets = compute_targets(teacher, pairs, s_map, t_map, top_k=16, batch_size=2, pad_id=t_tok.pad_token_id,
+                              temperature=2.0)
     s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
     live = TrainLive(out, {"cell": "t"})
@@ -120,7 +121,7 @@ def test_run_sft_writes_train_and_eval_losses_to_dvclive(saved_models, sample_re
     val = [build_example(tok, r, SYSTEM, 400, 300) for r in sample_records[8:10]]
     s = SFTSettings(max_length=400, max_prompt_length=300, batch_size=4, grad_accum=1, epochs=2, lr=5e-3, lora_r=4,
                     lora_alpha=8, lora_dropout=0.0, lora_targets=("q_proj", "v_proj"), weight_decay=0.0,
-                    lr_scheduler="cosine", max_grad_norm=1.0, eval_steps=2, dtype="float32", seed=0)
+                    lr_scheduler="cosine", max_grad_norm=1.0, save_steps=2, dtype="float32", seed=0)
     out = run_sft(model, tok, train, val, s, None, live=TrainLive(tmp_path / "sft", {"model": "student"}))
     d = tmp_path / "sft"
     train_rows, eval_rows = read_rows(d), read_rows(d, "eval")

@@ -49,6 +49,23 @@ class SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFinite(SystemExit):
+    """Raised (exit status 1, one line on stderr) when a training loss or gradient norm is NaN or infinite:
+    the stage stops before the optimizer applies it and before any checkpoint is written, so the last
+    good checkpoint stays as it was."""
+
+
+def check_finite(value: float, what: str, where: str, step: str, kept: str | None = None) -> None:
+    """Raise NonFinite naming the run (`where`), the quantity, the step and the likely cause if `value` is not finite."""
+    import math
+
+    if not math.isfinite(value):
+        raise NonFinite(
+            f"{where}: {what} is {value} at {step}: training diverged (likely cause: a learning rate too high for "
+            f"this model and dtype, or an overflow); lower profiles.<profile>.train.lr or use float32"
+            + (f"; last good checkpoint kept: {kept}" if kept else "; nothing was saved"))
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """One run's checkpoint folder: `save_steps` optimizer steps between saves (0: only on SIGTERM)."""

@@ -19,10 +19,6 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class KDSettings:
     kd_rate: float
-    temperature: float
-    divergence: str
-    skew_lambda: float
-    akl_alpha: float
     epochs: float
     lr: float
     batch_size: int
@@ -30,6 +26,11 @@ class KDSettings:
     max_grad_norm: float
     weight_decay: float
     seed: int
+    # the divergence of the algorithms that compare distributions (params vanilla.* / dskd.*); None for ULD
+    temperature: float | None = None
+    divergence: str | None = None
+    skew_lambda: float | None = None
+    akl_alpha: float | None = None
     student_lora: bool = False
     lora_r: int = 16
     lora_alpha: float = 32
@@ -85,16 +86,35 @@ def _answer_tokens(example) -> int:
     return sum(1 for t in example.labels[1:] if t != -100)
 
 
-def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=None, projector_lr: float = 1e-3,
+def check_processes(proc, grad_accum: int, batch_size: int, desc: str) -> None:
+    """Refuse, in one line, a launch the loops cannot serve: FSDP (not implemented: every process holds the
+    whole model, as data parallel) and a process count that does not divide grad_accum (the global batch
+    batch_size x grad_accum is split into whole micro-batches, grad_accum / N per process and step)."""
+    from accelerate.utils import DistributedType
+
+    if proc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise SystemExit(f"{desc}: {proc.distributed_type.value} is not supported (the sft and kd loops run data "
+                         "parallel, each process holding the whole model): launch with configs/accelerate/ddp.yaml "
+                         "or torchrun (docs/gpu.md)")
+    world = proc.num_processes
+    if grad_accum % world:
+        raise SystemExit(f"{desc}: {world} processes do not divide profiles.<profile>.train.grad_accum {grad_accum}: the "
+                         f"global batch {batch_size} x {grad_accum} is split into whole micro-batches of {batch_size}, "
+                         f"grad_accum / processes per process; launch a divisor of {grad_accum} processes "
+                         "(--num_processes / --nproc-per-node)")
+
+
+def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=None, projector_lr: float | None = None,
              val_examples=(), desc: str = "kd", checkpoint=None, live=None) -> dict:
     """Distil into `student`: loss = (1 - kd_rate) CE + kd_rate term(...), term one of telekd.terms.
 
     `extra_modules` (DSKD's projectors) train in place with their own learning rate and are returned as
-    "projectors". Under `accelerate launch` every rank takes its share of each global batch and weights its
-    loss by its share of the batch's answer tokens, and with gradient accumulation each batch by its share of the
-    optimizer step's answer tokens (the reference's division by the student tokens of the whole accumulated
-    batch); summed gradients then equal one process's for CE and for any KD term that is a mean over answer
-    positions. Only the main process evaluates and checkpoints.
+    "projectors". An optimizer step is grad_accum micro-batches of batch_size examples (the global batch,
+    whatever the process count); under a launcher with N processes (data parallel, see check_processes)
+    each process computes grad_accum / N whole micro-batches of every step and the summed gradients are
+    one process's. Each micro-batch's loss (a mean over its answer tokens) is weighted by its share of the
+    optimizer step's answer tokens: the reference's division by the student tokens of the whole accumulated
+    batch (songmzhang/DSKD code/distillation.py lines 159-168). Only the main process evaluates and checkpoints.
     `checkpoint` (telekd.checkpoint.Checkpoint): saved every save_steps optimizer steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised); a matching one is resumed from, bit-identically.
     `live` (telekd.tracking.TrainLive, main process only): each step's row is logged to it (train/<name> at step
@@ -104,13 +124,12 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from .checkpoint import Interrupted, SigtermFlag
+    from .checkpoint import Interrupted, SigtermFlag, check_finite
     from .shard import state
 
     proc = state()
     world, rank, main = proc.num_processes, proc.process_index, proc.is_main_process
-    if s.batch_size < world:
-        raise ValueError(f"batch_size {s.batch_size} < {world} processes: every rank needs examples; raise batch_size")
+    check_processes(proc, s.grad_accum, s.batch_size, desc)
     torch.manual_seed(s.seed)
     if s.student_lora:
         from peft import LoraConfig, get_peft_model
@@ -123,6 +142,8 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable], "lr": s.lr}]
     if extra_modules is not None:
+        if projector_lr is None:
+            raise ValueError(f"{desc}: extra_modules (DSKD's projectors) need projector_lr (params dskd.projector_lr)")
         groups.append({"params": list(extra_modules.parameters()), "lr": projector_lr})
     opt = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
     per_epoch = math.ceil(len(examples) / s.batch_size)
@@ -160,6 +181,10 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
         print(f"{desc}: resumed from {checkpoint.file} at batch {start}/{len(batches)}", flush=True)
 
     def save(step: int) -> None:
+        kept = str(checkpoint.file) if checkpoint.file.exists() else None
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in params)  # identical on every rank: all stop together
+        check_finite(float("nan") if bad else 0.0, f"the trained weights ({bad} not finite)", desc,
+                     f"optimizer step {step // s.grad_accum}", kept)  # never overwrite a good checkpoint with them
         if main:
             checkpoint.save({
                 "step": step, "log": log, "tokens": tokens, "wall": wall + time.perf_counter() - t0,
@@ -169,25 +194,16 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
         proc.wait_for_everyone()
 
-    def reduce_(values: list[float]) -> list[float]:
-        """Sum over ranks (each value already weighted by the rank's token share)."""
-        t = torch.tensor(values, dtype=torch.float64, device=proc.device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
     student.train()
     if live is not None:
         live.replay(log)
-    keys = [k for k in log[-1] if k != "step"] if log else []
     t0 = time.perf_counter()
     with SigtermFlag() as stop:
+        done = []  # this optimizer step's (batch, log row, tokens) computed by this process
         for n in (bar := tqdm(range(start, len(batches)), desc=desc, unit="batch", mininterval=2, disable=not main,
                               initial=start, total=len(batches))):
-            idx = batches[n][rank::world]
-            share = (sum(_answer_tokens(examples[i]) for i in idx) /
-                     max(1, sum(_answer_tokens(examples[i]) for i in batches[n]))) if world > 1 else 1.0
-            weight = sum(_answer_tokens(examples[i]) for i in batches[n]) / max(1, step_tokens[n // s.grad_accum])
-            if idx:
+            if n % s.grad_accum % world == rank:  # whole micro-batches per process: rank r takes every world-th
+                idx = batches[n]
                 batch = {k: v.to(proc.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
                 out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=extra_modules is not None)
@@ -196,32 +212,42 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
                 ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
                 kd, extra = term(logits, out.hidden_states[-1] if out.hidden_states is not None else None, batch, idx)
                 loss = (1 - s.kd_rate) * ce + s.kd_rate * kd
-                (loss * share * weight).backward()  # this rank's tokens / the step's tokens
-                row = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), **extra}
-                keys = list(row)
-                n_tok = int(batch["attention_mask"].sum())
-            else:  # a short last batch left this rank nothing: it adds zeros
-                row, n_tok = dict.fromkeys(keys, 0.0), 0
+                weight = sum(_answer_tokens(examples[i]) for i in idx) / max(1, step_tokens[n // s.grad_accum])
+                (loss * weight).backward()  # this micro-batch's answer tokens / the optimizer step's
+                done.append((n, {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), **extra},
+                             int(batch["attention_mask"].sum())))
             boundary = (n + 1) % s.grad_accum == 0 or n + 1 == len(batches)
-            if world > 1:
-                *vals, n_tok, halt = reduce_([row[k] * share for k in keys] + [n_tok, float(stop.requested)])
-                row, n_tok, stop.requested = dict(zip(keys, vals)), int(n_tok), halt > 0
-            if boundary:
-                if world > 1:
-                    for p in params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        torch.distributed.all_reduce(p.grad)
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            tokens += n_tok
-            log.append({"step": n + 1, **row})
-            if live is not None:
-                live.log(n + 1, row)
+            if not boundary:
+                continue
+            halt = stop.requested
+            if world > 1:  # every process gets the step's rows, in batch order, and any process's SIGTERM
+                shares = [None] * world
+                torch.distributed.all_gather_object(shares, (done, halt))
+                done = sorted((x for rows, _ in shares for x in rows), key=lambda x: x[0])
+                halt = any(h for _, h in shares)
+            kept = str(checkpoint.file) if checkpoint is not None and checkpoint.file.exists() else None
+            at = f"batch {n + 1}/{len(batches)} (optimizer step {n // s.grad_accum + 1})"
+            for m, row, n_tok in done:
+                check_finite(row["loss"], "the loss", desc,
+                             f"batch {m + 1}/{len(batches)} (optimizer step {m // s.grad_accum + 1})", kept)
+                tokens += n_tok
+                log.append({"step": m + 1, **row})
+                if live is not None:
+                    live.log(m + 1, row)
+            done = []
+            if world > 1:  # the sum of the processes' gradients is one process's over the whole step
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+            norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            check_finite(float(norm), "the gradient norm", desc, at, kept)  # before it reaches the weights
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
-            if checkpoint is not None and boundary and n + 1 < len(batches):
+            stop.requested = halt
+            if checkpoint is not None and n + 1 < len(batches):
                 k = (n + 1) // s.grad_accum
                 if stop.requested or (checkpoint.save_steps and k % checkpoint.save_steps == 0):
                     save(n + 1)

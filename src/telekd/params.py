@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Alg = Literal["vanilla", "dskd", "uld"]
@@ -46,14 +45,18 @@ class Data(Strict):
 
 class Split(Strict):
     group_by: Literal["source", "doc_id"] = "source"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     fractions: dict[Literal["train", "validation", "test"], float]
 
     @field_validator("fractions")
     @classmethod
     def _sum_to_one(cls, v):
         if set(v) != {"train", "validation", "test"} or abs(sum(v.values()) - 1) > 1e-6:
-            raise ValueError("needs train, validation and test fractions that sum to 1")
+            raise ValueError(f"needs train, validation and test fractions that sum to 1, got {v}")
+        bad = {k: x for k, x in v.items() if not (0 < x < 1 or (k == "validation" and x == 0))}
+        if bad:
+            raise ValueError(f"{', '.join(f'{k} {x}' for k, x in bad.items())}: train and test must be in (0, 1), "
+                             "validation in [0, 1)")
         return v
 
 
@@ -63,7 +66,7 @@ class Prompt(Strict):
 
 class BaseModels(Strict):
     vocab_size: int = Field(ge=300)
-    pretrain_steps: dict[Role, int]
+    pretrain_steps: dict[Role, Annotated[int, Field(ge=1)]]
     pretrain_lr: float = Field(gt=0)
     pretrain_batch: int = Field(ge=1)
     pretrain_seq_len: int = Field(ge=16)
@@ -75,9 +78,9 @@ class SFT(Strict):
     lora_dropout: float = Field(ge=0, lt=1)
     lora_targets: list[str] = Field(min_length=1)
     weight_decay: float = Field(ge=0)
-    lr_scheduler: str
+    lr_scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                          "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
     max_grad_norm: float = Field(gt=0)
-    eval_steps: int = Field(ge=1)
 
 
 class TeacherCache(Strict):
@@ -89,13 +92,13 @@ class KD(Strict):
     alg: Alg
     versus: Alg
     kd_rate: float = Field(ge=0, le=1)
+    # the divergence of vanilla KD and DSKD (ULD reads none of these: sorted probabilities at T = 1)
     temperature: float = Field(gt=0)
     divergence: Divergence
-    skew_lambda: float = Field(ge=0, le=1)
+    skew_lambda: float = Field(ge=0, lt=1)   # 1 makes both skewed KLs identically 0
     akl_alpha: float = Field(ge=0, le=1)
     vocab_mismatch: Literal["align", "error"] = "align"
     use_cache: bool = True
-    save_steps: int = Field(default=10, ge=0)   # optimizer steps between resumable checkpoints (0: only on SIGTERM)
 
     @model_validator(mode="before")
     @classmethod
@@ -103,6 +106,10 @@ class KD(Strict):
         if isinstance(v, dict) and "student_lora" in v:
             raise ValueError("student_lora moved to profiles.<profile>.student_kd.lora (LoRA is a per-profile recipe)")
         return v
+
+
+class Vanilla(Strict):
+    """Vanilla KD reads only kd.* (the divergence and its knobs)."""
 
 
 class DSKD(Strict):
@@ -126,6 +133,13 @@ class Generate(Strict):
     do_sample: bool = False
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _sampling_knobs_need_sampling(self):
+        if not self.do_sample and (self.temperature != 1 or self.top_p != 1):  # greedy decoding ignores both
+            raise ValueError(f"temperature {self.temperature} / top_p {self.top_p} have no effect with do_sample false "
+                             "(greedy): set do_sample: true, or leave them at 1.0")
+        return self
 
 
 class EvalEmbed(Strict):
@@ -189,6 +203,14 @@ class Architecture(Strict):
     kv_heads: int = Field(ge=1)
     mlp: int = Field(ge=8)
 
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"heads {self.heads} must divide hidden {self.hidden}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads {self.kv_heads} must divide heads {self.heads}")
+        return self
+
 
 class Train(Strict):
     max_length: int = Field(ge=16)
@@ -199,6 +221,9 @@ class Train(Strict):
     lr: float = Field(gt=0)
     lora_r: int = Field(ge=1)
     lora_alpha: float = Field(gt=0)
+    # optimizer steps between resumable checkpoints: kd keeps the latest (trainable weights and their optimizer
+    # state); sft evaluates at each and keeps the best by validation loss and the latest (adapter + its state)
+    save_steps: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _prompt_fits(self):
@@ -226,7 +251,9 @@ class EvalProfile(Strict):
 
 
 class Profile(Strict):
-    dtype: Literal["float32", "bfloat16", "float16"]
+    # float16 is refused: the loops keep fp16 weights with no fp32 master copy or loss scaling, so AdamW's
+    # eps (1e-8) rounds to 0 and every weight is NaN after one step. bfloat16 has float32's range.
+    dtype: Literal["float32", "bfloat16"]
     models: dict[Role, ModelSource]
     architectures: dict[Role, Architecture]
     train: Train
@@ -241,7 +268,7 @@ class Models(Strict):
 
 class Params(Strict):
     profile: str
-    seed: int
+    seed: int = Field(ge=0)
     launcher: str = Field(default="python", min_length=1)
     models: Models
     grid: Grid
@@ -252,7 +279,7 @@ class Params(Strict):
     sft: SFT
     teacher_cache: TeacherCache
     kd: KD
-    vanilla: dict = {}
+    vanilla: Vanilla
     dskd: DSKD
     uld: ULD
     generate: Generate
@@ -269,6 +296,13 @@ class Params(Strict):
         missing = {"llama", "mistral", "student"} - set(self.profiles[self.profile].models)
         if missing:
             raise ValueError(f"profiles.{self.profile}.models: lacks {', '.join(sorted(missing))}")
+        if "dskd" in (self.kd.alg, self.kd.versus) and not self.teacher_cache.hidden:
+            raise ValueError("teacher_cache.hidden: false, but DSKD (kd.alg / kd.versus) needs the teacher's hidden "
+                             "states: set it to true")
+        built = all(m.build for m in self.active.models.values())
+        if built and self.teacher_cache.top_k > self.base_models.vocab_size:
+            raise ValueError(f"teacher_cache.top_k {self.teacher_cache.top_k} exceeds the vocabulary "
+                             f"(base_models.vocab_size {self.base_models.vocab_size}): valid range [1, vocab_size]")
         return self
 
     @property
@@ -280,10 +314,25 @@ class ParamsError(SystemExit, ValueError):
     """A bad params.yaml. Also a SystemExit: a stage that does not catch it ends with these lines, no traceback."""
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raise ParamsError with one line per bad key."""
+def read_yaml(path: str | Path):
+    """Parse a YAML file as DVC does (ruamel.yaml, typ="safe": YAML 1.2, dvc.utils.serialize.parse_yaml).
+
+    `dvc exp run -S key=off` writes `off`, which DVC reads as the string 'off'; PyYAML (YAML 1.1) would
+    read False. Reading with DVC's rules keeps the value the user typed and the value DVC hashes identical.
+    """
+    from ruamel.yaml import YAML
+
     with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
+        return YAML(typ="safe").load(f)
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read (YAML 1.2, as DVC) and validate params.yaml; raise ParamsError with one line per bad key,
+    naming the key, the rule it breaks (the valid values or range) and the value given."""
+    raw = read_yaml(path)
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
@@ -291,7 +340,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] in ("int_parsing", "float_parsing", "bool_parsing", "string_type", "int_type", "float_type"):
+            if isinstance(err.get("input"), _SCALARS) and err["type"] not in ("missing", "extra_forbidden"):
                 msg += f", got {err['input']!r:.60}"
             lines.append(f"{path}: {key}: {msg}" if key else f"{path}: {msg}")
         raise ParamsError("\n".join(lines)) from None

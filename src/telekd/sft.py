@@ -23,7 +23,7 @@ class SFTSettings:
     weight_decay: float
     lr_scheduler: str
     max_grad_norm: float
-    eval_steps: int
+    save_steps: int      # evaluation and checkpoint interval (optimizer steps)
     dtype: str
     seed: int
 
@@ -74,14 +74,45 @@ def _sigterm_callback(flag):
     return SaveAndStop()
 
 
+def _finite_callback(where: str, checkpoint_dir):
+    """A TrainerCallback that stops the run at the first non-finite train loss, gradient norm or eval loss.
+
+    It raises from on_log, which the Trainer calls (on every rank, with values gathered over ranks) before
+    it saves that step's checkpoint: the last good checkpoint is kept and nothing is written.
+    """
+    from transformers import TrainerCallback
+
+    from .checkpoint import check_finite
+
+    def last_good():
+        done = list(Path(checkpoint_dir).glob("checkpoint-*")) if checkpoint_dir else []
+        return str(max(done, key=lambda c: int(c.name.split("-")[1]))) if done else None
+
+    class StopOnNonFinite(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm", "eval_loss"):
+                if key in (logs or {}):
+                    check_finite(float(logs[key]), key, where, f"step {state.global_step}/{state.max_steps}",
+                                 last_good())
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_save and model is not None:  # an update that overflowed: not into a checkpoint
+                bad = sum(int((~p.isfinite()).sum()) for p in model.parameters() if p.requires_grad)
+                check_finite(float("nan") if bad else 0.0, f"the trained weights ({bad} not finite)", where,
+                             f"step {state.global_step}/{state.max_steps}", last_good())
+
+    return StopOnNonFinite()
+
+
 def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_dir: str | Path | None,
-            checkpoint=None, callbacks=(), live=None) -> dict:
+            checkpoint=None, callbacks=(), live=None, desc: str = "sft") -> dict:
     """Train LoRA adapters on `model`; write the merged model to out_dir and the adapter to out_dir/adapter.
 
-    `checkpoint` (telekd.checkpoint.Checkpoint): the Trainer saves there every eval_steps and on SIGTERM
+    `checkpoint` (telekd.checkpoint.Checkpoint): the Trainer saves there every save_steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised) and resumes from this run's newest checkpoint.
-    Under `accelerate launch` each of N processes takes batch_size / N training examples (the global batch
-    stays batch_size) and only the main process writes; out_dir None writes nothing.
+    Under a launcher each of N processes accumulates grad_accum / N micro-batches of batch_size (the global
+    batch stays batch_size x grad_accum; FSDP is refused) and only the main process writes; out_dir None
+    writes nothing.
     `live` (telekd.tracking.TrainLive, main process only): the Trainer's logs go to it through DVCLive's callback
     (train/* and eval/* at the global step, eval at step 0 before training); eval_loss_initial, eval_loss_best and
     best_step go into its summary.
@@ -97,26 +128,32 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
     from .shard import state
     from .tracking import trainer_callback
 
-    world = state().num_processes
-    if s.batch_size % world:
-        raise ValueError(f"batch_size {s.batch_size} is not a multiple of the {world} processes: "
-                         "the global batch must split evenly; change batch_size or the process count")
+    from .distill import check_processes
+
+    proc = state()
+    world = proc.num_processes
+    check_processes(proc, s.grad_accum, s.batch_size, desc)
     cuda = torch.cuda.is_available()
     resume = trainer_resume_point(checkpoint) if checkpoint is not None else None
     with (nullcontext(str(checkpoint.dir)) if checkpoint is not None else
           tempfile.TemporaryDirectory(prefix="telekd-sft-")) as work, SigtermFlag() as flag:
         args = SFTConfig(
             output_dir=work, seed=s.seed, data_seed=s.seed, max_length=s.max_length,
-            # each process takes batch_size / N training examples (the global batch stays batch_size) and whole
-            # evaluation batches (the eval loss, a mean of per-batch means, stays that of one process)
-            per_device_train_batch_size=s.batch_size // world, per_device_eval_batch_size=s.batch_size,
-            gradient_accumulation_steps=s.grad_accum, num_train_epochs=s.epochs, learning_rate=s.lr,
+            # each of N processes takes micro-batches of batch_size and accumulates grad_accum / N of them: the global
+            # batch stays batch_size x grad_accum (check_processes); whole evaluation batches per process (the eval
+            # loss, a mean of per-batch means, stays that of one process)
+            per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size,
+            gradient_accumulation_steps=s.grad_accum // world, num_train_epochs=s.epochs, learning_rate=s.lr,
             lr_scheduler_type=s.lr_scheduler, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
-            optim="adamw_torch", logging_steps=1, eval_strategy="steps", eval_steps=s.eval_steps,
-            save_strategy="steps", save_steps=s.eval_steps, save_total_limit=2, load_best_model_at_end=True,
+            # the best checkpoint by eval loss must be on disk: it saves at every evaluation and keeps the best and
+            # the latest (save_total_limit 1); a checkpoint is the adapter and its optimizer state, not the base weights
+            optim="adamw_torch", logging_steps=1, eval_strategy="steps", eval_steps=s.save_steps,
+            save_strategy="steps", save_steps=s.save_steps, save_total_limit=1, load_best_model_at_end=True,
             metric_for_best_model="eval_loss", greater_is_better=False, report_to="none",
             bf16=cuda and s.dtype == "bfloat16", fp16=False, use_cpu=not cuda, gradient_checkpointing=False,
-            disable_tqdm=False, dataloader_num_workers=0, save_only_model=checkpoint is None,
+            disable_tqdm=False, dataloader_num_workers=0,
+            logging_nan_inf_filter=False,  # log a NaN/inf loss as it is (the default hides it): _finite_callback stops
+            save_only_model=checkpoint is None,
         )
         lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                           target_modules=list(s.lora_targets), task_type="CAUSAL_LM")
@@ -124,7 +161,8 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
         tracking = [trainer_callback(live)] if live is not None else []
         trainer = SFTTrainer(model=model, args=args, train_dataset=examples_dataset(train_examples),
                              eval_dataset=examples_dataset(val_examples), processing_class=tokenizer, peft_config=lora,
-                             callbacks=[stop, *tracking, *callbacks])
+                             callbacks=[stop, _finite_callback(desc, checkpoint.dir if checkpoint else None),
+                                        *tracking, *callbacks])
         initial_eval = trainer.evaluate()["eval_loss"]
         # evaluate() before train() marks the model as prepared (for evaluation: no DDP wrapper) and accelerate
         # would then train it unwrapped, each rank apart (transformers 5.24 / accelerate 1.15): unmark it.

@@ -63,6 +63,8 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: i
     import torch
     from tqdm import tqdm
 
+    from .checkpoint import check_finite
+
     stream: list[int] = []
     for t in texts:
         stream += [tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -81,6 +83,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: i
         starts = [rng.randrange(len(data) - seq_len - 1) for _ in range(batch)]
         x = torch.stack([data[s: s + seq_len] for s in starts])
         loss = model(input_ids=x, labels=x).loss
+        check_finite(loss.item(), "the loss", desc, f"step {len(losses) + 1}/{steps}")  # before it reaches the weights
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -43,6 +43,9 @@ print(json.dumps(out))
     (lambda p: p["grid"].update(teachers=["llama", "gpt"]), "params.yaml: grid.teachers.1: Input should be 'llama' or 'mistral'"),
     (lambda p: p.update(profile="huge"), "params.yaml: profile: 'huge' is not one of the profiles: paper, tiny"),
     (lambda p: p.update(seed="abc"), "params.yaml: seed: Input should be a valid integer, unable to parse string as an integer, got 'abc'"),
+    (lambda p: p["profiles"]["tiny"].update(dtype="float16"),
+     "params.yaml: profiles.tiny.dtype: Input should be 'float32' or 'bfloat16', got 'float16'"),
+    (lambda p: p["kd"].update(skew_lambda=1.0), "params.yaml: kd.skew_lambda: Input should be less than 1, got 1.0"),
 ])
 def test_every_stage_fails_fast_naming_the_key(tmp_path, edit, line):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -70,4 +73,4 @@ def test_a_stage_process_prints_the_line_and_exits_1(tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
         "params.yaml: kd.divergence: Input should be 'forward_kl', 'reverse_kl', 'js', 'skewed_forward_kl', "
-        "'skewed_reverse_kl', 'tvd' or 'adaptive_kl'"]
+        "'skewed_reverse_kl', 'tvd' or 'adaptive_kl', got 'kl'"]

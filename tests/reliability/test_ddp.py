@@ -1,5 +1,6 @@
-"""The kd stage under `accelerate launch` with 2 CPU processes (gloo): both ranks end with identical weights,
-only rank 0 writes, and the result matches the one-process run to float tolerance.
+"""The kd and sft stages under `accelerate launch` with 2 CPU processes (gloo): both ranks end with identical
+weights, only rank 0 writes, and the result matches the one-process run to float tolerance. A launch the loops
+cannot serve (FSDP, DeepSpeed, a process count that does not divide grad_accum) is refused in one line.
 
 The stage runs unchanged (stages/kd.py through runpy) in a temporary study folder; this file, run as a
 script, wraps train_kd and the writers only to record what each rank holds and writes.
@@ -31,9 +32,11 @@ def _study(tmp: Path, models: dict, records) -> Path:
 
     d = tmp / "study"
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["profiles"]["tiny"]["train"].update(max_length=300, max_prompt_length=256, batch_size=4, epochs=1)
-    params["kd"].update(save_steps=2, alg="vanilla")
-    params["sft"].update(eval_steps=2, lora_dropout=0.0)  # dropout off: the ranks' RNG streams differ
+    # global batch 2 x 2: each of 2 processes computes one whole micro-batch of 2 per step (grad_accum / processes)
+    params["profiles"]["tiny"]["train"].update(max_length=300, max_prompt_length=256, batch_size=2, grad_accum=2,
+                                               epochs=1, save_steps=2)
+    params["kd"].update(alg="vanilla")
+    params["sft"].update(lora_dropout=0.0)  # dropout off: the ranks' RNG streams differ
     d.mkdir()
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_jsonl(d / "data/prepared/train.jsonl", [r.to_dict() for r in records[:16]])
@@ -104,8 +107,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_both(tmp_path, study, stage: str, args: tuple) -> tuple[Path, Path, Path, float]:
-    """The stage under accelerate launch (2 CPU processes) in `study`, and in this process in a copy of it."""
+def _run_both(tmp_path, study, stage: str, args: tuple, torchrun: bool = False) -> tuple[Path, Path, Path, float]:
+    """The stage under accelerate launch (or torchrun; 2 CPU processes) in `study`, and in this process in a copy."""
     single = tmp_path / f"single-{stage}"
     shutil.copytree(study, single)
     one, two = tmp_path / f"rec1-{stage}", tmp_path / f"rec2-{stage}"
@@ -115,6 +118,8 @@ def _run_both(tmp_path, study, stage: str, args: tuple) -> tuple[Path, Path, Pat
            "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "configs/accelerate/cpu-ddp.yaml"), "--main_process_port", str(_free_port())]
+    if torchrun:  # the documented machine-sized launcher (there: --nproc-per-node gpu)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     p = subprocess.run([*launch, __file__, str(two), stage, *args], cwd=study, env=env, capture_output=True, text=True,
                        timeout=240)
     wall = time.perf_counter() - t0
@@ -162,6 +167,19 @@ def test_kd_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, s
         print(f"\n2-process KD: ranks identical; max |w_2proc - w_1proc| = {worst:.2e}; launch wall {wall:.1f}s")
 
 
+def test_kd_stage_under_torchrun_equals_one_process(saved_models, sample_records, tmp_path):
+    """`launcher: torchrun --standalone --nproc-per-node ...` (docs/gpu.md) runs the same data-parallel loop."""
+    from safetensors.torch import load_file
+
+    study = _study(tmp_path, saved_models, sample_records)
+    single, one, two, _ = _run_both(tmp_path, study, "kd", ("--cell", CELL), torchrun=True)
+    assert (two / "rank0.digest").read_text() == (two / "rank1.digest").read_text()
+    a = load_file(str(study / "models/kd" / CELL / "model.safetensors"))
+    b = load_file(str(single / "models/kd" / CELL / "model.safetensors"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert json.loads((study / "metrics/kd" / f"{CELL}.json").read_text())["processes"] == 2
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_sft_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, sample_records, tmp_path, capsys):
     from safetensors.torch import load_file
@@ -183,6 +201,43 @@ def test_sft_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, 
     assert a.keys() == b.keys() and worst < 1e-5
     for k in ("eval_loss_initial", "eval_loss_best", "train_loss_first", "train_loss_last"):
         assert abs(ma[k] - mb[k]) < 1e-5, k
+
+
+class _Proc:
+    def __init__(self, kind: str, n: int):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type, self.num_processes = DistributedType(kind), n
+
+
+@pytest.mark.parametrize("n, grad_accum", [(1, 1), (2, 2), (8, 8), (4, 8), (2, 8), (1, 8)])
+def test_any_process_count_that_divides_grad_accum_is_served(n, grad_accum):
+    """The paper profile (batch 4 x accumulation 8) on 8, 4, 2 or 1 GPUs: the global batch stays 32."""
+    from telekd.distill import check_processes
+
+    check_processes(_Proc("MULTI_GPU" if n > 1 else "NO", n), grad_accum, 4, "kd")
+
+
+@pytest.mark.parametrize("kind, n, grad_accum, line", [
+    ("MULTI_GPU", 3, 8, "kd: 3 processes do not divide profiles.<profile>.train.grad_accum 8: the global batch 4 x 8"),
+    ("MULTI_GPU", 16, 8, "kd: 16 processes do not divide profiles.<profile>.train.grad_accum 8"),
+    ("FSDP", 8, 8, "kd: FSDP is not supported (the sft and kd loops run data parallel"),
+    ("DEEPSPEED", 8, 8, "kd: DEEPSPEED is not supported"),
+])
+def test_launches_the_loops_cannot_serve_are_refused_in_one_line(kind, n, grad_accum, line):
+    from telekd.distill import check_processes
+
+    with pytest.raises(SystemExit) as e:
+        check_processes(_Proc(kind, n), grad_accum, 4, "kd")
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+
+
+def test_shipped_accelerate_configs_take_the_process_count_from_the_command_line():
+    """No config fixes a GPU count (it was 8, which refused every smaller machine's batch): ddp.yaml needs
+    --num_processes; the FSDP config is gone (refused above)."""
+    cfgs = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "configs/accelerate").glob("*.yaml")}
+    assert set(cfgs) == {"ddp.yaml", "cpu-ddp.yaml"}
+    assert "num_processes" not in cfgs["ddp.yaml"] and cfgs["ddp.yaml"]["distributed_type"] == "MULTI_GPU"
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def kd_run(models: Path, ckpt_dir: Path, out: Path, fp: str = FP, delay: float =
         time.sleep(delay)
         return inner(*args)
     term.calls = 0
-    r = train_kd(student, exs, s, tok.pad_token_id, term, extra_modules=proj, val_examples=exs[:4],
+    r = train_kd(student, exs, s, tok.pad_token_id, term, extra_modules=proj, projector_lr=1e-3, val_examples=exs[:4],
                  checkpoint=Checkpoint(ckpt_dir, fp, save_steps=2))
     weights = {f"student.{k}": v.contiguous() for k, v in r["model"].state_dict().items()}
     weights.update({f"proj.{k}": v.contiguous() for k, v in r["projectors"].state_dict().items()})
@@ -90,7 +90,7 @@ def sft_run(models: Path, ckpt_dir: Path, out: Path, fp: str = FP, delay: float 
     _, val = _examples(tok, 16, 20)
     s = SFTSettings(max_length=400, max_prompt_length=300, batch_size=4, grad_accum=1, epochs=2, lr=5e-3, lora_r=4,
                     lora_alpha=8, lora_dropout=0.1, lora_targets=("q_proj", "v_proj"), weight_decay=0.0,
-                    lr_scheduler="cosine", max_grad_norm=1.0, eval_steps=2, dtype="float32", seed=0)
+                    lr_scheduler="cosine", max_grad_norm=1.0, save_steps=2, dtype="float32", seed=0)
 
     class Slow(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
