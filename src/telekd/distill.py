@@ -85,7 +85,7 @@ def _answer_tokens(example) -> int:
 
 
 def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=None, projector_lr: float = 1e-3,
-             val_examples=(), desc: str = "kd", checkpoint=None) -> dict:
+             val_examples=(), desc: str = "kd", checkpoint=None, device=None) -> dict:
     """Distil into `student`: loss = (1 - kd_rate) CE + kd_rate term(...), term one of telekd.terms.
 
     `extra_modules` (DSKD's projectors) train in place with their own learning rate and are returned as
@@ -94,6 +94,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     for any KD term that is a mean over answer positions. Only the main process evaluates and checkpoints.
     `checkpoint` (telekd.checkpoint.Checkpoint): saved every save_steps optimizer steps and on SIGTERM
     (then telekd.checkpoint.Interrupted is raised); a matching one is resumed from, bit-identically.
+    `device`: where the student trains (default: the process's device; bench/paper_dryrun.py passes "meta").
     """
     import torch
     import torch.nn.functional as F
@@ -104,6 +105,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
 
     proc = state()
     world, rank, main = proc.num_processes, proc.process_index, proc.is_main_process
+    dev = torch.device(device) if device is not None else proc.device
     if s.batch_size < world:
         raise ValueError(f"batch_size {s.batch_size} < {world} processes: every rank needs examples; raise batch_size")
     torch.manual_seed(s.seed)
@@ -112,9 +114,9 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
 
         student = get_peft_model(student, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                                                      target_modules=list(s.lora_targets), task_type="CAUSAL_LM"))
-    student.to(proc.device)  # the process's device: CPU, or its GPU under accelerate launch
+    student.to(dev)  # the process's device: CPU, or its GPU under accelerate launch
     if extra_modules is not None:
-        extra_modules.to(proc.device)
+        extra_modules.to(dev)
     trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable], "lr": s.lr}]
     if extra_modules is not None:
@@ -160,7 +162,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
 
     def reduce_(values: list[float]) -> list[float]:
         """Sum over ranks (each value already weighted by the rank's token share)."""
-        t = torch.tensor(values, dtype=torch.float64, device=proc.device)
+        t = torch.tensor(values, dtype=torch.float64, device=dev)
         torch.distributed.all_reduce(t)
         return t.tolist()
 
@@ -174,7 +176,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
             share = (sum(_answer_tokens(examples[i]) for i in idx) /
                      max(1, sum(_answer_tokens(examples[i]) for i in batches[n]))) if world > 1 else 1.0
             if idx:
-                batch = {k: v.to(proc.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+                batch = {k: v.to(dev) for k, v in collate([examples[i] for i in idx], pad_id).items()}
                 out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=extra_modules is not None)
                 logits = out.logits
