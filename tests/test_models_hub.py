@@ -55,3 +55,25 @@ def test_other_errors_pass_through(monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", _raise(RuntimeError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         load_tokenizer("meta-llama/Llama-2-7b-hf", REV)
+
+
+def test_head_and_embeddings_without_the_blocks(saved_models, tmp_path, monkeypatch):
+    """DSKD's teacher tables equal the full model's, read from only the shards that hold them."""
+    import torch
+    import safetensors
+
+    from telekd.models import load_head_and_embeddings
+
+    model, _ = load_model(str(saved_models["llama"]))
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, safe_serialization=True, max_shard_size="100KB")
+    (sharded / "tokenizer.json").write_bytes((saved_models["llama"] / "tokenizer.json").read_bytes())
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 3
+    opened = []
+    real = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda f, *a, **k: opened.append(f) or real(f, *a, **k))
+    embed, head = load_head_and_embeddings(str(sharded), dtype="bfloat16")
+    assert torch.equal(embed, model.get_input_embeddings().weight.to(torch.bfloat16))
+    assert torch.equal(head, model.get_output_embeddings().weight.to(torch.bfloat16))
+    assert 1 <= len(set(opened)) <= 2 < len(shards)

@@ -126,3 +126,57 @@ def load_model(source: str, revision: str | None = None, *, dtype: str = "float3
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _weight_files(source: str, revision: str | None, names: tuple[str, ...]) -> dict[str, str]:
+    """{tensor name: local safetensors file holding it}, fetching only the files needed (hub: index + shards)."""
+    where, rev, _ = _resolve(source, revision)
+    local = Path(where).is_dir()
+
+    def get(fname: str) -> str | None:
+        if local:
+            return str(Path(where) / fname) if (Path(where) / fname).exists() else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return _from_hub(lambda repo, revision: hf_hub_download(repo, fname, revision=revision), where, rev, True)
+        except EntryNotFoundError:
+            return None
+
+    index = get("model.safetensors.index.json")
+    if index is not None:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        return {n: get(weight_map[n]) for n in names if n in weight_map}
+    single = get("model.safetensors")
+    if single is None:
+        raise ModelLoadError(f"{source}: no model.safetensors(.index.json): telekd loads safetensors only")
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        keys = set(f.keys())
+    return {n: single for n in names if n in keys}
+
+
+def load_head_and_embeddings(source: str, revision: str | None = None, *, dtype: str = "float32", device: str = "cpu"):
+    """(input embedding [V, d], output head [V, d]) of a causal LM without loading its blocks.
+
+    DSKD needs only these two tables of the teacher (its forward pass is in the cache): for a 7B teacher
+    0.5 GB in bf16 instead of 13.5 GB. Read by name from the safetensors files (model.embed_tokens.weight,
+    lm_head.weight; a tied head is the embedding); on the hub only the shards that hold them are fetched.
+    """
+    import torch
+    from safetensors import safe_open
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    names = ("model.embed_tokens.weight", "lm_head.weight")
+    files = _weight_files(source, revision, names)
+    if names[0] not in files:
+        raise ModelLoadError(f"{source}: no tensor {names[0]} in its safetensors: not a Llama/Mistral-style causal LM")
+    out = {}
+    for n, f in files.items():
+        with safe_open(f, "pt") as sf:
+            out[n] = sf.get_tensor(n).to(dtype=getattr(torch, DTYPES[dtype]), device=device)
+    embed = out[names[0]]
+    return embed, out.get(names[1], embed)
