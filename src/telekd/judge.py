@@ -534,11 +534,11 @@ class JudgeConfig:
 
     @classmethod
     def from_params(cls, p, **overrides) -> "JudgeConfig":
-        e = p.eval_llm
-        return cls(backend=e.backend, judge_model=p.active.eval.judge_model, max_samples=e.max_samples,
+        e, pe = p.eval_llm, p.active.eval   # the scale-dependent caps come from the profile
+        return cls(backend=e.backend, judge_model=pe.judge_model, max_samples=pe.max_samples,
                    max_retries=e.max_retries, timeout_s=e.timeout_s, base_url=e.base_url, model=e.model,
-                   api_key_env=e.api_key_env, max_new_tokens=e.max_new_tokens, max_chars=e.max_chars,
-                   max_items=e.max_items, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
+                   api_key_env=e.api_key_env, max_new_tokens=e.max_new_tokens, max_chars=pe.max_chars,
+                   max_items=pe.max_items, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
                    **overrides)
 
 

@@ -119,15 +119,12 @@ class EvalEmbed(Strict):
 
 class EvalLLM(Strict):
     backend: Literal["local", "openai"]
-    max_samples: Optional[int] = Field(default=None, ge=1)
     max_retries: int = Field(default=2, ge=0, le=10)
     timeout_s: float = Field(default=120.0, gt=0)
     base_url: Optional[str] = None          # openai backend: e.g. http://127.0.0.1:8011/v1
     model: Optional[str] = None             # openai backend: the served model id
     api_key_env: str = Field(default="TELEKD_JUDGE_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     max_new_tokens: int = Field(default=1024, ge=16)
-    max_chars: int = Field(default=100, ge=8, le=4000)   # bound on every string of a judge answer
-    max_items: int = Field(default=3, ge=1, le=64)       # bound on every list of a judge answer
 
     @model_validator(mode="after")
     def _openai_endpoint(self):
@@ -198,6 +195,14 @@ class GenerateProfile(Strict):
 class EvalProfile(Strict):
     bertscore_model: str
     judge_model: str
+    # scale-dependent judge settings (moved from eval_llm: a profile carries what differs at its scale)
+    max_samples: Optional[int] = Field(default=None, ge=1)  # judge the first N question ids (null = all)
+    max_chars: int = Field(default=100, ge=8, le=4000)      # bound on every string of a judge answer
+    max_items: int = Field(default=3, ge=1, le=64)          # bound on every list of a judge answer
+
+
+class ProfileData(Strict):
+    source: Optional[str] = None   # the data this profile's study is defined on (null: any data.source)
 
 
 class Profile(Strict):
@@ -207,6 +212,7 @@ class Profile(Strict):
     train: Train
     generate: GenerateProfile
     eval: EvalProfile
+    data: ProfileData = ProfileData()
 
 
 class Models(Strict):
@@ -243,6 +249,11 @@ class Params(Strict):
         missing = {"llama", "mistral", "student"} - set(self.profiles[self.profile].models)
         if missing:
             raise ValueError(f"profiles.{self.profile}.models: lacks {', '.join(sorted(missing))}")
+        want = self.profiles[self.profile].data.source
+        if want is not None and self.data.source != want:
+            raise ValueError(f"data.source {self.data.source} is not profile {self.profile}'s data {want}: run "
+                             f"dvc exp run -S profile={self.profile} -S data.source={want} (DVC tracks data.source as a "
+                             "dependency, so the profile names it and this check keeps them together)")
         return self
 
     @property
