@@ -6,7 +6,7 @@ with their published hyper-parameters (PAPER_CONFIGS), 32,000-token vocabularies
 tokenized by the models' real tokenizers (telekd.vocab), the profile's lengths and batch.
 
 Steps, each through the code the stages run:
-  sft            LoRA (r, alpha, targets, dropout of params) on the Llama teacher: peft model, forward with
+  sft_<m>        LoRA (r, alpha, targets, dropout of params) on the Llama teacher / the student: peft model, forward with
                  completion-only labels, backward, AdamW step (the model and optimizer run_sft builds;
                  the Trainer loop itself is not run)
   cache_<t>      telekd.cache.compute_targets over one batch (teacher forward, top-k, hidden states)
@@ -150,19 +150,22 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None) -> d
         max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=0, student_lora=kd.student_lora,
         lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout, lora_targets=tuple(p.sft.lora_targets))
 
-    if want("sft"):
+    for role in ("llama", "student"):
+        if not want(f"sft_{role}"):
+            continue
         from peft import LoraConfig, get_peft_model
 
         from telekd.prompts import collate
 
-        model = get_peft_model(meta_model("llama", dtype, layers), LoraConfig(
+        model = get_peft_model(meta_model(role, dtype, layers), LoraConfig(
             r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout,
             target_modules=list(p.sft.lora_targets), task_type="CAUSAL_LM"))
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr,
                                 weight_decay=p.sft.weight_decay)
-        t_examples = tokenized(longest[:micro], toks["llama2"], p.prompt.system, t.max_length, t.max_prompt_length)
-        with Measure([model], "sft_llama", res) as m:
-            batch = {k: v.to("meta") for k, v in collate(t_examples, toks["llama2"].pad_token_id).items()}
+        tok = toks[VOCAB[role]]
+        t_examples = tokenized(longest[:micro], tok, p.prompt.system, t.max_length, t.max_prompt_length)
+        with Measure([model], f"sft_{role}", res) as m:
+            batch = {k: v.to("meta") for k, v in collate(t_examples, tok.pad_token_id).items()}
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], p.sft.max_grad_norm)
@@ -254,11 +257,11 @@ def project(out: dict, p) -> dict:
         secs = flops / (H200_BF16_PEAK * mfu) * count
         stages[name] = {"flops": flops * count, "mfu": mfu, "hours": round(secs / 3600, 2), "count": count}
 
-    # SFT: the measured Llama LoRA step stands for the three models (Mistral ~ Llama; the student ~1/6: upper bound)
+    # SFT: the measured Llama LoRA step stands for both teachers (Mistral-7B is 7% larger)
     n_sft = len([m for m in p.sft.models if m != "student"])
     add("sft_teachers", per_ex("sft_llama") * n_train * epochs, MFU["train"], n_sft)
     if "student" in p.sft.models:
-        add("sft_student (bounded by the teacher step)", per_ex("sft_llama") * n_train * epochs, MFU["train"], 1)
+        add("sft_student", per_ex("sft_student") * n_train * epochs, MFU["train"], 1)
     for teacher in g.teachers:
         add(f"teacher_cache_{teacher}", per_ex(f"cache_{teacher}") * n_train, MFU["forward"],
             len([x for x in tsft if x in ("base", "sft")]))

@@ -70,7 +70,7 @@ def test_every_paper_step_runs_on_meta_at_real_widths(dryrun):
     """Before the fix, kd_cma_mistral raised 'Tensor on device meta is not on the expected device cpu'
     (terms.cma_term built its masks on the CPU), the crash every CMA cell meets on a GPU."""
     p, out = dryrun
-    assert set(out["steps"]) == {"sft_llama", "cache_llama", "cache_mistral", "kd_vanilla_llama", "kd_dskd_llama",
+    assert set(out["steps"]) == {"sft_llama", "sft_student", "cache_llama", "cache_mistral", "kd_vanilla_llama", "kd_dskd_llama",
                                  "kd_vanilla_mistral", "kd_cma_mistral", "generate_student", "generate_llama"}
     t = p.active.train
     assert (out["micro_batch"], out["grad_accum"], out["dtype"]) == (t.batch_size, t.grad_accum, "bfloat16")
