@@ -27,7 +27,7 @@ def _response(code):
      ["meta-llama/Llama-2-7b-hf@01c7f73d771d", "gated", "Llama 2 Community License", "HF_TOKEN",
       "https://huggingface.co/meta-llama/Llama-2-7b-hf", f"--revision {REV}"]),
     (hf.LocalEntryNotFoundError("not cached and offline"),
-     ["meta-llama/Llama-2-7b-hf@01c7f73d771d", "HF_HUB_OFFLINE", "unset HF_HUB_OFFLINE", "HF_TOKEN",
+     ["meta-llama/Llama-2-7b-hf@01c7f73d771d", "HF_HUB_OFFLINE=1", "TELEKD_ALLOW_DOWNLOADS=1 HF_HUB_OFFLINE=0", "HF_TOKEN",
       "Llama 2 Community License", f"huggingface-cli download meta-llama/Llama-2-7b-hf --revision {REV}"]),
     (hf.OfflineModeIsEnabled("offline"), ["downloads are off", "HF_TOKEN"]),
 ])

@@ -46,10 +46,10 @@ def hub_error(source: str, revision: str | None, e: BaseException) -> ModelLoadE
                               f"https://huggingface.co/{source} with your account, then export HF_TOKEN=<a read token> "
                               f"and rerun, or pre-download it: {fetch} (README: Running the paper profile)")
     if any(isinstance(x, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)) for x in chain):
-        return ModelLoadError(f"{at}: not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1 / "
-                              f"TRANSFORMERS_OFFLINE=1, as the Makefile sets): pre-download it with `{fetch}` after "
-                              f"accepting {licence} at https://huggingface.co/{source} and exporting HF_TOKEN, or "
-                              "unset HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE to allow downloads")
+        return ModelLoadError(f"{at}: not in the local Hugging Face cache and downloads are off (telekd sets "
+                              f"HF_HUB_OFFLINE=1 unless TELEKD_ALLOW_DOWNLOADS=1; make exports it too): accept {licence} "
+                              f"at https://huggingface.co/{source}, export HF_TOKEN, then pre-download it with `{fetch}` "
+                              "or allow downloads with TELEKD_ALLOW_DOWNLOADS=1 HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0")
     if any(isinstance(x, hf.RevisionNotFoundError) for x in chain):
         return ModelLoadError(f"{at}: revision not found on the hub: fix profiles.<profile>.models revision")
     if any(isinstance(x, hf.RepositoryNotFoundError) for x in chain):
