@@ -24,15 +24,18 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	# xgrammar (the local judge's constrained decoding) declares triton (~1 GB, unused on CPU): no deps
 	$(VENV)/bin/pip install -q --no-deps xgrammar==0.2.8 2>&1 | $(QUIET_PIP)
 	$(VENV)/bin/pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
-	# The paper vocabularies (src/telekd/vocab.py): Mistral-7B-v0.1's tokenizer.model inside mistral-common
-	# (data only: no deps), Llama-2's GGUF vocabulary and its reference ids from the llama-cpp-python sdist
+	# The paper vocabularies (src/telekd/vocab.py): Mistral-7B-v0.1's tokenizer.model from the mistral-common
+	# wheel (the file only: installed, it breaks `import gguf`), Llama-2's GGUF vocabulary and its reference ids from the llama-cpp-python sdist
 	# (nothing is built), into $(VENV)/share/telekd/vocab; never committed.
-	$(VENV)/bin/pip install -q --no-deps mistral-common==$(MISTRAL_COMMON) 2>&1 | $(QUIET_PIP)
+	$(VENV)/bin/pip download -q --no-deps mistral-common==$(MISTRAL_COMMON) -d $(VENV)/downloads 2>&1 | $(QUIET_PIP)
+	mkdir -p $(VENV)/share/telekd/vocab
+	$(VENV)/bin/python -c "import zipfile, sys; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('mistral_common/data/tokenizer.model.v1'))" \
+	  $(VENV)/downloads/mistral_common-$(MISTRAL_COMMON)-py3-none-any.whl $(VENV)/share/telekd/vocab/tokenizer.model.v1
 	$(VENV)/bin/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d $(VENV)/downloads 2>&1 | $(QUIET_PIP)
 	mkdir -p $(VENV)/share/telekd/vocab
 	tar -xzf $(VENV)/downloads/llama_cpp_python-$(LLAMA_CPP).tar.gz --strip-components=4 -C $(VENV)/share/telekd/vocab \
 	  $(foreach f,gguf gguf.inp gguf.out,llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/models/ggml-vocab-llama-spm.$(f))
-	rm -f $(VENV)/downloads/llama_cpp_python-$(LLAMA_CPP).tar.gz
+	rm -rf $(VENV)/downloads
 	$(VENV)/bin/python -c "import torch, transformers, trl, peft, dvc; assert torch.__version__.startswith('2.13.0')"
 	touch $@
 

@@ -1,7 +1,9 @@
 """The paper models' real tokenizers, offline, from files that ship inside PyPI packages.
 
-- Mistral-7B-v0.1: `mistral_common/data/tokenizer.model.v1` in the `mistral-common` package is
+- Mistral-7B-v0.1: `mistral_common/data/tokenizer.model.v1` in the `mistral-common` wheel is
   byte-identical to the official `tokenizer.model` (sha256 below); it loads through `AutoTokenizer`.
+  Only the file is extracted: installed as a package without its dependencies, mistral-common breaks
+  `import gguf` (gguf imports it and catches only ImportError).
 - Llama-2-7B (and TinyLlama, which uses its vocabulary): llama.cpp's `ggml-vocab-llama-spm.gguf`, from
   the llama-cpp-python source distribution, holds the 32,000 pieces, scores and types. A SentencePiece
   `ModelProto` is rebuilt from them with the normaliser and trainer settings of Mistral's file (the same
@@ -9,9 +11,9 @@
   `▁` after a leading space. The reference inputs and ids beside the GGUF (`.gguf.inp`/`.gguf.out`)
   check the result (tests/test_vocab.py).
 
-`make setup` puts the GGUF and its reference files under `<venv>/share/telekd/vocab/` (VOCAB_DIR; the
-environment variable TELEKD_VOCAB_DIR overrides it). Nothing here touches the network.
-Needs `sentencepiece`, `protobuf`, `gguf` and `mistral-common` (requirements.txt).
+`make setup` puts both files (and the GGUF's reference files) under `<venv>/share/telekd/vocab/`
+(`vocab_dir()`; the environment variable TELEKD_VOCAB_DIR overrides it), never in the repository.
+Nothing here touches the network. Needs `sentencepiece`, `protobuf` and `gguf` (requirements.txt).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 MISTRAL_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 LLAMA_GGUF = "ggml-vocab-llama-spm.gguf"
+MISTRAL_FILE = "tokenizer.model.v1"
 NAMES = ("llama2", "mistral")
 
 
@@ -37,19 +40,15 @@ def vocab_dir() -> Path:
 
 
 def mistral_model_file() -> Path:
-    """Mistral-7B-v0.1's tokenizer.model inside mistral-common, verified by its sha256."""
-    try:
-        from importlib.resources import files
-
-        path = Path(str(files("mistral_common") / "data" / "tokenizer.model.v1"))
-    except ModuleNotFoundError:
-        raise VocabMissing("mistral-common is not installed: run make setup (pip install mistral-common)") from None
+    """Mistral-7B-v0.1's tokenizer.model (from the mistral-common wheel), verified by its sha256."""
+    path = vocab_dir() / MISTRAL_FILE
     if not path.exists():
-        raise VocabMissing(f"{path}: missing from this mistral-common version: install the pinned one (make setup)")
+        raise VocabMissing(f"{path}: missing: run make setup (it extracts mistral_common/data/{MISTRAL_FILE} from the "
+                           "mistral-common wheel), or set TELEKD_VOCAB_DIR to the folder that holds it")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != MISTRAL_SHA256:
         raise VocabMissing(f"{path}: sha256 {digest[:12]}... is not Mistral-7B-v0.1's tokenizer.model "
-                           f"({MISTRAL_SHA256[:12]}...): install the pinned mistral-common (make setup)")
+                           f"({MISTRAL_SHA256[:12]}...): rerun make setup")
     return path
 
 
