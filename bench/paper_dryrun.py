@@ -40,7 +40,10 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TELEQUAD = "/work/shared/data/telequad/TeleQuAD-v4-full.json"
+# Real TeleQuAD v4: where the README imports it, else the shared copy of the machines this was written on.
+TELEQUAD = next((str(f) for f in (ROOT / "data/telequad/TeleQuAD-v4-full.json",
+                                   Path("/work/shared/data/telequad/TeleQuAD-v4-full.json")) if f.exists()),
+                str(ROOT / "data/telequad/TeleQuAD-v4-full.json"))
 H200_BF16_PEAK = 989e12      # dense bf16 FLOP/s (NVIDIA H200 SXM datasheet)
 H200_HBM_BPS = 4.8e12        # HBM3e bytes/s
 MFU = {"train": 0.35, "forward": 0.45}     # assumed model FLOP utilisation (stated in the results)
@@ -76,11 +79,11 @@ def meta_model(role: str, dtype, layers: int | None = None):
     return model.requires_grad_(True)
 
 
-def load_data(p, n_examples: int):
+def load_data(p, n_examples: int, source: str | None = None):
     """Train/test records of real TeleQuAD split as params say; the train records sorted longest context first."""
     from telekd.data import load_records, split_by_group
 
-    loaded = load_records(TELEQUAD, on_invalid=p.data.on_invalid, impossible=p.data.impossible,
+    loaded = load_records(source or TELEQUAD, on_invalid=p.data.on_invalid, impossible=p.data.impossible,
                           no_answer_text=p.data.no_answer_text)
     splits = split_by_group(loaded.records, dict(p.split.fractions), seed=p.split.seed, group_by=p.split.group_by)
     longest = sorted(splits["train"], key=lambda r: -(len(r.context) + len(r.answers[0])))[:n_examples]
@@ -120,7 +123,7 @@ class Measure:
         return False
 
 
-def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None) -> dict:
+def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None, data: str | None = None) -> dict:
     """Run the dry-run steps; returns {"steps": {name: measures}, "data": ...}."""
     import torch
 
@@ -135,7 +138,7 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None) -> d
     t, kd, prof = p.active.train, p.kd, p.active
     dtype = getattr(torch, prof.dtype)
     micro, accum = t.batch_size, t.grad_accum
-    splits, longest = load_data(p, micro * accum)
+    splits, longest = load_data(p, micro * accum, data)
     toks = {name: vocab.load(name) for name in ("llama2", "mistral")}
     s_tok = toks["llama2"]
     examples = tokenized(longest, s_tok, p.prompt.system, t.max_length, t.max_prompt_length)

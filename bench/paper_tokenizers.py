@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TELEQUAD = "/work/shared/data/telequad/TeleQuAD-v4-full.json"
+TELEQUAD = next((str(f) for f in (ROOT / "data/telequad/TeleQuAD-v4-full.json",
+                                   Path("/work/shared/data/telequad/TeleQuAD-v4-full.json")) if f.exists()),
+                str(ROOT / "data/telequad/TeleQuAD-v4-full.json"))
 
 
 def measure(records, p, teacher: str) -> dict:
