@@ -274,7 +274,8 @@ def project(out: dict, p) -> dict:
         for alg in algs:
             key = {"vanilla": f"kd_vanilla_{teacher}", "dskd": "kd_dskd_llama" if teacher == "llama" else "kd_cma_mistral",
                    "uld": f"kd_vanilla_{teacher}"}[alg]
-            add(f"kd_{alg}_{teacher}", per_ex(key) * n_train * epochs, MFU["train"], per_cell)
+            label = "dskd (cross-model attention)" if alg == "dskd" and teacher == "mistral" else alg
+            add(f"kd {label}, {teacher} teacher", per_ex(key) * n_train * epochs, MFU["train"], per_cell)
     n_cells = len(g.teachers) * per_cell * len(algs)
     batches = math.ceil(n_test / p.active.generate.batch_size)
     for role, count in (("student", n_cells + 2), ("llama", 4)):

@@ -33,7 +33,7 @@ Design
   ``max_retries`` times with exponential backoff; after that the metric is None and the sample's
   ``judge_error`` says why. A missing score is never turned into a number.
 * Only the first ``max_samples`` samples in sorted question-id order are judged (the same subset in
-  every cell); the rest get None with the reason ``not judged: beyond eval_llm.max_samples``. Under
+  every cell); the rest get None with the reason ``not judged: beyond profiles.<profile>.eval.max_samples``. Under
   ``accelerate launch`` the processes share the judged samples (telekd.shard) and all get every score.
 * The API key is read only from the environment variable named by ``api_key_env``; it is never written
   anywhere, and every message that leaves this module is scrubbed of it.
@@ -57,7 +57,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 LLM_METRICS = ("answer_correctness", "factual_correctness", "faithfulness")
-NOT_JUDGED = "not judged: beyond eval_llm.max_samples"
+NOT_JUDGED = "not judged: beyond profiles.<profile>.eval.max_samples"
 EMPTY_PREDICTION = "empty prediction: no statements, faithfulness undefined"
 NO_CONTEXT = "record has no context: faithfulness undefined"
 UNDEFINED = (EMPTY_PREDICTION, NO_CONTEXT)  # reasons that are not judge failures
