@@ -97,3 +97,44 @@ def test_generation_runs_max_new_tokens_steps(dryrun):
     p, out = dryrun
     g = out["steps"]["generate_student"]
     assert g["new_tokens"] == p.active.generate.max_new_tokens and g["host_reads"]["item"] >= g["new_tokens"]
+
+
+def test_every_kd_term_keeps_its_tensors_on_the_student_device():
+    """Each term (vanilla, DSKD, CMA, ULD) on meta logits with cached targets moved to meta: host-built masks
+    or indices mixed into device work would raise (CMA's did before the fix)."""
+    from telekd import terms
+    from telekd.cache import TeacherTargets
+    from telekd.distill import KDSettings, make_projectors
+    from telekd.prompts import Example, collate
+
+    def ex(n_prompt, answer):
+        ids = list(range(1, n_prompt + 1)) + answer
+        return Example("q", ids, [-100] * n_prompt + answer, n_prompt, "", "", "", False, True)
+
+    s_exs, t_exs = [ex(4, [7, 8, 9]), ex(3, [5, 6])], [ex(5, [3, 4, 5]), ex(4, [6, 7])]
+    pairs = [(s_exs[0], t_exs[0], [(3, 4), (4, 5), (5, 6)]), (s_exs[1], t_exs[1], [(2, 3), (3, 4)])]
+    k, V, d_s, d_t = 4, 16, 8, 12
+    n = 5
+    targets = TeacherTargets(
+        offsets=torch.tensor([0, 3, 5]), student_pos=torch.tensor([3, 4, 5, 2, 3]),
+        logprobs=torch.full((n, k), -2.0), ids=torch.arange(k).repeat(n, 1), mapped_mass=torch.ones(n),
+        answer_tokens=5, t_offsets=torch.tensor([0, 3, 5]), t_logprobs=torch.full((n, k), -2.0),
+        t_ids=torch.arange(k).repeat(n, 1), hidden=torch.zeros(n, d_t)).to("meta")
+    assert targets.offsets.device.type == "cpu" and targets.logprobs.device.type == "meta"  # index data stays on the host
+    kd = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+                    lr=1e-3, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    proj = make_projectors(d_s, d_t, cma=True).to("meta")
+    s_head, t_head = torch.empty(V, d_s, device="meta"), torch.empty(V, d_t, device="meta")
+    s_emb, t_emb = torch.empty(V, d_s, device="meta"), torch.empty(V, d_t, device="meta")
+    batch = {key: v.to("meta") for key, v in collate(s_exs, 0).items()}
+    logits = torch.empty(2, 7, V, device="meta", requires_grad=True)
+    hidden = torch.empty(2, 7, d_s, device="meta", requires_grad=True)
+    made = {"vanilla": terms.vanilla_term(targets, pairs, kd),
+            "dskd": terms.dskd_term(targets, pairs, proj, s_head, t_head, kd),
+            "cma": terms.cma_term(targets, pairs, proj, s_emb, t_emb, s_head, t_head, kd),
+            "uld": terms.uld_term(targets, pairs, kd, 1.0)}
+    with ValueBoundary():
+        for name, term in made.items():
+            loss, _ = term(logits, hidden, batch, [0, 1])
+            assert loss.device.type == "meta" and loss.dim() == 0, name
+            loss.backward()
