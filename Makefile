@@ -62,6 +62,8 @@ bench: repro
 	if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then python bench/gpu_kd.py; \
 	else echo "bench: no CUDA device, bench/gpu_kd.py skipped"; fi
 	python bench/dvc_rebuilds.py
+	python bench/paper_dryrun.py
+	python bench/paper_tokenizers.py
 	python bench/study.py
 
 clean:
