@@ -12,6 +12,8 @@ export RAGAS_DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 # pip's global config on our machines names local indexes that may be absent: hide that noise.
+MISTRAL_COMMON := 1.13.1
+LLAMA_CPP := 0.3.36
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
 .PHONY: setup repro test bench review clean
@@ -22,6 +24,18 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	# xgrammar (the local judge's constrained decoding) declares triton (~1 GB, unused on CPU): no deps
 	$(VENV)/bin/pip install -q --no-deps xgrammar==0.2.8 2>&1 | $(QUIET_PIP)
 	$(VENV)/bin/pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
+	# The paper vocabularies (src/telekd/vocab.py): Mistral-7B-v0.1's tokenizer.model from the mistral-common
+	# wheel (the file only: installed, it breaks `import gguf`), Llama-2's GGUF vocabulary and its reference ids from the llama-cpp-python sdist
+	# (nothing is built), into $(VENV)/share/telekd/vocab; never committed.
+	$(VENV)/bin/pip download -q --no-deps mistral-common==$(MISTRAL_COMMON) -d $(VENV)/downloads 2>&1 | $(QUIET_PIP)
+	mkdir -p $(VENV)/share/telekd/vocab
+	$(VENV)/bin/python -c "import zipfile, sys; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('mistral_common/data/tokenizer.model.v1'))" \
+	  $(VENV)/downloads/mistral_common-$(MISTRAL_COMMON)-py3-none-any.whl $(VENV)/share/telekd/vocab/tokenizer.model.v1
+	$(VENV)/bin/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d $(VENV)/downloads 2>&1 | $(QUIET_PIP)
+	mkdir -p $(VENV)/share/telekd/vocab
+	tar -xzf $(VENV)/downloads/llama_cpp_python-$(LLAMA_CPP).tar.gz --strip-components=4 -C $(VENV)/share/telekd/vocab \
+	  $(foreach f,gguf gguf.inp gguf.out,llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/models/ggml-vocab-llama-spm.$(f))
+	rm -rf $(VENV)/downloads
 	$(VENV)/bin/python -c "import torch, transformers, trl, peft, dvc; assert torch.__version__.startswith('2.13.0')"
 	touch $@
 
@@ -48,6 +62,8 @@ bench: repro
 	if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then python bench/gpu_kd.py; \
 	else echo "bench: no CUDA device, bench/gpu_kd.py skipped"; fi
 	python bench/dvc_rebuilds.py
+	python bench/paper_dryrun.py
+	python bench/paper_tokenizers.py
 	python bench/study.py
 
 # review.md (+ review_*.png): the study at BASE against HEAD (workspace: the files on disk, e.g. after `dvc exp run`;

@@ -25,7 +25,7 @@ def main() -> None:
     from telekd.shard import state
     from telekd.distill import KDSettings, kd_inputs, live_term, make_projectors, train_kd
     from telekd.examples import load_split, tokenized
-    from telekd.models import load_model
+    from telekd.models import load_head_and_embeddings, load_model
     from telekd.tracking import TrainLive, split_timing
 
     t, kd = p.active.train, p.kd
@@ -41,10 +41,12 @@ def main() -> None:
     device = state().device  # CPU, or this process's GPU under accelerate launch
     load = dict(dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
     student, s_tok = load_model(cell.student_init_dir, **load)
-    teacher = None
-    if cell.alg == "dskd" or not kd.use_cache:  # DSKD needs the teacher's head and embeddings, never its forward pass
+    teacher, t_tables = None, None
+    if not kd.use_cache:  # the live term runs the teacher's forward pass
         teacher, _ = load_model(cell.teacher_dir, **load, device=str(device))
         teacher.requires_grad_(False)
+    if cell.alg == "dskd":  # DSKD needs the teacher's head and embeddings only: never its blocks
+        t_tables = load_head_and_embeddings(cell.teacher_dir, dtype=p.active.dtype, device=str(device))
 
     projectors, variant = None, cell.alg
     if cell.alg == "vanilla":
@@ -53,14 +55,14 @@ def main() -> None:
         make = lambda tg, pairs: terms.uld_term(tg, pairs, settings, alg.weight)  # noqa: E731
     else:
         variant = "dskd" if inp.vocab_match else "dskd_cma"
-        projectors = make_projectors(student.config.hidden_size, teacher.config.hidden_size, cma=not inp.vocab_match,
+        projectors = make_projectors(student.config.hidden_size, t_tables[1].shape[1], cma=not inp.vocab_match,
                                      seed=seed).to(student.dtype)
-        heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
+        heads = (student.get_output_embeddings().weight, t_tables[1])
         if inp.vocab_match:
             make = lambda tg, pairs: terms.dskd_term(tg, pairs, projectors, *heads, settings,  # noqa: E731
                                                      normalization=alg.normalization)
         else:
-            embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+            embeds = (student.get_input_embeddings().weight, t_tables[0])
             make = lambda tg, pairs: terms.cma_term(tg, pairs, projectors, *embeds, *heads, settings,  # noqa: E731
                                                     normalization=alg.normalization, std_over=alg.std_over,
                                                     key_std=alg.key_std)

@@ -20,6 +20,8 @@ def main() -> None:
     settings = {
         "algs": algs,
         "judge_backend": p.eval_llm.backend, "judge_model": prof.eval.judge_model,
+        "judge_max_samples": prof.eval.max_samples, "judge_max_chars": prof.eval.max_chars,
+        "judge_max_items": prof.eval.max_items,
         "bertscore_model": prof.eval.bertscore_model, "embed_model": p.eval_embed.model,
         "split_group_by": p.split.group_by, "split_fractions": dict(p.split.fractions), "split_seed": p.split.seed,
         "train": prof.train.model_dump(), "generate": prof.generate.model_dump(),

@@ -118,7 +118,8 @@ def reduce_study(params: dict) -> dict:
     tiny["generate"].update(max_new_tokens=4)
     params["data"].update(max_train=48, max_test=12)
     params["stats"]["bootstrap_resamples"] = 200
-    params["eval_llm"].update(max_samples=1, max_chars=16, max_items=1, max_new_tokens=256)
+    params["eval_llm"].update(max_new_tokens=256)
+    params["profiles"]["tiny"]["eval"].update(max_samples=1, max_chars=16, max_items=1)
     return params
 
 

@@ -76,12 +76,15 @@ class TeacherTargets:
     temperature: float           # T of logprobs, rest, t_logprobs, t_rest (kd.temperature)
     hidden: "torch.Tensor | None" = None  # [Nt, d_t] last-layer hidden states (float32), when kept
 
+    HOST = ("offsets", "student_pos", "t_offsets")  # index structures the KD terms read with int(): stay on the CPU
+
     def to(self, device) -> "TeacherTargets":
-        """The same targets with every tensor on `device` (the student's, for the KD terms)."""
+        """The same targets with every value tensor on `device` (the student's, for the KD terms); the index
+        structures in HOST stay on the CPU (the terms build a batch's indices there, then move them once)."""
         from dataclasses import fields, replace
 
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if hasattr(getattr(self, f.name), "to")})
+                                if f.name not in self.HOST and hasattr(getattr(self, f.name), "to")})
 
     def rows(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))

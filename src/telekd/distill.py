@@ -105,7 +105,7 @@ def check_processes(proc, grad_accum: int, batch_size: int, desc: str) -> None:
 
 
 def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=None, projector_lr: float | None = None,
-             val_examples=(), desc: str = "kd", checkpoint=None, live=None) -> dict:
+             val_examples=(), desc: str = "kd", checkpoint=None, live=None, device=None) -> dict:
     """Distil into `student`: loss = (1 - kd_rate) CE + kd_rate term(...), term one of telekd.terms.
 
     `extra_modules` (DSKD's projectors) train in place with their own learning rate and are returned as
@@ -119,6 +119,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
     (then telekd.checkpoint.Interrupted is raised); a matching one is resumed from, bit-identically.
     `live` (telekd.tracking.TrainLive, main process only): each step's row is logged to it (train/<name> at step
     n + 1, as in "log"), a resumed run's checkpointed rows first; the validation CE goes into its summary.
+    `device`: where the student trains (default: the process's device; bench/paper_dryrun.py passes "meta").
     """
     import torch
     import torch.nn.functional as F
@@ -129,6 +130,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
 
     proc = state()
     world, rank, main = proc.num_processes, proc.process_index, proc.is_main_process
+    dev = torch.device(device) if device is not None else proc.device
     check_processes(proc, s.grad_accum, s.batch_size, desc)
     torch.manual_seed(s.seed)
     if s.student_lora:
@@ -136,9 +138,9 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
 
         student = get_peft_model(student, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                                                      target_modules=list(s.lora_targets), task_type="CAUSAL_LM"))
-    student.to(proc.device)  # the process's device: CPU, or its GPU under accelerate launch
+    student.to(dev)  # the process's device: CPU, or its GPU under accelerate launch
     if extra_modules is not None:
-        extra_modules.to(proc.device)
+        extra_modules.to(dev)
     trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in trainable], "lr": s.lr}]
     if extra_modules is not None:
@@ -204,7 +206,7 @@ def train_kd(student, examples, s: KDSettings, pad_id: int, term, extra_modules=
                               initial=start, total=len(batches))):
             if n % s.grad_accum % world == rank:  # whole micro-batches per process: rank r takes every world-th
                 idx = batches[n]
-                batch = {k: v.to(proc.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+                batch = {k: v.to(dev) for k, v in collate([examples[i] for i in idx], pad_id).items()}
                 out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=extra_modules is not None)
                 logits = out.logits

@@ -48,7 +48,7 @@ Design
   server such as vLLM batches concurrent requests). Scores do not depend on it: each sample's calls are
   its own, and results are kept in sample order.
 * Only the first ``max_samples`` samples in sorted question-id order are judged (the same subset in
-  every cell); the rest get None with the reason ``not judged: beyond eval_llm.max_samples``. Under
+  every cell); the rest get None with the reason ``not judged: beyond profiles.<profile>.eval.max_samples``. Under
   ``accelerate launch`` the processes share the judged samples (telekd.shard) and all get every score.
 * The API key is read only from the environment variable named by ``api_key_env``; it is never written
   anywhere, and every message that leaves this module is scrubbed of it.
@@ -72,7 +72,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 LLM_METRICS = ("answer_correctness", "factual_correctness", "faithfulness")
-NOT_JUDGED = "not judged: beyond eval_llm.max_samples"
+NOT_JUDGED = "not judged: beyond profiles.<profile>.eval.max_samples"
 EMPTY_PREDICTION = "empty prediction: no statements, faithfulness undefined"
 NO_CONTEXT = "record has no context: faithfulness undefined"
 UNDEFINED = (EMPTY_PREDICTION, NO_CONTEXT)  # reasons that are not judge failures
@@ -713,11 +713,11 @@ class JudgeConfig:
 
     @classmethod
     def from_params(cls, p, **overrides) -> "JudgeConfig":
-        e = p.eval_llm
-        return cls(backend=e.backend, judge_model=p.active.eval.judge_model, max_samples=e.max_samples,
+        e, pe = p.eval_llm, p.active.eval   # the scale-dependent caps come from the profile
+        return cls(backend=e.backend, judge_model=pe.judge_model, max_samples=pe.max_samples,
                    max_retries=e.max_retries, timeout_s=e.timeout_s, base_url=e.base_url, model=e.model,
-                   api_key_env=e.api_key_env, max_new_tokens=e.max_new_tokens, max_chars=e.max_chars,
-                   max_items=e.max_items, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
+                   api_key_env=e.api_key_env, max_new_tokens=e.max_new_tokens, max_chars=pe.max_chars,
+                   max_items=pe.max_items, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
                    strict_classification=e.strict_classification, concurrency=e.concurrency, **overrides)
 
 

@@ -148,15 +148,12 @@ class EvalEmbed(Strict):
 
 class EvalLLM(Strict):
     backend: Literal["local", "openai"]
-    max_samples: Optional[int] = Field(default=None, ge=1)
     max_retries: int = Field(default=2, ge=0, le=10)
     timeout_s: float = Field(default=120.0, gt=0)
     base_url: Optional[str] = None          # openai backend: e.g. http://127.0.0.1:8011/v1
     model: Optional[str] = None             # openai backend: the served model id
     api_key_env: str = Field(default="TELEKD_JUDGE_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     max_new_tokens: int = Field(default=1024, ge=16)
-    max_chars: int = Field(default=100, ge=8, le=4000)   # bound on every string of a judge answer
-    max_items: int = Field(default=3, ge=1, le=64)       # bound on every list of a judge answer
     strict_classification: bool = False  # answer correctness: TP + FP must equal the answer's statements
     concurrency: int = Field(default=1, ge=1, le=256)  # judge requests in flight at once (openai backend)
 
@@ -248,6 +245,14 @@ class GenerateProfile(Strict):
 class EvalProfile(Strict):
     bertscore_model: str
     judge_model: str
+    # scale-dependent judge settings (moved from eval_llm: a profile carries what differs at its scale)
+    max_samples: Optional[int] = Field(default=None, ge=1)  # judge the first N question ids (null = all)
+    max_chars: int = Field(default=100, ge=8, le=4000)      # bound on every string of a judge answer
+    max_items: int = Field(default=3, ge=1, le=64)          # bound on every list of a judge answer
+
+
+class ProfileData(Strict):
+    source: Optional[str] = None   # the data this profile's study is defined on (null: any data.source)
 
 
 class Profile(Strict):
@@ -260,6 +265,7 @@ class Profile(Strict):
     student_kd: StudentKD = StudentKD()
     generate: GenerateProfile
     eval: EvalProfile
+    data: ProfileData = ProfileData()
 
 
 class Models(Strict):
@@ -303,6 +309,11 @@ class Params(Strict):
         if built and self.teacher_cache.top_k > self.base_models.vocab_size:
             raise ValueError(f"teacher_cache.top_k {self.teacher_cache.top_k} exceeds the vocabulary "
                              f"(base_models.vocab_size {self.base_models.vocab_size}): valid range [1, vocab_size]")
+        want = self.profiles[self.profile].data.source
+        if want is not None and self.data.source != want:
+            raise ValueError(f"data.source {self.data.source} is not profile {self.profile}'s data {want}: run "
+                             f"dvc exp run -S profile={self.profile} -S data.source={want} (DVC tracks data.source as a "
+                             "dependency, so the profile names it and this check keeps them together)")
         return self
 
     @property

@@ -1,4 +1,11 @@
-"""KD terms per algorithm: each maps (student outputs on a batch, example indices) to (kd loss, logs)."""
+"""KD terms per algorithm: each maps (student outputs on a batch, example indices) to (kd loss, logs).
+
+Device boundary: the index structures of a batch (which rows, positions and masks) are built on the host
+from Python data and the targets' host-side offsets, then moved to the student's device once, before
+any loss sees them; the value tensors (log-probs, ids, hidden states) already live there
+(TeacherTargets.to). A host tensor mixed into device work is the fault that crashes every cell on a GPU;
+bench/paper_dryrun.py and tests/test_paper_dryrun.py run these terms on the meta device to catch it.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,9 @@ def _student_rows(targets: TeacherTargets, idx):
     slices = [targets.rows(i) for i in idx]
     b_index = torch.cat([torch.full((s.stop - s.start,), j, dtype=torch.long) for j, s in enumerate(slices)])
     rows = torch.cat([torch.arange(s.start, s.stop) for s in slices])
-    return b_index, targets.student_pos[rows], targets.logprobs[rows], targets.ids[rows], targets.rest[rows]
+    dev = targets.logprobs.device
+    return (b_index.to(dev), targets.student_pos[rows].to(dev), targets.logprobs[rows.to(dev)],
+            targets.ids[rows.to(dev)], targets.rest[rows.to(dev)])
 
 
 def _check_temperature(targets: TeacherTargets, kd) -> None:
@@ -53,7 +62,8 @@ def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_
         for j, i in enumerate(idx):
             for sp, tp in pairs[i][2]:
                 b.append(j), s_pos.append(sp), t_rows.append(_teacher_row(targets, pairs, i, tp))
-        b, s_pos, t_rows = torch.tensor(b), torch.tensor(s_pos), torch.tensor(t_rows)
+        dev = logits.device
+        b, s_pos, t_rows = (torch.tensor(x, dtype=torch.long, device=dev) for x in (b, s_pos, t_rows))
         y = batch["input_ids"][b, s_pos + 1]
         out = dskd_loss(kd.divergence, logits[b, s_pos], hidden[b, s_pos], y, targets.hidden[t_rows],
                         targets.t_logprobs[t_rows], targets.t_ids[t_rows], projectors.t2s, projectors.s2t,
@@ -96,7 +106,10 @@ def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_
             ids = torch.tensor(t_ex.input_ids)
             p = torch.arange(t_ex.prompt_len - 1, t_ex.prompt_len - 1 + t_n[j])
             t_in[j, : t_n[j]], t_tgt[j, : t_n[j]] = ids[p], ids[p + 1]
-        rows = torch.arange(B)[:, None]
+        # the boundary: host-built masks and indices move to the student's device once
+        dev = logits.device
+        s_mask, t_mask, s_idx, t_rows, t_in, t_tgt = (x.to(dev) for x in (s_mask, t_mask, s_idx, t_rows, t_in, t_tgt))
+        rows = torch.arange(B, device=dev)[:, None]
         s_in_ids, s_tgt_ids = batch["input_ids"][rows, s_idx], batch["input_ids"][rows, s_idx + 1]
         out = cma_loss(
             kd.divergence, logits[rows, s_idx], hidden[rows, s_idx], student_embed[s_in_ids], student_embed[s_tgt_ids],
@@ -120,7 +133,8 @@ def uld_term(targets: TeacherTargets, pairs, kd, weight: float):
             n = min(len(s_ex.input_ids) - s_ex.prompt_len, int(targets.t_offsets[i + 1] - targets.t_offsets[i]))
             for k in range(n):
                 b.append(j), s_pos.append(s_ex.prompt_len - 1 + k), t_rows.append(int(targets.t_offsets[i]) + k)
-        b, s_pos, t_rows = torch.tensor(b), torch.tensor(s_pos), torch.tensor(t_rows)
+        dev = logits.device
+        b, s_pos, t_rows = (torch.tensor(x, dtype=torch.long, device=dev) for x in (b, s_pos, t_rows))
         mask = torch.ones_like(s_pos, dtype=torch.bool)
         # ULD ignores the temperature (as its reference does): the teacher's top-k at T = 1
         return weight * uld_loss(logits[b, s_pos], targets.t_logprobs1[t_rows], mask), {}
