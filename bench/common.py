@@ -52,14 +52,15 @@ def add_output_args(ap: argparse.ArgumentParser, smoke_help: str) -> None:
                          "a smoke result never overwrites bench/results)")
 
 
-def write_result(a: argparse.Namespace, name: str, result: dict) -> Path:
-    """Write `result` plus provenance, `smoke` and the parsed arguments to <out-dir>/<name>.json; return the path.
-    A --smoke run refuses bench/results/ (its figures are not the benchmark's)."""
+def write_result(a: argparse.Namespace, name: str, result: dict, prov: dict | None = None) -> Path:
+    """Write `result` plus provenance (`prov`, default: the start-up snapshot), `smoke` and the parsed arguments
+    to <out-dir>/<name>.json; return the path. A --smoke run refuses bench/results/ (its figures are not the
+    benchmark's)."""
     out_dir = Path(a.out_dir) if a.out_dir else (Path(tempfile.mkdtemp(prefix="telekd-bench-")) if a.smoke else RESULTS)
     if a.smoke and out_dir.resolve() == RESULTS.resolve():
         raise SystemExit(f"{name}: a --smoke result may not go to {RESULTS}: pass another --out-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {**result, "smoke": bool(a.smoke), **(_STARTED or provenance()),
+    doc = {**result, "smoke": bool(a.smoke), **(prov or _STARTED or provenance()),
            "args": {k: v for k, v in vars(a).items() if k not in ("out_dir", "child")}}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
