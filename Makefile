@@ -35,8 +35,9 @@ repro: setup
 test: setup
 	pytest
 
-# The benchmark suite (bench/*.py, results in bench/results/*.json). kd_cache and generation read the
-# study's models, hence `repro` first; study.py clones the repository and reruns the study (~20 min).
+# The benchmark suite (bench/*.py, results in bench/results/*.json, each with its commit and command).
+# kd_cache and generation read the study's models, hence `repro` first; study.py clones the repository
+# and reruns the study (~20 min); the README's performance table is regenerated from the results last.
 bench: repro
 	python bench/gkd.py
 	python bench/mfu.py --bf16
@@ -49,6 +50,7 @@ bench: repro
 	else echo "bench: no CUDA device, bench/gpu_kd.py skipped"; fi
 	python bench/dvc_rebuilds.py
 	python bench/study.py
+	python bench/readme_table.py
 
 clean:
 	rm -rf $(VENV)
