@@ -140,7 +140,9 @@ def study_rows(d: dict) -> list[list[str]]:
              "(venv reused) / no-op `dvc repro` / `dvc exp run -S kd.alg=dskd` after it",
              f"{mins:.1f} min / {s['noop_repro']:.1f} s / {s['exp_run_dskd']:.1f} s "
              f"({d['exp_run_dskd']['stages_run']} stages rerun)",
-             f"{met(s['make_repro'], g['make_repro_s'], ' s')} / {met(s['noop_repro'], g['noop_repro_s'], ' s')}"]]
+             f"{met(s['make_repro'], g['make_repro_s'], ' s')} / {met(s['noop_repro'], g['noop_repro_s'], ' s')}"],
+            ["the same `make repro` by stage family (seconds, stages; each includes its process start-up)",
+             ", ".join(f"{k} {n(v['total_s'])} ({v['stages']})" for k, v in d["families"].items()), "report"]]
 
 
 def dvc_rebuilds_rows(d: dict) -> list[list[str]]:
