@@ -68,10 +68,22 @@ def write_result(a: argparse.Namespace, name: str, result: dict, prov: dict | No
     return path
 
 
+def cpu_model() -> dict:
+    """{"model": the CPU's model name, "amx": whether it has AMX (bf16 matmul units)} from /proc/cpuinfo (Linux);
+    model None elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or None, "amx": None}
+    names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")]
+    return {"model": names[0] if names else None, "amx": " amx_bf16" in text}
+
+
 def machine(threads: int, device: str = "cpu") -> dict:
     import torch
 
     info = {"platform": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+            "cpu": cpu_model(),
             "torch_threads": threads, "device": device,
             "shared": "yes: 2 cores shared with other agents' tests and a pipeline; ratios are measured "
                       "A B A B in one process and reported as medians with the spread"}
