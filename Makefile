@@ -49,8 +49,9 @@ repro: setup
 test: setup
 	pytest
 
-# The benchmark suite (bench/*.py, results in bench/results/*.json). kd_cache and generation read the
-# study's models, hence `repro` first; study.py clones the repository and reruns the study (~20 min).
+# The benchmark suite (bench/*.py, results in bench/results/*.json, each with its commit and command).
+# kd_cache and generation read the study's models, hence `repro` first; study.py clones the repository
+# and reruns the study (~20 min); the README's performance table is regenerated from the results last.
 bench: repro
 	python bench/gkd.py
 	python bench/mfu.py --bf16
@@ -65,6 +66,7 @@ bench: repro
 	python bench/paper_dryrun.py
 	python bench/paper_tokenizers.py
 	python bench/study.py
+	python bench/readme_table.py
 
 # review.md (+ review_*.png): the study at BASE against HEAD (workspace: the files on disk, e.g. after `dvc exp run`;
 # or a git revision or a dvc experiment name). Usage: make review BASE=main [HEAD=t1] [REVIEW_ARGS=--max-chars 60000]

@@ -1,14 +1,89 @@
-"""What the benchmarks share: the machine line, versions, medians, tiny models and synthetic KD data."""
+"""What the benchmarks share: provenance (commit, command), result files, the machine line, versions, medians,
+tiny models, synthetic KD data and the tiny stand-in study that smoke modes read."""
 
+import argparse
+import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+_STARTED: dict | None = None  # provenance at start-up (add_output_args)
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """The commit a benchmark ran on and the exact command line that ran it.
+
+    Returns {"commit": `git rev-parse HEAD`, "dirty": uncommitted changes to tracked files outside
+    bench/results/ (a result file written earlier in the same `make bench` is not code), "dirty_paths":
+    the first 20 of them, "command": `python <script> <args>` as invoked}. Outside a git checkout
+    commit is None. Raises nothing.
+    """
+    argv = sys.argv if argv is None else argv
+    script = Path(argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None, "dirty_paths": [], "command": shlex.join(["python", str(script), *argv[1:]])}
+    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    return {"commit": head.stdout.strip(), "dirty": bool(status), "dirty_paths": [ln[3:] for ln in status[:20]],
+            "command": shlex.join(["python", str(script), *argv[1:]])}
+
+
+def add_output_args(ap: argparse.ArgumentParser, smoke_help: str) -> None:
+    """--smoke (tiny sizes, seconds; what the test suite runs) and --out-dir (where the result JSON goes).
+    Takes the provenance snapshot now, at start-up: the code that runs is the code as it was when it started."""
+    global _STARTED
+    _STARTED = provenance()
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--out-dir", default=None,
+                    help="folder for the result JSON (default bench/results; with --smoke a new temporary folder: "
+                         "a smoke result never overwrites bench/results)")
+
+
+def write_result(a: argparse.Namespace, name: str, result: dict, prov: dict | None = None) -> Path:
+    """Write `result` plus provenance (`prov`, default: the start-up snapshot), `smoke` and the parsed arguments
+    to <out-dir>/<name>.json; return the path. A --smoke run refuses bench/results/ (its figures are not the
+    benchmark's)."""
+    out_dir = Path(a.out_dir) if a.out_dir else (Path(tempfile.mkdtemp(prefix="telekd-bench-")) if a.smoke else RESULTS)
+    if a.smoke and out_dir.resolve() == RESULTS.resolve():
+        raise SystemExit(f"{name}: a --smoke result may not go to {RESULTS}: pass another --out-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {**result, "smoke": bool(a.smoke), **(prov or _STARTED or provenance()),
+           "args": {k: v for k, v in vars(a).items() if k not in ("out_dir", "child")}}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"-> {path}")
+    return path
+
+
+def cpu_model() -> dict:
+    """{"model": the CPU's model name, "amx": whether it has AMX (bf16 matmul units)} from /proc/cpuinfo (Linux);
+    model None elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or None, "amx": None}
+    names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")]
+    return {"model": names[0] if names else None, "amx": " amx_bf16" in text}
 
 
 def machine(threads: int, device: str = "cpu") -> dict:
     import torch
 
     info = {"platform": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+            "cpu": cpu_model(),
             "torch_threads": threads, "device": device,
             "shared": "yes: 2 cores shared with other agents' tests and a pipeline; ratios are measured "
                       "A B A B in one process and reported as medians with the spread"}
@@ -74,3 +149,43 @@ def n_params(model) -> int:
     """Parameters that do matmul work per token: all but the input embedding (a lookup)."""
     emb = model.get_input_embeddings().weight
     return sum(p.numel() for p in model.parameters() if p is not emb)
+
+
+def smoke_study(root: Path, n_train: int = 8, n_test: int = 4, vocab: int = 400) -> Path:
+    """A stand-in for what `dvc repro` leaves behind, in the study's layout under `root`, for the smoke modes of
+    the benchmarks that read the study (kd_cache.py, generation.py): params.yaml (the repository's), the first
+    n_train / n_test sample records as data/prepared/{train,test}.jsonl, and tiny randomly initialised models
+    saved as models/base/{llama,mistral,student} (Llama and Mistral tokenizers of `vocab` ids trained on the
+    sample, as in tests/conftest.py; the student shares Llama's) plus models/kd/smoke-student (the student).
+    Run the benchmark with its working directory at `root`. Returns root."""
+    import shutil
+
+    from telekd import layout
+    from telekd.data import load_telequad
+    from telekd.io import write_jsonl
+    from telekd.params import load_params
+    from telekd.prompts import set_chat_template
+    from telekd.zoo import train_tokenizer
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    p = load_params(ROOT / "params.yaml")
+    records = load_telequad(ROOT / p.data.source).records
+    for split, rows in (("train", records[:n_train]), ("test", records[n_train:n_train + n_test])):
+        (root / layout.split_file(split)).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(root / layout.split_file(split), (r.to_dict() for r in rows))
+    contexts = list(dict.fromkeys(r.context for r in records))
+    toks = {"llama": train_tokenizer(contexts, vocab), "mistral": train_tokenizer(contexts + [r.question for r in records], vocab)}
+    for family, tok in toks.items():
+        set_chat_template(tok, "llama2" if family == "llama" else "mistral")
+        tok.pad_token = tok.unk_token
+    arch = {"llama": dict(hidden=48, layers=2, heads=2, kv_heads=2, mlp=96),
+            "mistral": dict(hidden=48, layers=2, heads=2, kv_heads=1, mlp=96),
+            "student": dict(hidden=32, layers=2, heads=2, kv_heads=2, mlp=64)}
+    for role, family, seed in (("llama", "llama", 0), ("mistral", "mistral", 0), ("student", "llama", 1)):
+        model = make_model(family, arch[role], len(toks[family]), 1024, seed=seed)
+        for folder in [layout.model_dir(role, "base")] + ([f"{layout.KD}/smoke-student"] if role == "student" else []):
+            model.save_pretrained(root / folder, safe_serialization=True)
+            toks[family].save_pretrained(root / folder)
+    return root

@@ -16,13 +16,21 @@ unchanged output stops the chain):
   profiles.paper...llama.revision  a pin of the other profile: nothing
   grid.seeds=[0,1]                 the seed-1 runs, stats and report
 
-Run:  .venv/bin/python bench/dvc_rebuilds.py      (about 10 minutes on 2 cores)
-      .venv/bin/python bench/dvc_rebuilds.py --recheck bench/results/dvc_rebuilds.json   (verdicts only)
+Run:  python bench/dvc_rebuilds.py      (about 10 minutes on 2 cores)
+      python bench/dvc_rebuilds.py --recheck bench/results/dvc_rebuilds.json   (verdicts only, rewrites the file)
+      python bench/dvc_rebuilds.py --smoke   (no DVC run: see below)
 Writes bench/results/dvc_rebuilds.json and exits non-zero when a set differs.
+
+--smoke checks the verdict logic without building a study: it parses a fixture of DVC's output
+(stages_run), applies expected()/verdict() to every change on the recorded stage names of
+bench/results/dvc_rebuilds.json (recheck, on a copy in --out-dir) and checks that a wrong set is
+caught (a fixture run missing a must-stage and running a stage no change may reach). What it does not
+cover: building the study and DVC itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -99,9 +107,49 @@ def recheck(path: Path) -> dict:
     return doc
 
 
+FIXTURE_OUTPUT = """Running stage 'kd@llama-sft-base-vanilla-0':
+> python stages/kd.py llama-sft-base-vanilla-0
+Stage 'kd@mistral-sft-base-vanilla-0' is cached - skipping run, checking out outputs
+Stage 'prepare' didn't change, skipping
+Running stage 'report':
+"""
+
+
+def smoke(a) -> None:
+    import shutil
+    import tempfile
+
+    from common import write_result
+
+    ran = stages_run(FIXTURE_OUTPUT)
+    assert ran == {"kd@llama-sft-base-vanilla-0", "kd@mistral-sft-base-vanilla-0", "report"}, ran
+    out_dir = Path(a.out_dir or tempfile.mkdtemp(prefix="telekd-bench-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy = out_dir / "recorded.json"
+    shutil.copy(ROOT / "bench/results/dvc_rebuilds.json", copy)
+    doc = recheck(copy)
+    names = doc["changes"][0]["names"]
+    wrong = verdict({"prepare", "report"}, names, "kd.alg=dskd")  # stats missing, prepare unexpected
+    assert not wrong["ok"] and wrong["missing"] == ["stats"] and wrong["unexpected"] == ["prepare"], wrong
+    a.out_dir = str(out_dir)
+    write_result(a, "dvc_rebuilds", {
+        "benchmark": "dvc_rebuilds", "fixture_stages_run": sorted(ran), "recorded_all_ok": doc["all_ok"],
+        "recorded_verdicts": {r["change"]: r["ok"] for r in doc["changes"]}, "wrong_set_caught": not wrong["ok"],
+        "covers": "DVC output parsing, must/may expectations and verdicts on the recorded runs; not the study or DVC"})
+    sys.exit(0 if doc["all_ok"] else 1)
+
+
 def main() -> None:
-    if sys.argv[1:2] == ["--recheck"]:  # the verdicts again, from a results file (no DVC run)
-        out = Path(sys.argv[2])
+    from common import add_output_args, write_result
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recheck", default=None, help="a results file: apply the verdicts again (no DVC run)")
+    add_output_args(ap, "no DVC run: parsing and verdicts on a fixture and on the recorded results (see above)")
+    a = ap.parse_args()
+    if a.smoke:
+        return smoke(a)
+    if a.recheck:  # the verdicts again, from a results file (no DVC run)
+        out = Path(a.recheck)
         doc = recheck(out)
         out.write_text(json.dumps(doc, indent=2) + "\n")
         for r in doc["changes"]:
@@ -134,12 +182,9 @@ def main() -> None:
     doc = {"benchmark": "dvc_rebuilds", "baseline_repro_s": round(baseline_s, 1), "changes": results,
            "all_ok": all(r["ok"] for r in results),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "versions": {"dvc": dvc.__version__, "python": platform.python_version()},
-           "command": "python bench/dvc_rebuilds.py"}
-    out = ROOT / "bench/results/dvc_rebuilds.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}; all as expected: {doc['all_ok']}")
+           "versions": {"dvc": dvc.__version__, "python": platform.python_version()}}
+    write_result(a, "dvc_rebuilds", doc)
+    print(f"all as expected: {doc['all_ok']}")
     sys.exit(0 if doc["all_ok"] else 1)
 
 

@@ -1,28 +1,39 @@
 """Batched vs one-question-at-a-time generation on the same model and test split (A B A B).
 
-Run after `make repro`:  .venv/bin/python bench/generation.py [--model models/kd/llama-sft-sft-vanilla-s0] [--reps 2]
+The same greedy answers to the same questions (checked: identical_answers), batch size g.batch_size vs 1.
+Run after `make repro`:  python bench/generation.py [--model models/kd/llama-sft-sft-vanilla-s0] [--reps 2]
+    python bench/generation.py --smoke     # a tiny model and a 4-question split built in a temporary folder
 Writes bench/results/generation.json.
 """
 
 import argparse
-import json
+import os
 import platform
+import tempfile
 import time
-from pathlib import Path
 
-import torch
-
-from telekd.examples import load_split
-from telekd.generation import generate_answers
-from telekd.models import load_model
-from telekd.params import load_params
+from common import add_output_args, smoke_study, write_result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/kd/llama-sft-sft-vanilla-s0")
     ap.add_argument("--reps", type=int, default=2)
+    add_output_args(ap, "a tiny model and a 4-question split (common.smoke_study) in a temporary folder, 1 rep")
     a = ap.parse_args()
+    if a.smoke:
+        a.reps, a.model = 1, "models/kd/smoke-student"
+        if a.out_dir is None:
+            a.out_dir = tempfile.mkdtemp(prefix="telekd-bench-")
+        a.out_dir = os.path.abspath(a.out_dir)
+        os.chdir(smoke_study(tempfile.mkdtemp(prefix="telekd-smoke-study-")))
+    import torch
+
+    from telekd.examples import load_split
+    from telekd.generation import generate_answers
+    from telekd.models import load_model
+    from telekd.params import load_params
+
     p = load_params()
     model, tok = load_model(a.model)
     records = load_split("test")
@@ -42,13 +53,11 @@ def main() -> None:
               "speedup_batched_over_single": round(best["batched"] / best["single"], 2),
               "identical_answers": outputs["batched"] == outputs["single"],
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "versions": {"torch": torch.__version__, "python": platform.python_version()},
-              "command": f"python bench/generation.py --model {a.model} --reps {a.reps}"}
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path("bench/results/generation.json").write_text(json.dumps(result, indent=2) + "\n")
+              "versions": {"torch": torch.__version__, "python": platform.python_version()}}
     for m, v in runs.items():
         print(f"{m:<8} answers/s {v}  best {best[m]}")
     print(f"batched / single = {result['speedup_batched_over_single']}x; identical answers: {result['identical_answers']}")
+    write_result(a, "generation", result)
 
 
 if __name__ == "__main__":

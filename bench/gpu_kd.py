@@ -14,16 +14,16 @@ dense by default) and, for reference, a large bf16 matmul measured in the same p
 
     python bench/gpu_kd.py                             # CUDA, real sizes
     python bench/gpu_kd.py --device cpu --tiny         # the same code path on shrunken configs, seconds
+    python bench/gpu_kd.py --smoke [--teacher mistral]  # CPU, shrunken configs, 2 x 48 tokens, 1 step: the test suite's
 Writes bench/results/gpu_kd-<device>[-tiny][-mistral].json.
 """
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
-from common import machine, n_params, spread, synthetic_pairs, versions
+from common import add_output_args, machine, n_params, spread, synthetic_pairs, versions, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 # Published configurations (config.json of each checkpoint; transformers' defaults agree for Llama/Mistral).
@@ -191,7 +191,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="nominal dense peak of the device in --dtype")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the --device cpu run)")
+    add_output_args(ap, "--device cpu --tiny, batch 2, prompt 32 + answer 16, 1 warm-up + 1 measured step, 1 rep")
     a = ap.parse_args()
+    if a.smoke:
+        a.device, a.tiny, a.batch, a.prompt, a.answer, a.steps, a.warmup, a.reps = "cpu", True, 2, 32, 16, 1, 1, 1
     import torch
 
     torch.set_num_threads(a.threads)
@@ -236,11 +239,7 @@ def main() -> None:
         "peak_flops_nominal": nominal, "peak_flops_measured_matmul": measured_peak, "runs": table,
         "note": "CPU check of the script on shrunken configs, not a GPU figure" if a.tiny else "",
         "machine": machine(a.threads, a.device), "versions": versions(),
-        "command": f"python bench/gpu_kd.py --device {a.device}{' --tiny' if a.tiny else ''} --teacher {a.teacher} "
-                   f"--algs {a.algs} --modes {a.modes} --batch {a.batch} --steps {a.steps} --reps {a.reps}",
     }
-    out = ROOT / "bench/results" / f"{name}.json"
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"N_student {n_s / 1e9:.3f} B, N_teacher {n_t / 1e9:.3f} B; measured matmul peak {measured_peak / 1e12:.1f} "
           f"TFLOP/s, nominal {a.peak_tflops} TFLOP/s")
     print(f"{'run':<16}{'tokens/s':>12}{'peak GiB':>10}{'MFU nominal':>13}{'MFU matmul':>12}")
@@ -248,7 +247,7 @@ def main() -> None:
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
         print(f"{k:<16}{r['tokens_per_s']['median']:>12.0f}{mem:>10}{r['mfu_nominal']['median']:>13.3f}"
               f"{r['mfu_measured_matmul']['median']:>12.3f}")
-    print(f"-> {out}")
+    write_result(a, name, result)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,20 @@ The heaviest top-level packages of `work` are listed per stage, and the number o
 script runs in one study (`dvc stage list`, with eval_ref/generate_ref mapped to their scripts) turns
 them into seconds per full study.
 
-    .venv/bin/python bench/imports.py [--reps 2]
+    python bench/imports.py [--reps 2] [--stages prepare,kd]
+    python bench/imports.py --smoke     # the prepare stage only, 1 rep: checks the script in seconds
 Writes bench/results/imports.json.
 """
 
 import argparse
 import ast
-import json
 import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
 
-from common import spread
+from common import add_output_args, spread, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,12 @@ def stage_counts() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--stages", default=None, help="comma-separated stage scripts (default: every stages/*.py)")
+    add_output_args(ap, "the prepare stage only, 1 rep: checks the script in seconds")
     a = ap.parse_args()
+    if a.smoke:
+        a.reps, a.stages = 1, "prepare"
+    chosen = None if a.stages is None else set(a.stages.split(","))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TRL_EXPERIMENTAL_SILENCE": "1"}
     counts = stage_counts()
@@ -131,6 +136,8 @@ def main() -> None:
     stages = {}
     for stage in sorted((ROOT / "stages").glob("*.py")):
         name = stage.stem
+        if chosen is not None and name not in chosen:
+            continue
         reached, works, trace = [], [], ""
         code = "\n".join(work_imports(stage))
         for _ in range(a.reps):
@@ -151,20 +158,19 @@ def main() -> None:
                         "heaviest_importtime_wall_s": top_packages(trace),
                         "imports": code.splitlines()}
     result = {"benchmark": "imports", "interpreter_cpu_s": base, "stages": stages,
+              "stages_measured": "all" if chosen is None else sorted(chosen),
               "package_import_cpu_s": dict(sorted(packages.items(), key=lambda kv: -kv[1])),
               "note": "package costs are each measured alone in a fresh process, so they include shared "
                       "dependencies (torch, transformers) and do not add up",
               "study_import_total_s": round(sum(s["study_total_s"] for s in stages.values()), 1),
-              "machine": {"platform": f"{os.cpu_count()} cores", "shared": "yes; CPU seconds of the child processes"},
-              "command": f"python bench/imports.py --reps {a.reps}"}
-    out = ROOT / "bench/results/imports.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+              "machine": {"platform": f"{os.cpu_count()} cores", "shared": "yes; CPU seconds of the child processes"}}
     print(f"interpreter alone: {base['median']:.2f} CPU s")
     print(f"{'stage':<15}{'main s':>9}{'work s':>8}{'x stages':>9}{'study s':>9}  packages (CPU s, each alone)")
     for name, s in sorted(stages.items(), key=lambda kv: -kv[1]["study_total_s"]):
         print(f"{name:<15}{s['reach_main_cpu_s']['min']:>9.2f}{s['work_imports_cpu_s']['min']:>8.2f}{s['stages_in_study']:>9}"
               f"{s['study_total_s']:>9.0f}  " + ", ".join(f"{p} {t}" for p, t in list(s["packages_cpu_s"].items())[:5]))
-    print(f"all stages of one study: {result['study_import_total_s']} CPU s of imports -> {out}")
+    print(f"all stages of one study: {result['study_import_total_s']} CPU s of imports")
+    write_result(a, "imports", result)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,16 @@ Sizes: the tiny profile's (Llama teacher 256 x 4, student 128 x 2, vocabulary 2,
 (teacher 1024 x 8, student 512 x 4, vocabulary 32,000) that the CPU still runs in seconds per step.
 Data: random ids, prompt 256 + answer 64 tokens, every answer position distilled (vanilla KD, forward KL).
 
-    .venv/bin/python bench/mfu.py [--reps 3] [--threads 1] [--sizes tiny,medium] [--bf16]
+    python bench/mfu.py [--reps 3] [--threads 1] [--sizes tiny,medium] [--bf16]
+    python bench/mfu.py --smoke       # a toy size (vocabulary 512, prompt 32 + answer 16), 1 rep: seconds
 Writes bench/results/mfu.json. Runs standalone (no `make repro` needed).
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from common import machine, make_model, n_params, spread, synthetic_pairs, versions
+from common import add_output_args, write_result, machine, make_model, n_params, spread, synthetic_pairs, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
@@ -32,6 +32,9 @@ SIZES = {
     "medium": {"teacher": dict(hidden=1024, layers=8, heads=16, kv_heads=16, mlp=2752),
                "student": dict(hidden=512, layers=4, heads=8, kv_heads=8, mlp=1376), "vocab": 32000, "batch": 4,
                "steps": 3},
+    # --smoke: the code path in seconds, not a figure
+    "smoke": {"teacher": dict(hidden=64, layers=2, heads=2, kv_heads=2, mlp=128),
+              "student": dict(hidden=32, layers=2, heads=2, kv_heads=2, mlp=64), "vocab": 512, "batch": 2, "steps": 2},
 }
 PROMPT, ANSWER = 256, 64
 
@@ -100,16 +103,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", default="tiny,medium")
     ap.add_argument("--bf16", action="store_true", help="also run the larger size in bfloat16 (AMX where the CPU has it)")
+    add_output_args(ap, "size 'smoke' only (vocabulary 512, prompt 32 + answer 16), 1 rep, 256 x 256 matmul ceiling")
     a = ap.parse_args()
+    global PROMPT, ANSWER
+    mm = 2048
+    if a.smoke:
+        a.reps, a.sizes, mm = 1, "smoke", 256
+        PROMPT, ANSWER = 32, 16
     import torch
 
     torch.set_num_threads(a.threads)
     dtypes = ["float32"] + (["bfloat16"] if a.bf16 else [])
-    peaks = {d: [matmul_flops(d)] for d in dtypes}
+    peaks = {d: [matmul_flops(d, mm)] for d in dtypes}
     result = {"benchmark": "mfu", "prompt_tokens": PROMPT, "answer_tokens": ANSWER, "sizes": {}}
     for name in a.sizes.split(","):
         size = SIZES[name]
-        for dtype in dtypes if name != "tiny" else ["float32"]:
+        for dtype in dtypes if name not in ("tiny", "smoke") else ["float32"]:
             teacher = make_model("llama", size["teacher"], size["vocab"], 2 * (PROMPT + ANSWER), seed=0,
                                  dtype=getattr(torch, dtype)).eval().requires_grad_(False)
             student = make_model("llama", size["student"], size["vocab"], 2 * (PROMPT + ANSWER), seed=1)
@@ -123,7 +132,7 @@ def main() -> None:
                     tokens, wall, cpu = kd_run(size, mode, teacher, examples, pairs, dtype)
                     cps[mode].append(tokens / cpu)
                     wps[mode].append(tokens / wall)
-                peaks[dtype].append(matmul_flops(dtype))
+                peaks[dtype].append(matmul_flops(dtype, mm))
             peak = max(peaks[dtype])
             result["sizes"][name if dtype == "float32" else f"{name}-{dtype}"] = {
                 "dtype": dtype, "teacher": size["teacher"], "student": size["student"], "vocab": size["vocab"],
@@ -135,13 +144,9 @@ def main() -> None:
                 "profile_top_ops_two_live_steps": top_ops(size, teacher, examples, pairs, dtype),
             }
     result["matmul_peak_gflop_per_cpu_s"] = {d: spread([x / 1e9 for x in v]) for d, v in peaks.items()}
-    result["matmul"] = "2048 x 2048, best of 5 x 3 products, measured before and after each A B repetition"
+    result["matmul"] = f"{mm} x {mm}, best of 5 x 3 products, measured before and after each A B repetition"
     result["timing"] = "CPU time of this one-thread process (wall time beside): the machine is shared"
-    result.update({"machine": machine(a.threads), "versions": versions(),
-                   "command": f"python bench/mfu.py --reps {a.reps} --threads {a.threads} --sizes {a.sizes}"
-                              + (" --bf16" if a.bf16 else "")})
-    out = ROOT / "bench/results/mfu.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result.update({"machine": machine(a.threads), "versions": versions()})
     for d, v in peaks.items():
         print(f"{d} matmul ceiling {max(v) / 1e9:.1f} GFLOP per CPU s ({a.threads} threads)")
     print(f"{'size':<8}{'mode':<7}{'tokens/s':>10}{'GFLOP/s':>10}{'MFU':>8}")
@@ -151,7 +156,7 @@ def main() -> None:
                   f"{r['achieved_gflop_per_cpu_s'][m]['median']:>10.1f}"
                   f"{r['mfu'][m]['median']:>8.3f}")
         print("  top ops:", ", ".join(f"{o['op']} {o['share']:.0%}" for o in r["profile_top_ops_two_live_steps"][:6]))
-    print(f"-> {out}")
+    write_result(a, "mfu", result)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@ DVC's own hashing and lock-file work.
 By default the clone reuses this interpreter's virtual environment (--venv) and runs what
 `make repro` runs after `make setup`; --fresh-venv runs the real `make repro`, pip install included.
 
-    .venv/bin/python bench/study.py                      # the full tiny study (~20 min): bench/results/study.json
-    .venv/bin/python bench/study.py --target prepare --out /tmp/study-check.json   # check the script in seconds
+    python bench/study.py                      # the full tiny study (~20 min): bench/results/study.json
+    python bench/study.py --target prepare --out-dir /tmp/study-check   # one real stage in a clone: a minute
+    python bench/study.py --smoke              # no clone, no DVC: see below
+
+--smoke checks this script's own logic without running a study: it plans the same three commands
+(`dvc repro`, no-op `dvc repro`, `dvc exp run -S kd.alg=dskd`), runs each as a child process that
+prints a fixture of DVC's output lines (stages run, stages skipped), and parses, times, groups by
+stage family and writes the result as the real run does. What it does not cover: cloning, DVC itself
+and the stages.
 """
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -22,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import add_output_args, provenance, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNING = re.compile(r"Running stage '([^']+)'")
@@ -66,6 +74,45 @@ def by_family(stage_s: dict) -> dict:
     return dict(sorted(fam.items(), key=lambda kv: -kv[1]["total_s"]))
 
 
+# --smoke: what DVC prints for each planned command (a reduced study's stage names)
+FIXTURE = {
+    "make_repro": ["Running stage 'prepare':", "> python stages/prepare.py", "Running stage 'base_models':",
+                   "Running stage 'kd@llama-sft-base-vanilla-s0':", "Running stage 'kd@llama-sft-base-dskd-s0':",
+                   "Running stage 'report':", "Updating lock file 'dvc.lock'"],
+    "noop_repro": ["Stage 'prepare' didn't change, skipping", "Stage 'base_models' didn't change, skipping",
+                   "Data and pipelines are up to date."],
+    "exp_run_dskd": ["Stage 'prepare' didn't change, skipping", "Running stage 'stats':", "Running stage 'report':"],
+}
+
+
+def fixture_cmd(key: str) -> list[str]:
+    """A child process that prints FIXTURE[key] line by line (the --smoke stand-in for a DVC command)."""
+    return [sys.executable, "-c", f"import time\nfor line in {FIXTURE[key]!r}:\n    print(line, flush=True)\n"
+                                  "    time.sleep(0.05)"]
+
+
+def plan(target: list[str]) -> dict:
+    """The DVC commands the benchmark times, by result key."""
+    return {"make_repro": ["dvc", "repro", *target], "noop_repro": ["dvc", "repro", *target],
+            "exp_run_dskd": ["dvc", "exp", "run", "-S", "kd.alg=dskd", *target]}
+
+
+def smoke(a) -> None:
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="telekd-study-smoke-"))
+    result = {"benchmark": "study", "target": "smoke fixture", "plan": {k: " ".join(v) for k, v in plan([]).items()},
+              "covers": "command plan, output parsing, per-stage timing, stage families, result file; "
+                        "not cloning, DVC or the stages"}
+    with open(tmp / "study.log", "w") as log:
+        for key in ("make_repro", "noop_repro", "exp_run_dskd"):
+            result[key] = timed(fixture_cmd(key), tmp, dict(os.environ), log)
+    full = result["make_repro"]
+    result["families"] = by_family(full["stage_s"])
+    result["summary_s"] = {k: result[k]["wall_s"] for k in ("make_repro", "noop_repro", "exp_run_dskd")}
+    write_result(a, "study", result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repo", default=str(ROOT), help="what to clone (committed HEAD)")
@@ -74,8 +121,10 @@ def main() -> None:
     ap.add_argument("--target", default=None, help="only this DVC target (e.g. prepare) to check the script")
     ap.add_argument("--skip-exp", action="store_true", help="leave out dvc exp run -S kd.alg=dskd")
     ap.add_argument("--keep", action="store_true", help="keep the clone")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/study.json"))
+    add_output_args(ap, "no clone and no DVC: the plan's commands replaced by fixture output (see above)")
     a = ap.parse_args()
+    if a.smoke:
+        return smoke(a)
     tmp = Path(tempfile.mkdtemp(prefix="telekd-study-"))
     clone = tmp / "telekd"
     subprocess.run(["git", "clone", "--quiet", a.repo, str(clone)], check=True)
@@ -84,7 +133,9 @@ def main() -> None:
     env["PYTHONPATH"] = str(clone / "src")  # the clone's code, never an editable install elsewhere
     target = [a.target] if a.target else []
     log_path = tmp / "study.log"
-    result = {"benchmark": "study", "commit": head.strip(), "target": a.target or "all", "clone": str(clone)}
+    result = {"benchmark": "study", "target": a.target or "all", "clone": str(clone)}
+    # the clone holds committed HEAD only: that commit is what ran, uncommitted changes never reach it
+    prov = {**provenance(), "commit": head.strip(), "dirty": False, "dirty_paths": []}
     with open(log_path, "w") as log:
         if a.fresh_venv:
             if a.target:
@@ -94,11 +145,11 @@ def main() -> None:
             env["PATH"] = f"{Path(a.venv) / 'bin'}:{env['PATH']}"
             for key in ("core.analytics false", "core.check_update false"):
                 subprocess.run(["dvc", "config", *key.split()], cwd=clone, env=env, check=True)
-            result["make_repro"] = timed(["dvc", "repro", *target], clone, env, log)
+            result["make_repro"] = timed(plan(target)["make_repro"], clone, env, log)
             result["make_repro"]["note"] = f"make setup skipped: venv {a.venv} reused"
-        result["noop_repro"] = timed(["dvc", "repro", *target], clone, env, log)
+        result["noop_repro"] = timed(plan(target)["noop_repro"], clone, env, log)
         if not a.skip_exp:
-            result["exp_run_dskd"] = timed(["dvc", "exp", "run", "-S", "kd.alg=dskd", *target], clone, env, log)
+            result["exp_run_dskd"] = timed(plan(target)["exp_run_dskd"], clone, env, log)
     full = result["make_repro"]
     result["families"] = by_family(full["stage_s"])
     result["slowest_stages"] = dict(sorted(full["stage_s"].items(), key=lambda kv: -kv[1])[:10])
@@ -109,16 +160,15 @@ def main() -> None:
 
     result.update({"machine": {"platform": f"{platform.machine()}, {os.cpu_count()} cores",
                                "shared": "yes: other agents' work ran at the same time"},
-                   "versions": {"python": platform.python_version(), "torch": torch.__version__},
-                   "command": "python bench/study.py " + " ".join(sys.argv[1:])})
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+                   "versions": {"python": platform.python_version(), "torch": torch.__version__}})
     print(f"{'step':<16}{'wall s':>10}{'stages run':>12}{'skipped':>9}")
     for k in ("make_repro", "noop_repro", "exp_run_dskd"):
         if k in result:
             r = result[k]
             print(f"{k:<16}{r['wall_s']:>10.1f}{r['stages_run']:>12}{r['stages_skipped']:>9}")
     print("per stage family:", ", ".join(f"{f} {v['total_s']:.0f} s / {v['stages']}" for f, v in result["families"].items()))
-    print(f"log {log_path}; -> {a.out}")
+    print(f"log {log_path}")
+    write_result(a, "study", result, prov)
     if not a.keep:
         import shutil
 

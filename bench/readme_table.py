@@ -1,0 +1,225 @@
+"""The README's performance table, generated from bench/results/*.json (so a README figure is always one a
+recorded command produced on a recorded commit).
+
+Rewrites the block between `<!-- bench:begin -->` and `<!-- bench:end -->` in README.md; --check exits 1
+(printing a diff) when README.md differs from what the results give, 0 when it is current.
+
+    python bench/readme_table.py            # rewrite README.md's table
+    python bench/readme_table.py --check    # CI: is README.md's table the results' table?
+
+Each row names the result file, the commit it was recorded on (short hash, "+dirty" when the tree had
+uncommitted changes; "not recorded" for files older than the provenance fields) and every ratio says
+what it compares: the same objective and work on both sides, or what differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def n(x: float, digits: int = 0) -> str:
+    """1234.5 -> '1,234' (digits=0) or '1,234.5'."""
+    return f"{x:,.{digits}f}"
+
+
+def ratio(r: dict) -> str:
+    """A spread (common.spread) of ratios: '**1.13x** (1.05-1.13)'."""
+    return f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def met(value: float, goal: str, unit: str = "") -> str:
+    """'>= 1.0' and 1.13 -> '>= 1.0, met' (`unit` appended to the goal's bound)."""
+    op, bound = goal.split()[:2]
+    ok = value >= float(bound) if op == ">=" else value <= float(bound)
+    return f"{goal}{unit}, {'met' if ok else 'not met'}"
+
+
+def recorded(name: str, doc: dict) -> str:
+    if not doc.get("commit"):
+        return f"`{name}`, commit not recorded"
+    return f"`{name}`, {doc['commit'][:7]}{'+dirty' if doc.get('dirty') else ''}"
+
+
+def gkd_rows(d: dict) -> list[list[str]]:
+    t, r = d["tokens_per_cpu_s"], d["ratio"]
+    if "same_batch_loss" not in d:  # recorded before the like-for-like comparison
+        return [["KD step vs trl GKDTrainer, **not the same objective** (ours: top-64 + residual bin; GKD: full "
+                 "vocabulary KL); recorded before the like-for-like rows", ", ".join(
+                     f"{k}: {ratio(v)}" for k, v in r.items()), "rerun `python bench/gkd.py`"]]
+    loss = d["same_batch_loss"]
+    setup = (f"same tiny models, batches, AdamW, cosine; fp32, 1 thread, {d['epochs']} epochs, "
+             f"vocabulary {n(d['models']['vocab'])}")
+    return [
+        [f"KD step vs trl GKDTrainer, **same objective**: off-policy forward KL over the full vocabulary (ours: "
+         f"vanilla KD at k = V, kd_rate 1, T 1; GKD: lmbda 0, beta 0), teacher forward in every step on both "
+         f"sides; equal loss on a batch asserted ({loss['ours_full_live']:.6f} vs {loss['gkd']:.6f}); {setup}",
+         f"{n(t['ours_full_live']['median'])} vs {n(t['gkd']['median'])} tokens per CPU s: "
+         f"{ratio(r['ours_full_live_over_gkd'])}",
+         met(r["ours_full_live_over_gkd"]["median"], d["goals"]["ours_full_live_over_gkd"])],
+        ["the same objective with our teacher cache at k = V (teacher run once; its construction counted in)",
+         f"{n(t['ours_full_cache_incl_build']['median'])} vs {n(t['gkd']['median'])}: "
+         f"{ratio(r['ours_full_cache_incl_build_over_gkd'])}", "report"],
+        [f"**different objective**: the study's top-{d['top_k']} teacher cache plus a residual bin (a lower bound "
+         f"of the full KL; {loss['ours_top64_cache']:.6f} on that batch), construction counted in",
+         f"{n(t['ours_top64_cache_incl_build']['median'])} vs {n(t['gkd']['median'])}: "
+         f"{ratio(r['ours_top64_cache_incl_build_over_gkd'])}",
+         met(r["ours_top64_cache_incl_build_over_gkd"]["median"], d["goals"]["ours_top64_cache_incl_build_over_gkd"])],
+        [f"**different objective**: top-{d['top_k']} + residual bin, teacher forward in every step",
+         f"{n(t['ours_top64_live']['median'])} vs {n(t['gkd']['median'])}: {ratio(r['ours_top64_live_over_gkd'])}",
+         "report"],
+    ]
+
+
+def mfu_rows(d: dict) -> list[list[str]]:
+    s, peak = d["sizes"], d["matmul_peak_gflop_per_cpu_s"]
+    rows = []
+    if "tiny" in s and "medium" in s:
+        tiny, med = s["tiny"]["mfu"], s["medium"]["mfu"]
+        cpu = d["machine"].get("cpu", {}).get("model") or "CPU model not recorded"
+        rows.append([f"KD step's share of the CPU's float32 matmul rate ({cpu}, 1 thread, best matmul "
+                     f"{n(peak['float32']['max'])} GFLOP/s; 6 N_s + 2 N_t FLOP per token with a live teacher, "
+                     "6 N_s cached)",
+                     f"tiny models: {tiny['live']['median']:.2f} live teacher, {tiny['cache']['median']:.2f} cached; "
+                     f"teacher 1024 x 8 / student 512 x 4 with a 32k vocabulary: {med['live']['median']:.2f} live, "
+                     f"{med['cache']['median']:.2f} cached", "report"])
+    if "medium-bfloat16" in s and "medium" in s:
+        bf, fp = s["medium-bfloat16"], s["medium"]
+        x = bf["tokens_per_cpu_s"]["live"]["median"] / fp["tokens_per_cpu_s"]["live"]["median"]
+        cpu = d["machine"].get("cpu", {})
+        amx = {True: "AMX, ", False: "no AMX, ", None: ""}[cpu.get("amx")]
+        rows.append([f"the same larger models and work in bfloat16 ({amx}matmul ceiling {n(peak['bfloat16']['max'])} "
+                     "GFLOP/s), against float32: only the dtype differs",
+                     f"{x:.1f}x the float32 tokens/s with a live teacher ({n(bf['tokens_per_cpu_s']['live']['median'])} "
+                     f"vs {n(fp['tokens_per_cpu_s']['live']['median'])}), {bf['mfu']['live']['median']:.2f} of the "
+                     "bf16 rate", "report"])
+    return rows
+
+
+def imports_rows(d: dict) -> list[list[str]]:
+    top = sorted(d["stages"].items(), key=lambda kv: -kv[1]["study_total_s"])[:5]
+    return [["stage start-up: imports of every stage process in one study (upper bound)",
+             f"{n(d['study_import_total_s'])} CPU s in all: " +
+             ", ".join(f"{k} {n(v['study_total_s'])} ({v['stages_in_study']} processes)" for k, v in top), "report"]]
+
+
+def kd_cache_rows(d: dict) -> list[list[str]]:
+    what = {"vanilla": "vanilla KD", "dskd": "DSKD"}[d["alg"]] + f", {d['teacher'].capitalize()} teacher"
+    best = d["best_tokens_per_s"]
+    incl = (f"; {d['speedup_cache_incl_build_over_live']:.2f}x with it" if "speedup_cache_incl_build_over_live" in d
+            else "")
+    return [[f"KD with the teacher cache vs a live teacher ({what}; same cell, data, batches and top-k objective)",
+             f"{n(best['cache'])} vs {n(best['live'])} tokens per wall s (best of {len(d['tokens_per_s']['cache'])}): "
+             f"{d['speedup_cache_over_live']:.2f}x, the cache's construction ({d['cache_build_s']:.1f} s) left out"
+             + incl, ""]]
+
+
+def generation_rows(d: dict) -> list[list[str]]:
+    best = d["best_answers_per_s"]
+    return [[f"batched ({d['batch_size']}) vs one-at-a-time generation, the same greedy answers to {d['answers']} "
+             "questions", f"{best['batched']} vs {best['single']} answers/s (best of "
+                          f"{len(d['answers_per_s']['batched'])}): {d['speedup_batched_over_single']:.2f}x, "
+                          f"{'identical' if d['identical_answers'] else 'DIFFERENT'} answers", ""]]
+
+
+def loss_memory_rows(d: dict) -> list[list[str]]:
+    p = d["peak_above_inputs_mib"]
+    return [[f"divergence peak memory, chunked ({d['chunk_size']} rows) vs plain: the same loss on the same inputs "
+             f"(V = {n(d['vocab'])}, {n(d['tokens'])} tokens)",
+             f"{n(p['chunked'])} vs {n(p['plain'])} MiB above the inputs: {d['ratio_chunked_over_plain']:.2f}x, "
+             f"{'same' if d['same_value'] else 'DIFFERENT'} value", ""]]
+
+
+def study_rows(d: dict) -> list[list[str]]:
+    s, g = d["summary_s"], d["goals"]
+    mins = s["make_repro"] / 60
+    return [[f"the study (`bench/study.py`, {d['make_repro']['stages_run']} stages): `make repro` from a fresh clone "
+             "(venv reused) / no-op `dvc repro` / `dvc exp run -S kd.alg=dskd` after it",
+             f"{mins:.1f} min / {s['noop_repro']:.1f} s / {s['exp_run_dskd']:.1f} s "
+             f"({d['exp_run_dskd']['stages_run']} stages rerun)",
+             f"{met(s['make_repro'], g['make_repro_s'], ' s')} / {met(s['noop_repro'], g['noop_repro_s'], ' s')}"],
+            ["the same `make repro` by stage family (seconds, stages; each includes its process start-up)",
+             ", ".join(f"{k} {n(v['total_s'])} ({v['stages']})" for k, v in d["families"].items()), "report"]]
+
+
+def dvc_rebuilds_rows(d: dict) -> list[list[str]]:
+    ok = sum(r["ok"] for r in d["changes"])
+    return [["which stages a change rebuilds (`bench/dvc_rebuilds.py`, reduced study)",
+             f"{ok} of {len(d['changes'])} kinds of change rebuilt exactly their dependent stages",
+             "all exact, " + ("met" if d["all_ok"] else "not met")]]
+
+
+def gpu_kd_rows(d: dict) -> list[list[str]]:
+    if d.get("tiny"):
+        return []  # a CPU check of the script on shrunken configs: no figure
+    gpu = d.get("machine", {}).get("gpu", "GPU")
+    return [[f"KD step on {gpu}: {d['teacher']} teacher -> TinyLlama student, {d['dtype']}, seq {d['seq']}, "
+             f"batch {d['batch']}: {key}",
+             f"{n(r['tokens_per_s']['median'])} tokens/s, MFU {r['mfu_nominal']['median']:.3f} of nominal peak"
+             + (f", {r['peak_memory_gib']:.1f} GiB peak" if r.get("peak_memory_gib") else ""), "report"]
+            for key, r in d["runs"].items()]
+
+
+ORDER = ["gkd", "mfu", "imports", "kd_cache", "generation", "loss_memory", "study", "dvc_rebuilds", "gpu_kd"]
+ROWS = {"gkd": gkd_rows, "mfu": mfu_rows, "imports": imports_rows, "kd_cache": kd_cache_rows,
+        "generation": generation_rows, "loss_memory": loss_memory_rows, "study": study_rows,
+        "dvc_rebuilds": dvc_rebuilds_rows, "gpu_kd": gpu_kd_rows}
+
+
+def table(results: Path) -> str:
+    """The markdown block (table plus the command of each result file) from every results JSON in `results`."""
+    docs = []
+    for f in sorted(results.glob("*.json")):
+        d = json.loads(f.read_text())
+        if d.get("smoke"):
+            raise SystemExit(f"readme_table: {f} is a --smoke result, not a benchmark figure: rerun without --smoke")
+        if d.get("benchmark") not in ROWS:
+            raise SystemExit(f"readme_table: {f}: unknown benchmark {d.get('benchmark')!r}: add it to ROWS")
+        docs.append((ORDER.index(d["benchmark"]), f.name, d))
+    lines = ["| benchmark | result | goal | recorded in, on |", "|---|---|---|---|"]
+    commands = []
+    for _, name, d in sorted(docs, key=lambda x: x[:2]):
+        for row in ROWS[d["benchmark"]](d):
+            lines.append("| " + " | ".join(row + [recorded(name, d)]) + " |")
+        commands.append(f"- `{name}`: `{d.get('command', 'not recorded')}`")
+    return "\n".join(lines + ["", "Each figure's command (run from the repository root):", ""] + commands)
+
+
+def render(readme: str, block: str) -> str:
+    if readme.count(BEGIN) != 1 or readme.count(END) != 1:
+        raise SystemExit(f"readme_table: README.md needs exactly one {BEGIN} and one {END} line")
+    head, rest = readme.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n<!-- generated by `python bench/readme_table.py` from bench/results/*.json: do not edit -->\n" \
+           f"{block}\n{END}{tail}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 when README.md's table is not the results' table")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--results", default=str(ROOT / "bench/results"))
+    a = ap.parse_args()
+    path = Path(a.readme)
+    old = path.read_text()
+    new = render(old, table(Path(a.results)))
+    if a.check:
+        if new != old:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md",
+                                                       "README.md (from bench/results)"))
+            print("readme_table: README.md's performance table is stale: run python bench/readme_table.py")
+            sys.exit(1)
+        print("readme_table: README.md's performance table matches bench/results")
+        return
+    path.write_text(new)
+    print(f"readme_table: {path} updated" if new != old else f"readme_table: {path} already current")
+
+
+if __name__ == "__main__":
+    main()
