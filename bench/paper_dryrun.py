@@ -11,7 +11,8 @@ Steps, each through the code the stages run:
                  the Trainer loop itself is not run)
   cache_<t>      telekd.cache.compute_targets over one batch (teacher forward, top-k, hidden states)
   kd_vanilla_<t> telekd.distill.train_kd with terms.vanilla_term, one optimizer step (grad_accum batches),
-                 student trained fully; the Mistral teacher through the cross-tokenizer alignment
+                 the student trained as profiles.paper.student_kd says (LoRA on q_proj, v_proj); the
+                 Mistral teacher through the cross-tokenizer alignment
   kd_dskd_llama  train_kd with terms.dskd_term (same vocabulary), the teacher's head only
   kd_cma_mistral train_kd with terms.cma_term (cross-model attention), the teacher's head and embeddings
   generate_<m>   telekd.generation.generate_answers, one batch, max_new_tokens
@@ -24,22 +25,25 @@ resident weights + every storage created in the step while alive: activations, g
 states, temporaries; no allocator fragmentation, CUDA context or workspaces: add ~1-2 GB), and the
 projected wall time of the whole study on one H200 (see `project`).
 
-    python bench/paper_dryrun.py [--layers N] [--out bench/results/paper_dryrun.json]
---layers N builds every model with N layers (the test variant); the default is the full depth.
+    python bench/paper_dryrun.py [--layers N] [--steps PREFIXES] [--smoke] [--out-dir DIR]
+--layers N builds every model with N layers (the test variant); the default is the full depth. Writes
+bench/results/paper_dryrun.json (common.write_result: commit, command); bench/readme_table.py makes the README's
+rows of it. --smoke: one layer, steps sft_student, cache_llama, kd_vanilla_llama, result in a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
+from common import add_output_args, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = str(ROOT / "data/sample/telequad-sample.json")
+SMOKE_STEPS = ("sft_student", "kd_vanilla_llama")  # kd_vanilla_llama runs cache_llama first
 # Real TeleQuAD v4: where the README imports it, else the shared copy of the machines this was written on.
 TELEQUAD = next((str(f) for f in (ROOT / "data/telequad/TeleQuAD-v4-full.json",
                                    Path("/work/shared/data/telequad/TeleQuAD-v4-full.json")) if f.exists()),
@@ -214,11 +218,16 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None, data
                     make = lambda tg, pr: terms.cma_term(tg, pr, projectors, s_embed, embed, s_head, head, settings)  # noqa: E731,B023
                 else:
                     make = lambda tg, pr: terms.dskd_term(tg, pr, projectors, s_head, head, settings)  # noqa: E731,B023
+            # what train_kd trains (it merges a LoRA student at the end): r x (in + out) per adapted linear layer
+            trainable = (sum(settings.lora_r * (mod.in_features + mod.out_features)
+                             for mname, mod in student.named_modules() if mname.split(".")[-1] in settings.lora_targets)
+                         if settings.student_lora else sum(q.numel() for q in student.parameters()))
             with Measure([student, *t_resident, targets.logprobs, targets.ids, targets.t_logprobs, targets.t_ids,
                           *([targets.hidden] if targets.hidden is not None else [])], name, res) as m:
                 r = train_kd(student, examples, settings, s_tok.pad_token_id, make(targets, pairs),
                              extra_modules=projectors, projector_lr=p.dskd.projector_lr, desc=name, device="meta")
-                m.info = {"micro_batches": r["metrics"]["steps"], "optimizer_steps": 1, "examples": len(examples)}
+                m.info = {"micro_batches": r["metrics"]["steps"], "optimizer_steps": 1, "examples": len(examples),
+                          "student_lora": settings.student_lora, "trainable_params": trainable}
             del student, projectors, r
 
     for role in ("student", "llama"):
@@ -294,28 +303,36 @@ def project(out: dict, p) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=None, help="layers per model (default: the published depth)")
-    ap.add_argument("--steps", default=None, help="comma-separated step-name prefixes (default: all)")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/paper_dryrun.json"))
+    ap.add_argument("--layers", type=int, default=None, help="layers per model (default: the published depth; "
+                                                                 "--smoke: 1)")
+    ap.add_argument("--steps", default=None, help="comma-separated step-name prefixes (default: all; --smoke: "
+                                                  f"{','.join(SMOKE_STEPS)}); the projection needs all")
+    add_output_args(ap, "one layer per model, steps " + ", ".join(SMOKE_STEPS) + " (seconds); real TeleQuAD, or "
+                        "the repository's sample when it is not imported (the result says which)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from telekd.params import load_params
 
     p = load_params(ROOT / "params.yaml")
     p = p.model_copy(update={"profile": "paper"})
+    layers = a.layers or (1 if a.smoke else None)
+    steps = tuple(a.steps.split(",")) if a.steps else (SMOKE_STEPS if a.smoke else None)
+    data, fallback = TELEQUAD, None
+    if not Path(TELEQUAD).exists():
+        if not a.smoke:
+            raise SystemExit(f"paper_dryrun: real TeleQuAD not found at {TELEQUAD}: import it (README, Real TeleQuAD)")
+        data, fallback = SAMPLE, f"real TeleQuAD absent ({TELEQUAD}): the repository's sample instead (smoke only)"
     t0 = time.perf_counter()
-    out = run(p, a.layers, tuple(a.steps.split(",")) if a.steps else None)
-    if a.steps is None:
+    out = run(p, layers, steps, data)
+    if steps is None:
         out["projection"] = project(out, p)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out.update({"commit": commit, "command": "python bench/paper_dryrun.py " + " ".join(sys.argv[1:]),
+    out.update({"benchmark": "paper_dryrun", "data": data, "data_fallback": fallback,
                 "wall_s": round(time.perf_counter() - t0, 1), "device": "meta",
                 "memory_method": "peak = bytes of the step's resident tensors (weights; cached teacher targets) + "
                                  "max over the step of live storages created in it (activations, gradients, AdamW "
                                  "states, temporaries), per storage until freed (telekd.meta.LiveBytes); excludes "
                                  "allocator fragmentation, CUDA context and library workspaces (~1-2 GB)"})
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(a, "paper_dryrun", out)
     if "projection" in out:
         print(f"projected study: {out['projection']['total_hours']} h on one H200")
 

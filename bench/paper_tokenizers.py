@@ -11,18 +11,22 @@ student's prompt text in its own template), then
 - vocab_overlap: the share of the 32,000 student tokens with a teacher twin by string; same_id: twins
   that also share the id.
 
-    python bench/paper_tokenizers.py [--limit 600]
-Writes bench/results/paper_tokenizers.json.
+    python bench/paper_tokenizers.py [--limit 600] [--smoke] [--out-dir DIR]
+Writes bench/results/paper_tokenizers.json (common.write_result: commit, command); bench/readme_table.py makes
+the README's rows of it. --smoke: the first 8 questions, result in a temporary folder.
 """
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import add_output_args, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = str(ROOT / "data/sample/telequad-sample.json")
+SMOKE_LIMIT = 8
 TELEQUAD = next((str(f) for f in (ROOT / "data/telequad/TeleQuAD-v4-full.json",
                                    Path("/work/shared/data/telequad/TeleQuAD-v4-full.json")) if f.exists()),
                 str(ROOT / "data/telequad/TeleQuAD-v4-full.json"))
@@ -53,25 +57,33 @@ def measure(records, p, teacher: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--limit", type=int, default=600, help="train questions (the first N of the seeded split)")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/paper_tokenizers.json"))
+    ap.add_argument("--limit", type=int, default=None,
+                    help=f"train questions (the first N of the seeded split; default 600, --smoke {SMOKE_LIMIT})")
+    add_output_args(ap, f"the first {SMOKE_LIMIT} questions (seconds); real TeleQuAD, or the repository's sample "
+                        "when it is not imported (the result says which)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from telekd.data import load_records, split_by_group
     from telekd.params import load_params
 
+    limit = a.limit or (SMOKE_LIMIT if a.smoke else 600)
+    data, fallback = TELEQUAD, None
+    if not Path(TELEQUAD).exists():
+        if not a.smoke:
+            raise SystemExit(f"paper_tokenizers: real TeleQuAD not found at {TELEQUAD}: import it (README, Real TeleQuAD)")
+        data, fallback = SAMPLE, f"real TeleQuAD absent ({TELEQUAD}): the repository's sample instead (smoke only)"
     p = load_params(ROOT / "params.yaml").model_copy(update={"profile": "paper"})
-    loaded = load_records(TELEQUAD, on_invalid=p.data.on_invalid, impossible=p.data.impossible,
+    loaded = load_records(data, on_invalid=p.data.on_invalid, impossible=p.data.impossible,
                           no_answer_text=p.data.no_answer_text)
     records = split_by_group(loaded.records, dict(p.split.fractions), seed=p.split.seed,
-                             group_by=p.split.group_by)["train"][: a.limit]
+                             group_by=p.split.group_by)["train"][:limit]
     t0 = time.perf_counter()
-    out = {"data": f"{TELEQUAD} (train split, first {len(records)})", "student": "llama2 (TinyLlama)",
-           "teachers": {name: measure(records, p, name) for name in ("llama2", "mistral")}}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out.update({"commit": commit, "command": "python bench/paper_tokenizers.py " + " ".join(sys.argv[1:]),
-                "wall_s": round(time.perf_counter() - t0, 1)})
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    out = {"benchmark": "paper_tokenizers", "data": f"{data} (train split, first {len(records)})",
+           "data_fallback": fallback, "questions": len(records), "student": "llama2 (TinyLlama)",
+           "teachers": {name: measure(records, p, name) for name in ("llama2", "mistral")},
+           "wall_s": None}
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    write_result(a, "paper_tokenizers", out)
     print(json.dumps(out["teachers"], indent=2))
 
 

@@ -166,10 +166,68 @@ def gpu_kd_rows(d: dict) -> list[list[str]]:
             for key, r in d["runs"].items()]
 
 
-ORDER = ["gkd", "mfu", "imports", "kd_cache", "generation", "loss_memory", "study", "dvc_rebuilds", "gpu_kd"]
+STEP_WHAT = {  # bench/paper_dryrun.py's steps
+    "sft_llama": "sft, Llama-2-7B + LoRA (one micro-batch + AdamW step)",
+    "sft_student": "sft, TinyLlama + LoRA (one micro-batch + AdamW step)",
+    "cache_llama": "teacher cache, Llama-2-7B (the optimizer step's batches, forward only)",
+    "cache_mistral": "teacher cache, Mistral-7B (the optimizer step's batches, forward only)",
+    "kd_vanilla_llama": "kd vanilla, Llama teacher (one optimizer step)",
+    "kd_dskd_llama": "kd DSKD, Llama teacher, same vocabulary (one optimizer step)",
+    "kd_vanilla_mistral": "kd vanilla, Mistral teacher through the token alignment (one optimizer step)",
+    "kd_cma_mistral": "kd DSKD with cross-model attention, Mistral teacher (one optimizer step)",
+    "generate_student": "generate, TinyLlama (one batch)",
+    "generate_llama": "generate, Llama-2-7B (one batch)",
+}
+
+
+def paper_dryrun_rows(d: dict) -> list[list[str]]:
+    gib = 2 ** 30
+    setup = (f"paper profile dry run on the meta device (`bench/paper_dryrun.py`: the stages' code at the real "
+             f"widths, {d['layers']} layers, {d['dtype']}, micro-batch {d['micro_batch']} x {d['grad_accum']}, the "
+             f"longest training questions; peak = resident + live storages, add 1-2 GiB of CUDA context): ")
+    rows = []
+    for i, (name, r) in enumerate(d["steps"].items()):
+        extra = ", ".join(x for x in (
+            f"{r['micro_batches']} micro-batches" if name.startswith("kd") else "",
+            f"{r['forward_batches']} forward batches" if "forward_batches" in r else "",
+            f"{r['examples']} x {r['new_tokens']} new tokens" if "new_tokens" in r else "",
+            f"{n(r['trainable_params'])} trainable parameters" + (" (student LoRA)" if r.get("student_lora") else "")
+            if "trainable_params" in r else "") if x)
+        rows.append([(setup if i == 0 else "") + f"`{name}`, {STEP_WHAT.get(name, name)}" + (f"; {extra}" if extra else ""),
+                     f"{r['flops'] / 1e12:,.1f} TFLOP, peak {r['peak_bytes'] / gib:.1f} GiB "
+                     f"(resident {r['resident_bytes'] / gib:.1f})", "report"])
+    if "projection" in d:
+        pr = d["projection"]
+        mfu = pr["mfu_assumed"]
+        rows.append([f"projected paper study on {pr['gpu']} from those FLOPs: MFU {mfu['train']:.0%} training, "
+                     f"{mfu['forward']:.0%} forward, decoding at {pr['decode_bandwidth_util']:.0%} of HBM bandwidth; "
+                     f"{n(pr['train_questions'])} training questions, {pr['kd_cells']} KD cells, "
+                     f"{n(pr['test_questions'])} test questions; not counted: {pr['not_counted']}",
+                     f"**{pr['total_hours']} h**: " + ", ".join(
+                         f"{k} {v['hours']:.2f} h ({v['count']} run{'s' if v['count'] != 1 else ''}, {v['flops'] / 1e15:,.0f} PFLOP)"
+                         for k, v in pr["stages"].items()), "report"])
+    return rows
+
+
+def paper_tokenizers_rows(d: dict) -> list[list[str]]:
+    rows = []
+    for name, r in d["teachers"].items():
+        teacher = {"llama2": "Llama-2-7B", "mistral": "Mistral-7B"}.get(name, name)
+        rows.append([f"student (TinyLlama, Llama-2 vocabulary) vs {teacher} teacher tokenizer on {n(r['examples'])} "
+                     "real TeleQuAD training answers (`bench/paper_tokenizers.py`): student answer tokens aligned "
+                     "(vanilla KD distils these) / teacher gold tokens with a student twin / student vocabulary "
+                     "with a twin (at the same id)",
+                     f"{r['aligned_fraction']:.1%} / {r['gold_mapped_fraction']:.1%} / {r['vocab_overlap']:.1%} "
+                     f"({r['same_id']:.1%})", "report"])
+    return rows
+
+
+ORDER = ["gkd", "mfu", "imports", "kd_cache", "generation", "loss_memory", "study", "dvc_rebuilds", "gpu_kd",
+         "paper_dryrun", "paper_tokenizers"]
 ROWS = {"gkd": gkd_rows, "mfu": mfu_rows, "imports": imports_rows, "kd_cache": kd_cache_rows,
         "generation": generation_rows, "loss_memory": loss_memory_rows, "study": study_rows,
-        "dvc_rebuilds": dvc_rebuilds_rows, "gpu_kd": gpu_kd_rows}
+        "dvc_rebuilds": dvc_rebuilds_rows, "gpu_kd": gpu_kd_rows, "paper_dryrun": paper_dryrun_rows,
+        "paper_tokenizers": paper_tokenizers_rows}
 
 
 def table(results: Path) -> str:

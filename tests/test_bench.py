@@ -85,6 +85,44 @@ def check_dvc_rebuilds(d):
     assert len(d["recorded_verdicts"]) == 5
 
 
+def _check_data_fallback(d):
+    """Real TeleQuAD when imported; the sample (said in the result) only when it is not."""
+    import paper_dryrun
+
+    real = Path(paper_dryrun.TELEQUAD).exists()
+    assert (d["data_fallback"] is None) == real and ("telequad-sample" in d["data"]) == (not real)
+
+
+def check_paper_dryrun(d):
+    _check_data_fallback(d)
+    s = d["steps"]
+    assert d["layers"] == 1 and set(s) == {"sft_student", "cache_llama", "kd_vanilla_llama"}
+    assert (d["dtype"], d["micro_batch"], d["grad_accum"]) == ("bfloat16", 4, 8)
+    # one TinyLlama layer, LoRA r 256 on the seven sft.lora_targets: r x (d_in + d_out) each
+    assert s["sft_student"]["trainable_params"] == 256 * ((2048 + 2048) * 2 + (2048 + 256) * 2 + (2048 + 5632) * 3)
+    # the Llama teacher shares the student's tokenizer: every answer token aligned
+    assert s["cache_llama"]["aligned_positions"] == s["cache_llama"]["answer_tokens"] > 0
+    assert s["cache_llama"]["forward_batches"] == 8 and s["kd_vanilla_llama"]["micro_batches"] == 8
+    # the paper's kd student: LoRA r 256 on q_proj, v_proj (profiles.paper.student_kd), one layer
+    assert s["kd_vanilla_llama"]["student_lora"] is True
+    assert s["kd_vanilla_llama"]["trainable_params"] == 256 * ((2048 + 2048) + (2048 + 256))
+    # one student layer at real widths, bf16: embeddings + head, q/o, k/v (4 kv heads x 64), MLP, three RMSNorms
+    student_1l = 2 * (2 * 32000 * 2048 + 2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632 + 3 * 2048)
+    assert student_1l < s["kd_vanilla_llama"]["resident_bytes"] < student_1l + 64 * 2**20
+    assert all(v["peak_bytes"] > v["resident_bytes"] and v["flops"] > 0 for v in s.values())
+    assert "projection" not in d  # the projection needs every step
+
+
+def check_paper_tokenizers(d):
+    _check_data_fallback(d)
+    llama, mistral = d["teachers"]["llama2"], d["teachers"]["mistral"]
+    assert d["questions"] == 8 and llama["examples"] == mistral["examples"] == 8
+    assert llama["vocab_overlap"] == llama["same_id"] == llama["gold_mapped_fraction"] == 1.0
+    # the two 32,000-token vocabularies (data-independent): 75.58% of the strings shared, 0.84% at the same id
+    assert (mistral["vocab_overlap"], mistral["same_id"]) == (0.7558, 0.0084)
+    assert 0.5 < mistral["aligned_fraction"] < 1 and llama["student_answer_tokens"] == mistral["student_answer_tokens"]
+
+
 SMOKES = [  # (script and extra args, result file, checks)
     (["gkd.py"], "gkd", check_gkd),
     (["mfu.py"], "mfu", check_mfu),
@@ -97,18 +135,26 @@ SMOKES = [  # (script and extra args, result file, checks)
     (["gpu_kd.py", "--teacher", "mistral"], "gpu_kd-cpu-tiny-mistral", check_gpu_kd),
     (["study.py"], "study", check_study),
     (["dvc_rebuilds.py"], "dvc_rebuilds", check_dvc_rebuilds),
+    (["paper_dryrun.py"], "paper_dryrun", check_paper_dryrun),
+    (["paper_tokenizers.py"], "paper_tokenizers", check_paper_tokenizers),
 ]
+NEEDS_VOCAB = {"paper_dryrun.py", "paper_tokenizers.py"}  # the real Llama-2 / Mistral tokenizers (make setup)
 
 
 def test_every_script_has_a_smoke_run():
     scripts = {p.name for p in BENCH.glob("*.py")} - {"common.py", "readme_table.py"}
-    # other helpers' dry-run scripts carry their own tests
-    scripts -= {"paper_dryrun.py", "paper_tokenizers.py"}
     assert scripts <= {args[0] for args, _, _ in SMOKES}
 
 
 @pytest.mark.parametrize("args,name,check", SMOKES, ids=[" ".join(s[0]) for s in SMOKES])
 def test_smoke(tmp_path, args, name, check):
+    if args[0] in NEEDS_VOCAB:
+        from telekd import vocab
+
+        try:
+            vocab.llama_gguf_file(), vocab.mistral_model_file()
+        except vocab.VocabMissing as e:
+            pytest.skip(f"paper vocabularies not installed: {e}")
     before = _results_digest()
     cmd = [sys.executable, str(BENCH / args[0]), *args[1:], "--smoke", "--out-dir", str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
