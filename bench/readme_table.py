@@ -183,7 +183,7 @@ STEP_WHAT = {  # bench/paper_dryrun.py's steps
 def paper_dryrun_rows(d: dict) -> list[list[str]]:
     gib = 2 ** 30
     setup = (f"paper profile dry run on the meta device (`bench/paper_dryrun.py`: the stages' code at the real "
-             f"widths, {d['layers']} layers, {d['dtype']}, micro-batch {d['micro_batch']} x {d['grad_accum']}, the "
+             f"widths, {'the published depth' if d['layers'] == 'full' else str(d['layers']) + ' layer(s)'}, {d['dtype']}, micro-batch {d['micro_batch']} x {d['grad_accum']}, the "
              f"longest training questions; peak = resident + live storages, add 1-2 GiB of CUDA context): ")
     rows = []
     for i, (name, r) in enumerate(d["steps"].items()):
