@@ -58,10 +58,10 @@ def hub_error(source: str, revision: str | None, e: BaseException) -> ModelLoadE
     return None
 
 
-def _from_hub(fn, where: str, rev: str | None, source_is_hub: bool, **kw):
-    """fn(where, revision=rev, **kw), with hub failures turned into one ModelLoadError line."""
+def _from_hub(load, where: str, rev: str | None, source_is_hub: bool):
+    """load() (a from_pretrained call of `where` at `rev`), with hub failures turned into one ModelLoadError line."""
     try:
-        return fn(where, revision=rev, **kw)
+        return load()
     except (OSError, ValueError) as e:  # transformers wraps hub errors in OSError (or raises them directly)
         err = hub_error(where, rev, e) if source_is_hub else None
         if err is None:
@@ -95,7 +95,8 @@ def load_tokenizer(source: str, revision: str | None = None, *, trust_remote_cod
     from .prompts import set_chat_template
 
     where, rev, template = _resolve(source, revision)
-    tok = _from_hub(AutoTokenizer.from_pretrained, where, rev, rev is not None, trust_remote_code=trust_remote_code)
+    tok = _from_hub(lambda: AutoTokenizer.from_pretrained(where, revision=rev, trust_remote_code=trust_remote_code),
+                    where, rev, rev is not None)
     if template:
         set_chat_template(tok, template)
     if tok.pad_token is None:  # Llama-2 and Mistral ship without one; padding is masked anyway
@@ -113,9 +114,9 @@ def load_model(source: str, revision: str | None = None, *, dtype: str = "float3
         raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     tok = load_tokenizer(source, revision, trust_remote_code=trust_remote_code)
     where, rev, _ = _resolve(source, revision)
-    model = _from_hub(AutoModelForCausalLM.from_pretrained, where, rev, rev is not None,
-                      dtype=getattr(torch, DTYPES[dtype]), use_safetensors=True,
-                      trust_remote_code=trust_remote_code).to(device)
+    model = _from_hub(lambda: AutoModelForCausalLM.from_pretrained(
+        where, revision=rev, dtype=getattr(torch, DTYPES[dtype]), use_safetensors=True,
+        trust_remote_code=trust_remote_code), where, rev, rev is not None).to(device)
     if model.get_input_embeddings().num_embeddings < len(tok):
         raise ModelLoadError(
             f"{source}: tokenizer has {len(tok)} tokens but the model embeds {model.get_input_embeddings().num_embeddings}: "
@@ -140,7 +141,7 @@ def _weight_files(source: str, revision: str | None, names: tuple[str, ...]) -> 
         from huggingface_hub.errors import EntryNotFoundError
 
         try:
-            return _from_hub(lambda repo, revision: hf_hub_download(repo, fname, revision=revision), where, rev, True)
+            return _from_hub(lambda: hf_hub_download(where, fname, revision=rev), where, rev, True)
         except EntryNotFoundError:
             return None
 

@@ -104,14 +104,14 @@ def _model_dir(name: str) -> Path:
     return d
 
 
-def load(name: str):
+def load(name: str, *, trust_remote_code: bool = False):
     """The real tokenizer of `name` (llama2: Llama-2-7B and TinyLlama; mistral: Mistral-7B-v0.1), with the
-    study's chat template and pad token set as models.load_tokenizer sets them."""
+    study's chat template and pad token set as models.load_tokenizer sets them (trust_remote_code: as there)."""
     from transformers import AutoTokenizer
 
     from .prompts import set_chat_template
 
-    tok = AutoTokenizer.from_pretrained(str(_model_dir(name)))
+    tok = AutoTokenizer.from_pretrained(str(_model_dir(name)), trust_remote_code=trust_remote_code)
     set_chat_template(tok, name)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token

@@ -94,7 +94,8 @@ def test_api_key_never_leaves_the_environment(tmp_path, saved_models):
     try:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         params["eval_llm"].update(backend="openai", base_url=f"http://127.0.0.1:{server.port}/v1", model="tiny-judge",
-                                  max_samples=1, max_chars=12, max_items=1, max_new_tokens=256, max_retries=0)
+                                  max_new_tokens=256, max_retries=0)
+        params["profiles"]["tiny"]["eval"].update(max_samples=1, max_chars=12, max_items=1)
         params["stats"]["bootstrap_resamples"] = 100
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         (tmp_path / "predictions").mkdir()
