@@ -95,12 +95,27 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: i
     return losses
 
 
-def build_tiny(params, contexts: list[str], questions: list[str], out_dir, processes: int = 1) -> dict:
+PARALLEL_MIN_FLOPS = 5e11  # below this, a spawned worker's start-up (~4 CPU s of imports) costs more than it saves
+
+
+def pretrain_flops(job: dict) -> float:
+    """Rough training FLOPs of one model's pre-training: 6 x weights x tokens (weights from the architecture)."""
+    a = job["arch"]
+    head_dim = a["hidden"] // a["heads"]
+    per_layer = a["hidden"] * head_dim * (2 * a["heads"] + 2 * a["kv_heads"]) + 3 * a["hidden"] * a["mlp"]
+    weights = a["layers"] * per_layer + 2 * job["vocab_size"] * a["hidden"]
+    return 6.0 * weights * job["steps"] * job["batch"] * job["seq_len"]
+
+
+def build_tiny(params, contexts: list[str], questions: list[str], out_dir, processes: int = 1,
+               min_parallel_flops: float = PARALLEL_MIN_FLOPS) -> dict:
     """Train both tokenizers and pre-train the three tiny models into out_dir/<role>; return their summary.
 
-    The three models are independent: `processes` > 1 pre-trains them in that many worker processes (spawned,
-    each with base_models.threads torch threads), largest first. The weights are bitwise those of processes=1
-    (each model's training reads only its seed, its tokenizer and the contexts; tests/reliability/test_determinism.py).
+    The three models are independent: `processes` > 1 pre-trains them in up to that many worker processes
+    (spawned, each with base_models.threads torch threads), largest first, when their summed `pretrain_flops` reach
+    `min_parallel_flops` (the tiny profile's ~1.4e13 do; the tests' reduced study's ~3e8 do not). The weights are
+    bitwise those of processes=1 (each model's training reads only its seed, its tokenizer and the contexts;
+    tests/reliability/test_determinism.py).
     """
     from pathlib import Path
 
@@ -125,7 +140,7 @@ def build_tiny(params, contexts: list[str], questions: list[str], out_dir, proce
                           steps=bm.pretrain_steps[role], lr=bm.pretrain_lr, batch=bm.pretrain_batch,
                           seq_len=bm.pretrain_seq_len, seed=params.seed, threads=bm.threads,
                           contexts=contexts, out_dir=str(out_dir))
-    if processes == 1:
+    if processes == 1 or sum(pretrain_flops(j) for j in jobs.values()) < min_parallel_flops:
         built = {role: _pretrain_role(**job) for role, job in jobs.items()}
     else:
         import multiprocessing
@@ -134,7 +149,7 @@ def build_tiny(params, contexts: list[str], questions: list[str], out_dir, proce
         # spawn, not fork: a forked child would inherit torch's and the tokenizers' thread pools
         with ProcessPoolExecutor(max_workers=min(processes, len(jobs)),
                                  mp_context=multiprocessing.get_context("spawn")) as pool:
-            order = sorted(jobs, key=lambda r: -jobs[r]["steps"] * jobs[r]["arch"]["hidden"] ** 2 * jobs[r]["arch"]["layers"])
+            order = sorted(jobs, key=lambda r: -pretrain_flops(jobs[r]))
             futures = {role: pool.submit(_pretrain_role, **jobs[role]) for role in order}
             built = {role: futures[role].result() for role in jobs}
     summary["models"] = {role: built[role] for role in jobs}
