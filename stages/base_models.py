@@ -8,6 +8,11 @@ from telekd.io import atomic_path, read_jsonl, write_json
 from telekd.params import load_params
 
 
+def free_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one, e.g. under taskset or a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def main() -> None:
     p = load_params()
     from telekd import zoo
@@ -18,7 +23,7 @@ def main() -> None:
             contexts = list(dict.fromkeys(r.context for r in train))  # unique, in order
             # the three models train in parallel processes, one per free core: bitwise the sequential weights
             summary = zoo.build_tiny(p, contexts, [r.question for r in train], out,
-                                     processes=min(3, len(os.sched_getaffinity(0))))
+                                     processes=min(3, free_cores()))
         else:
             summary = zoo.point_to_hub(p, out)
     summary["profile"] = p.profile
