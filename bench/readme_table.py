@@ -137,6 +137,8 @@ def loss_memory_rows(d: dict) -> list[list[str]]:
 
 
 def study_rows(d: dict) -> list[list[str]]:
+    if d.get("study", "tiny profile").startswith("reduced"):
+        return reduced_study_rows(d)
     s, g = d["summary_s"], d["goals"]
     mins = s["make_repro"] / 60
     return [[f"the study (`bench/study.py`, {d['make_repro']['stages_run']} stages): `make repro` from a fresh clone "
@@ -146,6 +148,43 @@ def study_rows(d: dict) -> list[list[str]]:
              f"{met(s['make_repro'], g['make_repro_s'], ' s')} / {met(s['noop_repro'], g['noop_repro_s'], ' s')}"],
             ["the same `make repro` by stage family (seconds, stages; each includes its process start-up)",
              ", ".join(f"{k} {n(v['total_s'])} ({v['stages']})" for k, v in d["families"].items()), "report"]]
+
+
+def reduced_study_rows(d: dict) -> list[list[str]]:
+    s, c = d["summary_s"], d["summary_cpu_s"]
+    return [[f"the tests' reduced study (`bench/study.py --reduced`, {d['make_repro']['stages_run']} stages): "
+             "`dvc repro` / no-op `dvc repro`, CPU seconds of the stage processes (wall time in brackets, "
+             "inflated by the shared machine's load)",
+             f"{n(c['make_repro'])} CPU s ({n(s['make_repro'])} s) / {c['noop_repro']:.1f} CPU s "
+             f"({s['noop_repro']:.1f} s)", "report"]]
+
+
+def study_identity_rows(d: dict) -> list[list[str]]:
+    files = d["per_sample_scores_sha256"]
+    same = sum(v["identical"] for v in files.values())
+    return [[f"{d['what']}: sha256 of every per-sample score file, then every entry of the study snapshot "
+             f"({d['before']} vs {d['after']})",
+             f"{same} of {len(files)} score files identical; {d['snapshot_entries']} snapshot entries, "
+             f"{len(d['snapshot_differing'])} differing", "identical, " + (
+                 "met" if same == len(files) and not d["snapshot_differing"] else "not met")]]
+
+
+def judge_tiny_rows(d: dict) -> list[list[str]]:
+    a, b = d["A_48_2"], d["B_16_1"]
+    return [["the tiny profile's local judge, one eval_llm process (the reduced study's judge model, 2 judged "
+             "samples, judge cache cleared): answers bounded at 48 characters / 2 items vs 16 / 1 (the same ragas, "
+             "schema and check code)", f"{a['cpu_s_median']:.1f} vs {b['cpu_s_median']:.1f} CPU s per process "
+             f"({d['ratio_A_over_B']['cpu']:.2f}x); judging: {a['judge_log'].split('(')[-1].rstrip(')')} vs "
+             f"{b['judge_log'].split('(')[-1].rstrip(')')}", "report"]]
+
+
+def base_models_parallel_rows(d: dict) -> list[list[str]]:
+    b, a = d["before"], d["after"]
+    return [["the tiny profile's three base models, sequential vs parallel worker processes (one torch thread "
+             "each; the same weights required)", f"{b['wall_s']:.0f} vs {a['wall_s']:.0f} s wall ({b['cpu_s']:.0f} vs "
+             f"{a['cpu_s']:.0f} CPU s) with {a['processes']} processes on a shared machine; {d['files']} files "
+             f"{'bitwise identical' if d['files_and_summary_identical'] else 'DIFFERENT'}",
+             "bitwise identical, " + ("met" if d["files_and_summary_identical"] else "not met")]]
 
 
 def dvc_rebuilds_rows(d: dict) -> list[list[str]]:
@@ -223,11 +262,13 @@ def paper_tokenizers_rows(d: dict) -> list[list[str]]:
 
 
 ORDER = ["gkd", "mfu", "imports", "kd_cache", "generation", "loss_memory", "study", "dvc_rebuilds", "gpu_kd",
-         "paper_dryrun", "paper_tokenizers"]
+         "paper_dryrun", "paper_tokenizers", "study-identity", "judge-tiny", "base_models-parallel"]
 ROWS = {"gkd": gkd_rows, "mfu": mfu_rows, "imports": imports_rows, "kd_cache": kd_cache_rows,
         "generation": generation_rows, "loss_memory": loss_memory_rows, "study": study_rows,
         "dvc_rebuilds": dvc_rebuilds_rows, "gpu_kd": gpu_kd_rows, "paper_dryrun": paper_dryrun_rows,
-        "paper_tokenizers": paper_tokenizers_rows}
+        "paper_tokenizers": paper_tokenizers_rows,
+        "study-identity": study_identity_rows, "judge-tiny": judge_tiny_rows,
+        "base_models-parallel": base_models_parallel_rows}
 
 
 def table(results: Path) -> str:

@@ -11,6 +11,7 @@ By default the clone reuses this interpreter's virtual environment (--venv) and 
     python bench/study.py                      # the full tiny study (~20 min): bench/results/study.json
     python bench/study.py --target prepare --out-dir /tmp/study-check   # one real stage in a clone: a minute
     python bench/study.py --smoke              # no clone, no DVC: see below
+    python bench/study.py --reduced --keep --skip-exp --out-dir /tmp/reduced   # the tests' reduced study
 
 --smoke checks this script's own logic without running a study: it plans the same three commands
 (`dvc repro`, no-op `dvc repro`, `dvc exp run -S kd.alg=dskd`), runs each as a child process that
@@ -23,6 +24,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 def timed(cmd: list[str], cwd: Path, env: dict, log) -> dict:
     """Run cmd, time-stamp its output lines; return wall time, per-stage durations and skipped stages."""
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
     starts, skipped = [], []
@@ -54,11 +57,13 @@ def timed(cmd: list[str], cwd: Path, env: dict, log) -> dict:
             skipped.append(m.group(1))
     rc = proc.wait()
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if rc != 0:
         raise SystemExit(f"study: {' '.join(cmd)} failed with exit code {rc}: see {log.name}")
     ends = [t for _, t in starts[1:]] + [wall]
     stages = {name: round(end - start, 2) for (name, start), end in zip(starts, ends)}
-    return {"command": " ".join(cmd), "wall_s": round(wall, 2), "stages_run": len(stages),
+    return {"command": " ".join(cmd), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "stages_run": len(stages),
             "stages_skipped": len(skipped), "stage_s": stages}
 
 
@@ -120,6 +125,8 @@ def main() -> None:
     ap.add_argument("--fresh-venv", action="store_true", help="run the real `make repro`, pip install included")
     ap.add_argument("--target", default=None, help="only this DVC target (e.g. prepare) to check the script")
     ap.add_argument("--skip-exp", action="store_true", help="leave out dvc exp run -S kd.alg=dskd")
+    ap.add_argument("--reduced", action="store_true",
+                    help="the tests' reduced study (tests/conftest.py: reduce_study) committed in the clone")
     ap.add_argument("--keep", action="store_true", help="keep the clone")
     add_output_args(ap, "no clone and no DVC: the plan's commands replaced by fixture output (see above)")
     a = ap.parse_args()
@@ -129,11 +136,22 @@ def main() -> None:
     clone = tmp / "telekd"
     subprocess.run(["git", "clone", "--quiet", a.repo, str(clone)], check=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout
+    if a.reduced:
+        import yaml
+
+        sys.path.insert(0, str(clone / "tests"))
+        from conftest import reduce_study
+
+        params = reduce_study(yaml.safe_load((clone / "params.yaml").read_text()))
+        (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+        subprocess.run([*git, "commit", "--quiet", "-am", "reduced study"], cwd=clone, check=True)
     env = {**os.environ, **OFFLINE}
     env["PYTHONPATH"] = str(clone / "src")  # the clone's code, never an editable install elsewhere
     target = [a.target] if a.target else []
     log_path = tmp / "study.log"
-    result = {"benchmark": "study", "target": a.target or "all", "clone": str(clone)}
+    result = {"benchmark": "study", "target": a.target or "all",
+              "study": "reduced (tests/conftest.py: reduce_study)" if a.reduced else "tiny profile", "clone": str(clone)}
     # the clone holds committed HEAD only: that commit is what ran, uncommitted changes never reach it
     prov = {**provenance(), "commit": head.strip(), "dirty": False, "dirty_paths": []}
     with open(log_path, "w") as log:
@@ -153,9 +171,12 @@ def main() -> None:
     full = result["make_repro"]
     result["families"] = by_family(full["stage_s"])
     result["slowest_stages"] = dict(sorted(full["stage_s"].items(), key=lambda kv: -kv[1])[:10])
-    result["goals"] = {"make_repro_s": "<= 600", "noop_repro_s": "<= 10"}
+    result["goals"] = {"make_repro_s": "<= 600", "noop_repro_s": "<= 5"}
     result["summary_s"] = {"make_repro": full["wall_s"], "noop_repro": result["noop_repro"]["wall_s"],
                            "exp_run_dskd": result.get("exp_run_dskd", {}).get("wall_s")}
+    result["summary_cpu_s"] = {k: result[k]["cpu_s"] for k in ("make_repro", "noop_repro", "exp_run_dskd")
+                               if k in result}
+    result["load_at_end"] = os.getloadavg()
     import torch  # only for the versions line
 
     result.update({"machine": {"platform": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -1,9 +1,16 @@
 """Stage base_models: build the tiny profile's tokenizers and models here, or pin the paper's hub checkpoints."""
 
+import os
+
 from telekd import layout
 from telekd.data import QARecord
 from telekd.io import atomic_path, read_jsonl, write_json
 from telekd.params import load_params
+
+
+def free_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one, e.g. under taskset or a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main() -> None:
@@ -14,7 +21,9 @@ def main() -> None:
         if all(m.build for m in p.active.models.values()):
             train = [QARecord.from_dict(r) for r in read_jsonl(layout.split_file("train"))]
             contexts = list(dict.fromkeys(r.context for r in train))  # unique, in order
-            summary = zoo.build_tiny(p, contexts, [r.question for r in train], out)
+            # the three models train in parallel processes, one per free core: bitwise the sequential weights
+            summary = zoo.build_tiny(p, contexts, [r.question for r in train], out,
+                                     processes=min(3, free_cores()))
         else:
             summary = zoo.point_to_hub(p, out)
     summary["profile"] = p.profile

@@ -95,45 +95,95 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: i
     return losses
 
 
-def build_tiny(params, contexts: list[str], questions: list[str], out_dir) -> dict:
-    """Train both tokenizers and pre-train the three tiny models into out_dir/<role>; return their summary."""
+PARALLEL_MIN_FLOPS = 5e11  # below this, a spawned worker's start-up (~4 CPU s of imports) costs more than it saves
+
+
+def pretrain_flops(job: dict) -> float:
+    """Rough training FLOPs of one model's pre-training: 6 x weights x tokens (weights from the architecture)."""
+    a = job["arch"]
+    head_dim = a["hidden"] // a["heads"]
+    per_layer = a["hidden"] * head_dim * (2 * a["heads"] + 2 * a["kv_heads"]) + 3 * a["hidden"] * a["mlp"]
+    weights = a["layers"] * per_layer + 2 * job["vocab_size"] * a["hidden"]
+    return 6.0 * weights * job["steps"] * job["batch"] * job["seq_len"]
+
+
+def build_tiny(params, contexts: list[str], questions: list[str], out_dir, processes: int = 1,
+               min_parallel_flops: float = PARALLEL_MIN_FLOPS) -> dict:
+    """Train both tokenizers and pre-train the three tiny models into out_dir/<role>; return their summary.
+
+    The three models are independent: `processes` > 1 pre-trains them in up to that many worker processes
+    (spawned, each with base_models.threads torch threads), largest first, when their summed `pretrain_flops` reach
+    `min_parallel_flops` (the tiny profile's ~1.4e13 do; the tests' reduced study's ~3e8 do not). The weights are
+    bitwise those of processes=1 (each model's training reads only its seed, its tokenizer and the contexts;
+    tests/reliability/test_determinism.py).
+    """
     from pathlib import Path
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .models import count_parameters
     from .prompts import set_chat_template
 
+    if processes < 1:
+        raise ValueError(f"processes={processes}: give 1 (sequential) or more worker processes")
     bm, prof = params.base_models, params.active
-    # A float reduction split over n threads sums in an n-dependent order: the weights would depend on the
-    # machine's core count or OMP_NUM_THREADS. A fixed count makes them a function of the params alone.
-    torch.set_num_threads(bm.threads)
     # Different corpora -> different merges, mostly shared strings (as Llama-2 vs Mistral).
     toks = {
         "llama": train_tokenizer(contexts, bm.vocab_size),
         "mistral": train_tokenizer(contexts + questions, bm.vocab_size),
     }
     summary = {"vocab_overlap_llama_mistral": round(vocab_overlap(toks["llama"], toks["mistral"]), 4), "models": {}}
+    jobs = {}
     for role in ("llama", "mistral", "student"):
         family = "mistral" if role == "mistral" else "llama"
-        tok = toks[family]
-        set_chat_template(tok, prof.models[role].chat_template)
-        torch.manual_seed(params.seed)
-        cfg = make_config(family, prof.architectures[role], bm.vocab_size, max_positions=2 * prof.train.max_length)
-        model = AutoModelForCausalLM.from_config(cfg)
-        losses = pretrain(model, tok, contexts, bm.pretrain_steps[role], bm.pretrain_lr, bm.pretrain_batch,
-                          bm.pretrain_seq_len, params.seed, desc=f"pretrain {role}")
-        model.save_pretrained(Path(out_dir) / role, safe_serialization=True)
-        tok.save_pretrained(Path(out_dir) / role)
-        summary["models"][role] = {
-            "architecture": cfg.architectures[0] if cfg.architectures else type(model).__name__,
-            "parameters": count_parameters(model), "vocab_size": len(tok), "tokenizer": family,
-            "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
-            "pretrain_loss_first": round(losses[0], 4) if losses else None,
-            "pretrain_loss_last": round(losses[-1], 4) if losses else None,
-        }
+        set_chat_template(toks[family], prof.models[role].chat_template)
+        toks[family].save_pretrained(Path(out_dir) / role)
+        jobs[role] = dict(role=role, family=family, arch=prof.architectures[role].model_dump(),
+                          vocab_size=bm.vocab_size, max_positions=2 * prof.train.max_length,
+                          steps=bm.pretrain_steps[role], lr=bm.pretrain_lr, batch=bm.pretrain_batch,
+                          seq_len=bm.pretrain_seq_len, seed=params.seed, threads=bm.threads,
+                          contexts=contexts, out_dir=str(out_dir))
+    if processes == 1 or sum(pretrain_flops(j) for j in jobs.values()) < min_parallel_flops:
+        built = {role: _pretrain_role(**job) for role, job in jobs.items()}
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: a forked child would inherit torch's and the tokenizers' thread pools
+        with ProcessPoolExecutor(max_workers=min(processes, len(jobs)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            order = sorted(jobs, key=lambda r: -pretrain_flops(jobs[r]))
+            futures = {role: pool.submit(_pretrain_role, **jobs[role]) for role in order}
+            built = {role: futures[role].result() for role in jobs}
+    summary["models"] = {role: built[role] for role in jobs}
     return summary
+
+
+def _pretrain_role(role: str, family: str, arch: dict, vocab_size: int, max_positions: int, steps: int, lr: float,
+                   batch: int, seq_len: int, seed: int, threads: int, contexts: list[str], out_dir: str) -> dict:
+    """Build, pre-train and save one tiny model next to its saved tokenizer (out_dir/<role>); return its summary."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from .models import count_parameters
+    from .params import Architecture
+
+    # A float reduction split over n threads sums in an n-dependent order: the weights would depend on the
+    # machine's core count or OMP_NUM_THREADS. A fixed count makes them a function of the params alone.
+    torch.set_num_threads(threads)
+    d = Path(out_dir) / role
+    tok = PreTrainedTokenizerFast.from_pretrained(d)
+    torch.manual_seed(seed)
+    cfg = make_config(family, Architecture(**arch), vocab_size, max_positions=max_positions)
+    model = AutoModelForCausalLM.from_config(cfg)
+    losses = pretrain(model, tok, contexts, steps, lr, batch, seq_len, seed, desc=f"pretrain {role}")
+    model.save_pretrained(d, safe_serialization=True)
+    return {
+        "architecture": cfg.architectures[0] if cfg.architectures else type(model).__name__,
+        "parameters": count_parameters(model), "vocab_size": len(tok), "tokenizer": family,
+        "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+        "pretrain_loss_first": round(losses[0], 4) if losses else None,
+        "pretrain_loss_last": round(losses[-1], 4) if losses else None,
+    }
 
 
 def point_to_hub(params, out_dir) -> dict:
