@@ -86,7 +86,7 @@ def _check_pairs(s_tok, t_tok, s_ex, t_ex, pairs):
         assert s_pieces[j] == t_pieces[i], (s_tok.convert_ids_to_tokens([s_ex.input_ids[sp + 1]]),
                                             t_tok.convert_ids_to_tokens([t_ex.input_ids[tp + 1]]))
         s_prefix, t_prefix = b"".join(s_pieces[:j]), b"".join(t_pieces[:i])
-        assert len(s_prefix) >= s_lead and len(t_prefix) >= t_lead  # never a token inside a dummy prefix
+        assert len(s_prefix) - s_lead == len(t_prefix) - t_lead  # the same start (a dummy prefix: the same length)
         assert s_prefix[s_lead:] == t_prefix[t_lead:]
 
 
@@ -170,9 +170,9 @@ def test_same_family_identical_pieces_pair_every_byte_piece(family):
     s_pieces = s_tok.convert_ids_to_tokens([s_ex.input_ids[p + 1] for p, _ in pairs])
     t_pieces = t_tok.convert_ids_to_tokens([t_ex.input_ids[p + 1] for _, p in pairs])
     assert s_pieces == t_pieces and {"<0xE2>", "<0x82>", "<0xAC>", "</s>"} <= set(s_pieces)
-    # the dummy-prefix "▁" (first answer token of both) spells no completion byte: it never pairs
+    # the dummy-prefix "▁" (first answer token of both, the same length of dummy prefix) pairs with itself
     assert s_tok.convert_ids_to_tokens(s_ex.input_ids[s_ex.prompt_len]) == "▁"
-    assert pairs[0][0] > s_ex.prompt_len - 1
+    assert pairs[0] == (s_ex.prompt_len - 1, t_ex.prompt_len - 1)
 
 
 def test_truncated_answers_align_their_kept_tokens(family):

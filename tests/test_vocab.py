@@ -123,3 +123,27 @@ def test_vanilla_and_dskd_terms_run_on_real_tokenizations(teacher, llama, mistra
         student.zero_grad()
         loss.backward()   # (CMA's student-space term counts only where the random projector is right: often none)
         assert sum(float(q.grad.abs().sum()) for q in student.parameters() if q.grad is not None) > 0
+
+
+def test_alignment_pairs_the_first_answer_token_behind_the_dummy_prefix(llama, mistral):
+    """The first answer token of Llama-2 and Mistral starts in the dummy prefix ('▁▁' before a digit, '▁' before a
+    word): two copies of one tokenizer pair every position, and the two vocabularies pair it too where it is the
+    same (same start, same bytes), so an example does not lose its first answer token to vanilla KD."""
+    from telekd.align import aligned_positions
+    from telekd.data import QARecord
+    from telekd.prompts import build_example
+
+    ctx = "The UE reports the RSRP of 5 cells within ±3 dB."
+    rec = QARecord(id="q", doc_id="d", source="", title="", context=ctx, question="How many cells?",
+                   answers=("5 cells",), answer_starts=(ctx.index("5 cells"),), is_impossible=False)
+    copy = vocab.load("llama2")  # the kd stage loads the student's and the teacher's tokenizer separately
+    s_ex = build_example(llama, rec, "Answer.", 600, 500)
+    first = llama.convert_ids_to_tokens(s_ex.input_ids[s_ex.prompt_len])
+    assert first == "▁▁"
+    n = len(s_ex.input_ids) - s_ex.prompt_len
+    same = aligned_positions(s_ex, build_example(copy, rec, "Answer.", 600, 500, context=s_ex.context), llama, copy)
+    assert len(same) == n and same[0] == (s_ex.prompt_len - 1,) * 2
+    t_ex = build_example(mistral, rec, "Answer.", 600, 500, context=s_ex.context)
+    assert mistral.convert_ids_to_tokens(t_ex.input_ids[t_ex.prompt_len]) == "▁▁"
+    cross = aligned_positions(s_ex, t_ex, llama, mistral)
+    assert cross[0] == (s_ex.prompt_len - 1, t_ex.prompt_len - 1)

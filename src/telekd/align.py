@@ -19,8 +19,10 @@ predicted tokens spell the same bytes **and** the completion text before them is
 target and its prefix are identical. The pieces of one multi-byte character pair only when they are
 the same pieces (byte-level ``[âĤ, ¬]`` against ``[â, Ĥ¬]`` for "€" pairs nothing). A SentencePiece
 "dummy prefix" (the extra ``▁`` its normaliser puts before the text) belongs to no completion byte:
-it is counted with the prompt (whose template differs between the models anyway) and the token that
-holds it does not pair.
+it gets negative byte offsets, and a token that starts in it (Llama-2's and Mistral's ``▁`` or ``▁▁``
+before an answer that starts with a space) pairs only with a token of the same start and bytes: one
+behind a dummy prefix of the same length. A byte-level BPE token never pairs with it. Two copies of the
+same tokenizer (the same definition, loaded twice) pair every position, as one object does.
 
 `vocab_map` carries the teacher's distribution to the student's vocabulary through tokens that spell
 the same bytes (one-to-one; added tokens pair by content). Mass on teacher tokens without a twin stays
@@ -38,6 +40,7 @@ from functools import lru_cache
 BYTE_LEVEL, SENTENCEPIECE = "byte-level BPE", "SentencePiece"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _KIND_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DIGEST_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def same_vocab(tok_a, tok_b) -> bool:
@@ -60,6 +63,23 @@ def _byte_decoder() -> dict[str, int]:
 
 def _spec(tokenizer) -> dict:
     return json.loads(tokenizer.backend_tokenizer.to_str())
+
+
+def _digest(tokenizer) -> str:
+    """sha256 of the fast tokenizer's full definition (vocabulary, merges, normaliser, ...), cached per object:
+    two objects loaded from the same files (the student's and the teacher's copy) have the same digest."""
+    try:
+        return _DIGEST_CACHE[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    import hashlib
+
+    d = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
+    try:
+        _DIGEST_CACHE[tokenizer] = d
+    except TypeError:
+        pass
+    return d
 
 
 def token_kind(tokenizer) -> str | None:
@@ -214,22 +234,21 @@ def aligned_positions(student_ex, teacher_ex, student_tok, teacher_tok) -> list[
 
     A position p predicts the token at p + 1; answer token j of an example sits at prompt_len + j. A pair is
     formed only where both tokens start at the same byte of the completion and spell the same bytes, so the
-    completion text before them and the target are byte-identical. Tokens that start inside a SentencePiece
-    dummy prefix never pair. Raises ValueError when the completions differ or a tokenizer cannot be read
+    completion text before them and the target are byte-identical (a SentencePiece dummy prefix counts as
+    bytes before the completion: a token that starts in it pairs only behind a dummy prefix of the same length). Raises ValueError when the completions differ or a tokenizer cannot be read
     as bytes (see `token_kind`).
     """
     if student_ex.completion != teacher_ex.completion:
         raise ValueError(f"record {student_ex.id}: student and teacher completions differ; they must share the answer text")
     s_ids, t_ids = student_ex.input_ids[student_ex.prompt_len:], teacher_ex.input_ids[teacher_ex.prompt_len:]
-    if student_tok is teacher_tok or (s_ids == t_ids and (token_kind(student_tok) is None or token_kind(teacher_tok) is None)
-                                      and _spec(student_tok) == _spec(teacher_tok)):
-        # the same tokenizer: the same tokens at every position
+    if student_tok is teacher_tok or (s_ids == t_ids and _digest(student_tok) == _digest(teacher_tok)):
+        # the same tokenizer (one object, or two copies of one definition): the same tokens at every position
         n = min(len(s_ids), len(t_ids))
         return [(student_ex.prompt_len + j - 1, teacher_ex.prompt_len + j - 1) for j in range(n)]
     t_at = {(a, b): (i, tb) for i, (a, b, tb) in enumerate(_byte_spans(teacher_tok, teacher_ex, "teacher"))}
     pairs = []
     for j, (a, b, sb) in enumerate(_byte_spans(student_tok, student_ex, "student")):
         hit = t_at.get((a, b))
-        if a >= 0 and hit is not None and hit[1] == sb:
+        if hit is not None and hit[1] == sb:
             pairs.append((student_ex.prompt_len + j - 1, teacher_ex.prompt_len + hit[0] - 1))
     return pairs
