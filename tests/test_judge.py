@@ -541,3 +541,33 @@ def test_only_failures_that_can_pass_are_retried(tmp_path, monkeypatch, mode, re
     # the first call of each of the 3 metrics fails; retried: 3 attempts each
     assert handler.requests == (9 if retried else 3)
     assert ("(after 3 attempts)" if retried else "not retried: deterministic") in s["judge_error"]
+
+
+# a blank statement fits the bounded schema but states nothing: ragas counted it (a TP of "" scored 0.83)
+@pytest.mark.parametrize("name,reply,metrics", [
+    ("StatementGeneratorOutput", {"statements": [""]}, {"answer_correctness", "faithfulness"}),
+    ("StatementGeneratorOutput", {"statements": ["a", "   "]}, {"answer_correctness", "faithfulness"}),
+    ("ClaimDecompositionOutput", {"claims": [" "]}, {"factual_correctness"}),
+    ("NLIStatementOutput", {"statements": [{"statement": "", "reason": "r", "verdict": 1}] * 2},
+     {"factual_correctness", "faithfulness"}),
+    ("ClassificationWithReason", {"TP": [{"statement": "", "reason": "r"}], "FP": [], "FN": []},
+     {"answer_correctness"}),
+])
+def test_blank_statements_are_failed_judgments(tmp_path, name, reply, metrics):
+    from telekd.judge import blank_statement
+
+    assert blank_statement(reply) is not None
+    s, report = _judge_one(tmp_path, Fixed(**{name: reply}))
+    for m in LLM_METRICS:
+        assert (s[m] is None) == (m in metrics), (m, s)
+    assert "blank statement" in s["judge_error"] and report.failures == 1
+
+
+def test_blank_statement_finds_the_first_blank_and_passes_text():
+    from telekd.judge import blank_statement
+
+    assert blank_statement({"statements": ["a", "b"]}) is None
+    assert blank_statement({"TP": [{"statement": "s", "reason": ""}], "FP": [], "FN": []}) is None  # reason may be ""
+    assert blank_statement({"FN": [{"statement": "s", "reason": "r"}, {"statement": "\n", "reason": "r"}]}) == \
+        "FN/1/statement"
+    assert blank_statement({"claims": ["c", ""]}) == "claims/1"
