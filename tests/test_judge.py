@@ -89,6 +89,8 @@ def test_bounded_schema_bounds_strings_lists_and_verdicts():
     assert item["properties"]["verdict"]["enum"] == [0, 1] and item["properties"]["reason"]["maxLength"] == 50
     cls = bounded_schema(ClassificationWithReason.model_json_schema(), 50, 4)
     assert "minItems" not in cls["properties"]["TP"] and cls["properties"]["FN"]["maxItems"] == 4
+    assert s["additionalProperties"] is False and item["additionalProperties"] is False
+    assert cls["additionalProperties"] is False and all(d["additionalProperties"] is False for d in cls["$defs"].values())
 
 
 def test_local_judge_gives_numbers(local_run):
@@ -374,6 +376,11 @@ EMPTY_CLASSIFICATION = {"TP": [], "FP": [], "FN": []}
     ("ClaimDecompositionOutput", {"claims": ["c"] * 4}, {"factual_correctness"}, "bounded schema"),
     ("ClassificationWithReason", {"TP": [{"statement": "s"}], "FP": [], "FN": []}, {"answer_correctness"},
      "bounded schema"),
+    # an extra key (a server that ignores response_format): out of schema, at the top or inside an item
+    ("ClassificationWithReason", {"TP": [{"statement": "s", "reason": "r"}], "FP": [], "FN": [], "score": 1},
+     {"answer_correctness"}, "bounded schema"),
+    ("NLIStatementOutput", {"statements": [{"statement": "s", "reason": "r", "verdict": 1, "confidence": 1}] * 2},
+     {"factual_correctness", "faithfulness"}, "bounded schema"),
     # degenerate: fewer verdicts than statements would shrink the denominator (1 of 1 instead of 1 of 2)
     ("NLIStatementOutput", {"statements": [{"statement": "s", "reason": "r", "verdict": 1}]},
      {"factual_correctness", "faithfulness"}, "1 verdicts for 2 statements"),

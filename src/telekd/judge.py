@@ -15,7 +15,8 @@ Design
 * Bounded schema (`bounded_schema`): every string gets ``maxLength = max_chars``, every array
   ``maxItems = max_items``; the ``statements``/``claims`` arrays get ``minItems 1`` (Faithfulness is NaN
   on an empty list and AnswerCorrectness scores empty lists as a perfect match) and ``verdict`` is
-  restricted to {0, 1}. Without the bounds a random model writes ``"verdict": 6666...`` forever.
+  restricted to {0, 1}; objects get ``additionalProperties: false`` (an extra key is out of schema, and
+  OpenAI's ``strict`` json_schema mode requires it). Without the bounds a random model writes ``"verdict": 6666...`` forever.
 * Every reply, fresh or cached, is checked against the bounded schema itself (jsonschema: minItems,
   maxItems, maxLength, verdict in {0, 1}), not only parsed into ragas's pydantic model, which accepts
   an empty statement list, a verdict of 7 or a 5,000-character string; a server that ignores
@@ -123,6 +124,8 @@ def bounded_schema(schema: dict, max_chars: int, max_items: int) -> dict:
                 node["minItems"] = max(node.get("minItems", 0), 1)
         elif kind == "integer" and name == "verdict":
             node["enum"] = [0, 1]
+        elif kind == "object" and "properties" in node:
+            node["additionalProperties"] = False  # a key the model does not define is out of schema
         for key, sub in node.get("properties", {}).items():
             walk(sub, key)
         if "items" in node:
