@@ -89,6 +89,8 @@ def test_bounded_schema_bounds_strings_lists_and_verdicts():
     assert item["properties"]["verdict"]["enum"] == [0, 1] and item["properties"]["reason"]["maxLength"] == 50
     cls = bounded_schema(ClassificationWithReason.model_json_schema(), 50, 4)
     assert "minItems" not in cls["properties"]["TP"] and cls["properties"]["FN"]["maxItems"] == 4
+    assert s["additionalProperties"] is False and item["additionalProperties"] is False
+    assert cls["additionalProperties"] is False and all(d["additionalProperties"] is False for d in cls["$defs"].values())
 
 
 def test_local_judge_gives_numbers(local_run):
@@ -374,6 +376,11 @@ EMPTY_CLASSIFICATION = {"TP": [], "FP": [], "FN": []}
     ("ClaimDecompositionOutput", {"claims": ["c"] * 4}, {"factual_correctness"}, "bounded schema"),
     ("ClassificationWithReason", {"TP": [{"statement": "s"}], "FP": [], "FN": []}, {"answer_correctness"},
      "bounded schema"),
+    # an extra key (a server that ignores response_format): out of schema, at the top or inside an item
+    ("ClassificationWithReason", {"TP": [{"statement": "s", "reason": "r"}], "FP": [], "FN": [], "score": 1},
+     {"answer_correctness"}, "bounded schema"),
+    ("NLIStatementOutput", {"statements": [{"statement": "s", "reason": "r", "verdict": 1, "confidence": 1}] * 2},
+     {"factual_correctness", "faithfulness"}, "bounded schema"),
     # degenerate: fewer verdicts than statements would shrink the denominator (1 of 1 instead of 1 of 2)
     ("NLIStatementOutput", {"statements": [{"statement": "s", "reason": "r", "verdict": 1}]},
      {"factual_correctness", "faithfulness"}, "1 verdicts for 2 statements"),
@@ -541,3 +548,33 @@ def test_only_failures_that_can_pass_are_retried(tmp_path, monkeypatch, mode, re
     # the first call of each of the 3 metrics fails; retried: 3 attempts each
     assert handler.requests == (9 if retried else 3)
     assert ("(after 3 attempts)" if retried else "not retried: deterministic") in s["judge_error"]
+
+
+# a blank statement fits the bounded schema but states nothing: ragas counted it (a TP of "" scored 0.83)
+@pytest.mark.parametrize("name,reply,metrics", [
+    ("StatementGeneratorOutput", {"statements": [""]}, {"answer_correctness", "faithfulness"}),
+    ("StatementGeneratorOutput", {"statements": ["a", "   "]}, {"answer_correctness", "faithfulness"}),
+    ("ClaimDecompositionOutput", {"claims": [" "]}, {"factual_correctness"}),
+    ("NLIStatementOutput", {"statements": [{"statement": "", "reason": "r", "verdict": 1}] * 2},
+     {"factual_correctness", "faithfulness"}),
+    ("ClassificationWithReason", {"TP": [{"statement": "", "reason": "r"}], "FP": [], "FN": []},
+     {"answer_correctness"}),
+])
+def test_blank_statements_are_failed_judgments(tmp_path, name, reply, metrics):
+    from telekd.judge import blank_statement
+
+    assert blank_statement(reply) is not None
+    s, report = _judge_one(tmp_path, Fixed(**{name: reply}))
+    for m in LLM_METRICS:
+        assert (s[m] is None) == (m in metrics), (m, s)
+    assert "blank statement" in s["judge_error"] and report.failures == 1
+
+
+def test_blank_statement_finds_the_first_blank_and_passes_text():
+    from telekd.judge import blank_statement
+
+    assert blank_statement({"statements": ["a", "b"]}) is None
+    assert blank_statement({"TP": [{"statement": "s", "reason": ""}], "FP": [], "FN": []}) is None  # reason may be ""
+    assert blank_statement({"FN": [{"statement": "s", "reason": "r"}, {"statement": "\n", "reason": "r"}]}) == \
+        "FN/1/statement"
+    assert blank_statement({"claims": ["c", ""]}) == "claims/1"

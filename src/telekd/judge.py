@@ -15,7 +15,8 @@ Design
 * Bounded schema (`bounded_schema`): every string gets ``maxLength = max_chars``, every array
   ``maxItems = max_items``; the ``statements``/``claims`` arrays get ``minItems 1`` (Faithfulness is NaN
   on an empty list and AnswerCorrectness scores empty lists as a perfect match) and ``verdict`` is
-  restricted to {0, 1}. Without the bounds a random model writes ``"verdict": 6666...`` forever.
+  restricted to {0, 1}; objects get ``additionalProperties: false`` (an extra key is out of schema, and
+  OpenAI's ``strict`` json_schema mode requires it). Without the bounds a random model writes ``"verdict": 6666...`` forever.
 * Every reply, fresh or cached, is checked against the bounded schema itself (jsonschema: minItems,
   maxItems, maxLength, verdict in {0, 1}), not only parsed into ragas's pydantic model, which accepts
   an empty statement list, a verdict of 7 or a 5,000-character string; a server that ignores
@@ -24,7 +25,8 @@ Design
   empty TP/FP/FN classification (ragas scores it F1 = 1, so "the UDM" against "the SMF" scored 0.83),
   fewer/more NLI verdicts than statements (the denominator of faithfulness and factual correctness),
   and, with ``eval_llm.strict_classification`` (off by default, as in ragas), a classification whose
-  TP + FP is not the answer's statement count. A failed judgment is None with its reason in ``judge_error``; it is retried only when the
+  TP + FP is not the answer's statement count; and a blank (empty or whitespace) statement or claim, which
+  ragas would count like a real one (`blank_statement`). A failed judgment is None with its reason in ``judge_error``; it is retried only when the
   backend is not deterministic (the local judge decodes greedily: the same prompt fails the same way).
 * Metrics: answer correctness = ragas AnswerCorrectness (weights 0.75 factuality / 0.25 semantic
   similarity, embeddings = the offline all-MiniLM-L6-v2); factual correctness = ragas FactualCorrectness
@@ -122,6 +124,8 @@ def bounded_schema(schema: dict, max_chars: int, max_items: int) -> dict:
                 node["minItems"] = max(node.get("minItems", 0), 1)
         elif kind == "integer" and name == "verdict":
             node["enum"] = [0, 1]
+        elif kind == "object" and "properties" in node:
+            node["additionalProperties"] = False  # a key the model does not define is out of schema
         for key, sub in node.get("properties", {}).items():
             walk(sub, key)
         if "items" in node:
@@ -172,6 +176,37 @@ def check_classification(tp: int, fp: int, fn: int, n_answer: int, n_reference: 
         return f"classification puts {tp + fp} statements in TP/FP, but the answer has {n_answer}"
     if fn > n_reference:
         return f"classification has {fn} FN statements, but the reference has only {n_reference}"
+    return None
+
+
+STATEMENT_KEYS = ("statements", "claims", "TP", "FP", "FN")
+
+
+def blank_statement(obj: Any, where: str = "") -> Optional[str]:
+    """None when every statement or claim in a reply has text, else where the first blank one is.
+
+    A blank statement ("" or whitespace) fits the bounded schema but states nothing: ragas would count it
+    (a TP of "" scores "the UDM" against "the SMF" 0.83, statements [""] get verdicts), so it is a failed
+    judgment like an empty list. Looks at string items of the statements/claims/TP/FP/FN arrays and at
+    every ``statement`` field.
+    """
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            path = f"{where}/{key}" if where else key
+            if key == "statement" and isinstance(value, str) and not value.strip():
+                return path
+            if key in STATEMENT_KEYS and isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, str) and not item.strip():
+                        return f"{path}/{i}"
+            found = blank_statement(value, path)
+            if found:
+                return found
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            found = blank_statement(item, f"{where}/{i}")
+            if found:
+                return found
     return None
 
 
@@ -578,6 +613,10 @@ def _ragas_classes() -> tuple[type, type]:
                 if violation is not None:
                     raise JudgeError(f"judge output for {name} breaks its bounded schema ({self.scrub(violation)}): "
                                      f"{self.scrub(text)[:120]!r}", retryable=not self.deterministic)
+                blank = blank_statement(obj)
+                if blank is not None:
+                    raise JudgeError(f"degenerate judgment: blank statement at {blank} in the {name} reply",
+                                     retryable=not self.deterministic)
                 try:
                     return response_model.model_validate(obj)
                 except Exception as e:  # pydantic ValidationError

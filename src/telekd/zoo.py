@@ -139,7 +139,7 @@ def build_tiny(params, contexts: list[str], questions: list[str], out_dir, proce
                           vocab_size=bm.vocab_size, max_positions=2 * prof.train.max_length,
                           steps=bm.pretrain_steps[role], lr=bm.pretrain_lr, batch=bm.pretrain_batch,
                           seq_len=bm.pretrain_seq_len, seed=params.seed, threads=bm.threads,
-                          contexts=contexts, out_dir=str(out_dir))
+                          contexts=contexts, out_dir=str(out_dir), trust_remote_code=params.models.trust_remote_code)
     if processes == 1 or sum(pretrain_flops(j) for j in jobs.values()) < min_parallel_flops:
         built = {role: _pretrain_role(**job) for role, job in jobs.items()}
     else:
@@ -157,7 +157,8 @@ def build_tiny(params, contexts: list[str], questions: list[str], out_dir, proce
 
 
 def _pretrain_role(role: str, family: str, arch: dict, vocab_size: int, max_positions: int, steps: int, lr: float,
-                   batch: int, seq_len: int, seed: int, threads: int, contexts: list[str], out_dir: str) -> dict:
+                   batch: int, seq_len: int, seed: int, threads: int, contexts: list[str], out_dir: str,
+                   trust_remote_code: bool = False) -> dict:
     """Build, pre-train and save one tiny model next to its saved tokenizer (out_dir/<role>); return its summary."""
     from pathlib import Path
 
@@ -171,7 +172,7 @@ def _pretrain_role(role: str, family: str, arch: dict, vocab_size: int, max_posi
     # machine's core count or OMP_NUM_THREADS. A fixed count makes them a function of the params alone.
     torch.set_num_threads(threads)
     d = Path(out_dir) / role
-    tok = PreTrainedTokenizerFast.from_pretrained(d)
+    tok = PreTrainedTokenizerFast.from_pretrained(d, trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
     cfg = make_config(family, Architecture(**arch), vocab_size, max_positions=max_positions)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -97,7 +97,9 @@ def _observe_and_run(record: Path, stage: str = "kd", args: tuple = ("--cell", C
     tracking.TrainLive.__init__ = live_init
     try:
         _stage(Path.cwd(), stage, list(args))
-    finally:
+    finally:  # this also runs in the test process: put the real functions back for the tests after it
+        distill.train_kd, tio.atomic_path, ckpt.Checkpoint.save = real_train, real_atomic, real_save
+        tracking.TrainLive.__init__ = real_live
         (record / f"rank{rank}.writes.json").write_text(json.dumps(writes))
 
 
