@@ -264,14 +264,7 @@ def figures(base: Side, head: Side, out_dir: Path) -> list[str]:
                     ax.plot(*zip(*pts), style, linewidth=1.2, label=lab)
             ax.set_title(r, fontsize=8)
             ax.tick_params(labelsize=7)
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
-        fig.suptitle("KD training loss per step (DVCLive)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out_dir / "review_loss.png", dpi=90)
-        plt.close(fig)
-        written.append("review_loss.png")
+        written.append(_finish(plt, fig, axes, n, "KD training loss per step (DVCLive)", out_dir / "review_loss.png"))
     both = sorted(set(runs(base)) & set(runs(head)))
     data = {}
     for fam, metrics in FAMILIES.items():
@@ -299,14 +292,8 @@ def figures(base: Side, head: Side, out_dir: Path) -> list[str]:
             ax.invert_yaxis()
             ax.set_title(m, fontsize=8)
             ax.tick_params(axis="x", labelsize=7)
-        for ax in list(axes.flat)[n:]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
-        fig.suptitle("Mean score per run (base with its 95% bootstrap CI)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out_dir / "review_metrics.png", dpi=90)
-        plt.close(fig)
-        written.append("review_metrics.png")
+        written.append(_finish(plt, fig, axes, n, "Mean score per run (base with its 95% bootstrap CI)",
+                               out_dir / "review_metrics.png"))
     return written
 
 
@@ -350,3 +337,15 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _finish(plt, fig, axes, n: int, title: str, path: Path) -> str:
+    """Blank the unused panels (after the first n), legend, title; save `path` as PNG; return its file name."""
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
