@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from telekd.judge import LLM_METRICS
-from telekd.metrics import EMBED_METRICS, NGRAM_METRICS, mean_ci
+from telekd.metric_names import EMBED_METRICS, LLM_METRICS, NGRAM_METRICS
+from telekd.metrics import mean_ci
 
 CELLS = ["llama-base-base-vanilla", "llama-base-base-dskd", "llama-sft-base-vanilla", "llama-sft-base-dskd"]
 SEEDS = [0, 1]
@@ -124,7 +124,7 @@ def test_report_has_sections_and_figures(study):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
     # no PNG without a link, and no figure for the empty LLM family
     assert {p.name for p in (study / "report/figures").glob("*")} == names and "scores_llm.png" not in names
-    assert "No LLM judge scores to plot" in md
+    assert "No LLM-as-a-judge scores to plot" in md
 
 
 def test_report_content(study):

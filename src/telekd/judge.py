@@ -73,7 +73,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
-LLM_METRICS = ("answer_correctness", "factual_correctness", "faithfulness")
+from .metric_names import LLM_METRICS
+
 NOT_JUDGED = "not judged: beyond profiles.<profile>.eval.max_samples"
 EMPTY_PREDICTION = "empty prediction: no statements, faithfulness undefined"
 NO_CONTEXT = "record has no context: faithfulness undefined"

@@ -26,8 +26,8 @@ import re
 import unicodedata
 from functools import lru_cache
 
-NGRAM_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL")
-EMBED_METRICS = ("cosine", "bertscore_p", "bertscore_r", "bertscore_f1")
+from .metric_names import EMBED_METRICS, NGRAM_METRICS
+
 BERTSCORE_BATCH = 32  # (prediction, reference) pairs per bert-score batch
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ROUGE_TOKENIZERS = ("unicode", "rouge-score")

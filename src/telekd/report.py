@@ -12,20 +12,11 @@ import json
 import math
 from pathlib import Path
 
-from .judge import LLM_METRICS
 from .layout import Cell
-from .metrics import EMBED_METRICS, NGRAM_METRICS, NGRAM_TOKENIZATION
+from .metric_names import (EMBED_METRICS, FAMILIES, FAMILY_OF, FAMILY_TITLE, LLM_METRICS, METRIC_LABEL, METRICS,
+                           NGRAM_METRICS)
+from .metrics import NGRAM_TOKENIZATION
 
-METRICS = NGRAM_METRICS + EMBED_METRICS + LLM_METRICS
-FAMILY_OF = {**{m: "ngram" for m in NGRAM_METRICS}, **{m: "embed" for m in EMBED_METRICS}, **{m: "llm" for m in LLM_METRICS}}
-FAMILIES = {"ngram": NGRAM_METRICS, "embed": EMBED_METRICS, "llm": LLM_METRICS}
-FAMILY_TITLE = {"ngram": "n-gram overlap", "embed": "embedding similarity", "llm": "LLM judge"}
-METRIC_LABEL = {
-    "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "rouge1": "ROUGE-1",
-    "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "cosine": "cosine", "bertscore_p": "BERTScore P",
-    "bertscore_r": "BERTScore R", "bertscore_f1": "BERTScore F1", "answer_correctness": "answer correctness",
-    "factual_correctness": "factual correctness", "faithfulness": "faithfulness",
-}
 TEACHER_COLOUR = {"llama": "#1f77b4", "mistral": "#d95f02", "student": "#7f7f7f"}
 SETTING_COLOUR = {"T_base,S_base": "#7f7f7f", "T_sft,S_base": "#1b9e77", "T_base,S_sft": "#7570b3",
                   "T_sft,S_sft": "#e7298a"}

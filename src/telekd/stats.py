@@ -46,12 +46,8 @@ import math
 import warnings
 from pathlib import Path
 
-from .judge import LLM_METRICS
 from .layout import Cell
-from .metrics import EMBED_METRICS, NGRAM_METRICS
-
-METRICS = NGRAM_METRICS + EMBED_METRICS + LLM_METRICS
-FAMILIES = {"ngram": NGRAM_METRICS, "embed": EMBED_METRICS, "llm": LLM_METRICS}
+from .metric_names import FAMILIES, METRICS
 HYPOTHESES = {
     "H_T": "teacher SFT helps (T_sft,S_base vs T_base,S_base)",
     "H_S": "student SFT helps (T_base,S_sft vs T_base,S_base)",
