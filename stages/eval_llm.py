@@ -6,10 +6,12 @@ from telekd.evaluation import stage_args
 
 
 def main() -> None:
+    """Judge the predictions of the model named by --name; write scores/<name>/llm.* and metrics/eval/<name>/llm.json."""
     name, p = stage_args(__doc__)
     from telekd import shard
     from telekd.evaluation import load_predictions, write_scores
-    from telekd.judge import LLM_METRICS, JudgeConfig, JudgeSetupError, judge_rows
+    from telekd.judge import JudgeConfig, JudgeSetupError, judge_rows
+    from telekd.metric_names import LLM_METRICS
     from telekd.models import ModelLoadError
 
     main_process = shard.is_main()  # first: under a launcher this binds the process to its GPU before the judge loads

@@ -23,7 +23,7 @@ MAX_BODY = 16 << 20
 
 
 class BadRequest(ValueError):
-    pass
+    """A request this server cannot answer (answered with HTTP 400 and the message)."""
 
 
 def _content(message: dict) -> str:
@@ -69,6 +69,8 @@ def parse_request(body: dict, default_max_tokens: int) -> tuple[list[dict], obje
 
 
 class JudgeServer(ThreadingHTTPServer):
+    """The HTTP server on 127.0.0.1:`port` around `generator` (a telekd.judge.local.LocalGenerator or alike)."""
+
     daemon_threads = True
 
     def __init__(self, port: int, generator, served_name: str, default_max_tokens: int = 1024,
@@ -82,10 +84,13 @@ class JudgeServer(ThreadingHTTPServer):
 
     @property
     def port(self) -> int:
+        """The port the server listens on (the free one chosen when asked for 0)."""
         return self.server_address[1]
 
 
 class Handler(BaseHTTPRequestHandler):
+    """GET /v1/models and POST /v1/chat/completions; errors as OpenAI error objects (HTTP 400/404/500)."""
+
     server_version = "telekd-judge/0.1"
     protocol_version = "HTTP/1.1"
 
@@ -105,6 +110,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(code, {"error": {"message": message, "type": kind, "code": code}})
 
     def do_GET(self):
+        """The served model list, or 404."""
         if self.path.rstrip("/") in ("/v1/models", "/models"):
             self._send(200, {"object": "list", "data": [
                 {"id": self.server.served_name, "object": "model", "created": 0, "owned_by": "telekd"}]})
@@ -112,6 +118,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route GET {self.path}")
 
     def do_POST(self):
+        """One greedy chat completion (constrained by the request's response_format), or 400/404/500."""
         if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
             self._error(404, f"no route POST {self.path}")
             return
@@ -146,13 +153,14 @@ def make_server(model: str, port: int = 0, *, dtype: str = "float32", served_nam
     """A JudgeServer on 127.0.0.1:`port` (0: a free port, see `.port`); call serve_forever() / shutdown()."""
     from pathlib import Path
 
-    from .judge import LocalGenerator
+    from .judge.local import LocalGenerator
 
     gen = generator or LocalGenerator(model, dtype=dtype, trust_remote_code=trust_remote_code)
     return JudgeServer(port, gen, served_name or Path(model).name, default_max_tokens, verbose)
 
 
 def main(argv=None) -> None:
+    """Command line: serve `--model` on 127.0.0.1:`--port` until interrupted."""
     import telekd  # noqa: F401  (offline environment)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

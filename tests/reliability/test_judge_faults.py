@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("ragas")
 
-from telekd import judge as J  # noqa: E402
+from telekd.judge import scoring as J  # noqa: E402
 from telekd.judge import LLM_METRICS, JudgeConfig, JudgeError, LocalBackend, judge_rows  # noqa: E402
 
 ROWS = [
@@ -29,7 +29,7 @@ def cfg(tmp_path, **kw) -> JudgeConfig:
 
 
 def fake_clock(monkeypatch) -> list:
-    """telekd.judge's own time module, with sleep recorded instead of slept; returns the recorded delays."""
+    """telekd.judge.scoring's own time module, with sleep recorded instead of slept; returns the recorded delays."""
     sleeps = []
     monkeypatch.setattr(J, "time", SimpleNamespace(sleep=sleeps.append, perf_counter=time.perf_counter))
     return sleeps
