@@ -6,7 +6,7 @@ from telekd.evaluation import stage_args
 
 
 def main() -> None:
-    """Judge the predictions of the model named by --name; write scores/<name>/llm.* and metrics/eval/<name>/llm.json."""
+    """Judge predictions/<name>.jsonl (--name): write scores/<name>/llm.* and metrics/eval/<name>/llm.json."""
     name, p = stage_args(__doc__)
     from telekd import shard
     from telekd.evaluation import load_predictions, write_scores
