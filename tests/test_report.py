@@ -153,7 +153,7 @@ def test_build_without_stats_or_logs(tmp_path):
 
 def test_seeds_are_pooled_and_their_spread_reported(study):
     """Each cell's table row pools its two runs (per-question means); the seed-variance table shows the spread."""
-    from telekd.report import summaries
+    from telekd.report.collect import summaries
     from telekd.stats import read_scores
 
     runs = {c: [f"{c}-s{s}" for s in SEEDS] for c in CELLS}
