@@ -11,25 +11,12 @@ from telekd.params import load_params
 def main() -> None:
     p = load_params()
     from telekd.report import build
+    from telekd.report.settings import from_params
 
-    algs = list(dict.fromkeys([p.kd.alg, p.kd.versus]))
+    settings = from_params(p)
     cells = [Cell(t, ts, ss, a).name for t in p.grid.teachers for ts in p.grid.teacher_sft
-             for ss in p.grid.student_sft for a in algs]
+             for ss in p.grid.student_sft for a in settings["algs"]]
     refs = [f"ref-{m}-{s}" for m in p.sft.models for s in ("base", "sft")]
-    prof = p.active
-    settings = {
-        "algs": algs,
-        "judge_backend": p.eval_llm.backend, "judge_model": prof.eval.judge_model,
-        "judge_max_samples": prof.eval.max_samples, "judge_max_chars": prof.eval.max_chars,
-        "judge_max_items": prof.eval.max_items,
-        "bertscore_model": prof.eval.bertscore_model, "embed_model": p.eval_embed.model,
-        "split_group_by": p.split.group_by, "split_fractions": dict(p.split.fractions), "split_seed": p.split.seed,
-        "train": prof.train.model_dump(), "generate": prof.generate.model_dump(),
-        "kd": {"kd_rate": p.kd.kd_rate, "temperature": p.kd.temperature, "divergence": p.kd.divergence,
-               "projector_lr": p.dskd.projector_lr},
-        "alpha": p.stats.alpha, "alternative": p.stats.alternative, "correction": p.stats.correction,
-        "resamples": p.stats.bootstrap_resamples, "seed": p.seed,
-    }
     with atomic_path("report/figures") as figures:  # a fresh folder: no stale figure survives
         figures.mkdir()
         md = build(layout.METRICS, cells, refs, p.profile, p.data.source, scores_dir=layout.SCORES,

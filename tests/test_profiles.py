@@ -44,7 +44,7 @@ def test_judge_caps_are_no_longer_global_keys(tmp_path):
 
 
 def test_report_header_states_data_judge_and_counts():
-    from telekd.report import _judge_caps, _split_counts
+    from telekd.report.sections import _judge_caps, _split_counts
 
     assert _split_counts({"questions": {"train": 2988, "validation": 424, "test": 850}}) == \
         "2988 train, 424 validation, 850 test questions"

@@ -153,7 +153,7 @@ def test_build_without_stats_or_logs(tmp_path):
 
 def test_seeds_are_pooled_and_their_spread_reported(study):
     """Each cell's table row pools its two runs (per-question means); the seed-variance table shows the spread."""
-    from telekd.report import summaries
+    from telekd.report.collect import summaries
     from telekd.stats import read_scores
 
     runs = {c: [f"{c}-s{s}" for s in SEEDS] for c in CELLS}
@@ -177,3 +177,176 @@ def test_scores_json_feeds_dvc_plots(study):
     assert all(r[m] is None for r in rows for m in LLM_METRICS)
     plotted = {p_[next(iter(p_))]["x"] for p_ in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]}
     assert plotted == set(NGRAM_METRICS + EMBED_METRICS + LLM_METRICS)
+
+
+# -----------------------------------------------------------------------------
+# one section at a time, from a Study built by hand (telekd.report.sections; right values stated below)
+
+def _study(**over):
+    from pathlib import Path
+
+    from telekd.report.collect import Study
+
+    summ = {n: {m: {"mean": None} for m in NGRAM_METRICS + EMBED_METRICS + LLM_METRICS} for n in ("a", "b")}
+    base = dict(metrics_dir=Path("m"), scores_dir=None, logs_dir=None, profile="paper", data_source="d.json",
+                settings={}, algs=["vanilla", "dskd"], cells=[], refs=[], seeds=None, runs={}, run_names=[], prep={},
+                base_models={}, stat_rows=[], alpha=0.05, correction="holm", alternative="greater", summ=summ,
+                summ_runs=None, sft_rows=[], kd_rows=[], judged=0, judge_failures=0)
+    return Study(**{**base, **over})
+
+
+def _row(metric, p_adj, reject, effect, n, hyp="H_T", teacher="llama", setting="vanilla"):
+    return {"hypothesis": hyp, "teacher": teacher, "setting": setting, "metric": metric, "p_adj": p_adj,
+            "reject": reject, "rank_biserial": effect, "n": n, "treatment": "t-cell", "control": "c-cell"}
+
+
+def test_fmt_and_table():
+    from telekd.report.tables import fmt, table
+
+    assert [fmt(v) for v in (None, float("nan"), True, False, 0.12345, 12345.6, 7, "x")] == \
+        ["–", "–", "yes", "no", "0.123", "12,346", "7", "x"]
+    assert table(["a", "b"], [[1, 0.5]]) == "| a | b |\n|---|---|\n| 1 | 0.500 |"
+
+
+def test_smooth_is_a_trailing_moving_average():
+    from telekd.report.figures import _smooth
+
+    assert _smooth([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert _smooth([1.0, 2.0], 3) == [1.0, 2.0]  # shorter than the window: unchanged
+
+
+def test_header_states_profile_data_and_judge():
+    from telekd.report import sections
+
+    judge = {"judge_backend": "local", "judge_model": "j", "judge_max_samples": 2, "judge_max_chars": 16,
+             "judge_max_items": 1}
+    md = sections.header(_study(profile="tiny", prep={"questions": {"train": 3, "validation": 1, "test": 2}}, judged=4,
+                                judge_failures=4, settings=judge))
+    assert md.startswith("# telekd study report\n\nReproduction of arXiv 2504.20000")
+    assert "Profile **tiny**, data `d.json` (3 train, 1 validation, 2 test questions)." in md
+    assert ("judge backend `local`, judge model `j`, the first 2 test questions judged per run, answers bounded to 16 "
+            "characters per string and 1 items per list, 4 samples judged over all runs.") in md
+    assert "(4 of 4 samples failed)" in md and md.endswith("its numbers say nothing about the paper's claims.\n")
+    paper = sections.header(_study())
+    assert "split counts unknown" in paper and "checks the plumbing" not in paper and paper.endswith("m < 14 below).\n")
+
+
+def test_conclusions_count_k_of_m_and_name_the_best_cell():
+    from telekd.report import sections
+
+    summ = {"llama-sft-sft-vanilla": {m: {"mean": 0.2} for m in NGRAM_METRICS + EMBED_METRICS + LLM_METRICS},
+            "llama-base-base-vanilla": {m: {"mean": 0.1} for m in NGRAM_METRICS + EMBED_METRICS + LLM_METRICS}}
+    for m in LLM_METRICS:
+        summ["llama-sft-sft-vanilla"][m] = summ["llama-base-base-vanilla"][m] = {"mean": None}
+    rows = [_row("bleu1", 0.01, True, 0.5, 10), _row("bleu2", 0.3, False, 0.1, 10), _row("faithfulness", None, False, None, 0)]
+    md = sections.conclusions(_study(cells=list(summ), summ=summ, stat_rows=rows))
+    assert "| … (for contrast: the different-vocabulary teacher) | H_T, mistral | not in this run's grid |" in md
+    assert "| Teacher SFT helps when teacher and student share the vocabulary (Llama-2 teacher) | H_T, llama | vanilla: 1/2 |" in md
+    assert "a T_sft,S_sft cell is best on 11 of 11 metrics" in md
+    assert "| BLEU-1 | `llama-sft-sft-vanilla` | T_sft,S_sft | 0.200 |" in md
+    assert "| H_Alg (dskd vs vanilla), mistral, T_base,S_base | not in this run's grid |" in md
+    one = sections.conclusions(_study(algs=["vanilla"]))
+    assert "H_Alg (needs two algorithms), mistral, T_base,S_base | not in this run (one algorithm) |" in one
+    assert "No scores yet." in one
+
+
+def test_data_section_states_counts_and_split():
+    from telekd.report import sections
+
+    md = sections.data(_study(prep={"questions": {"train": 7, "validation": 2, "test": 3}, "groups": {"train": 2},
+                                    "skipped": 1, "warnings": 0},
+                              settings={"split_fractions": {"train": 0.7, "validation": 0.1, "test": 0.2},
+                                        "split_seed": 3}))
+    assert "| train | 7 | 2 |\n| validation | 2 | – |\n| test | 3 | – |" in md
+    assert ("Skipped records: 1; repaired answer spans: 0. Split by `source` (whole groups stay in one split, so no "
+            "context is shared between training and test), fractions 70/10/20 (train/validation/test), seed 3.") in md
+
+
+def test_models_section():
+    from telekd.report import sections
+
+    md = sections.models(_study(base_models={"vocab_overlap_llama_mistral": 0.5, "models": {"llama": {
+        "architecture": "LlamaForCausalLM", "parameters": 1234567, "vocab_size": 400, "hidden_size": 48, "layers": 2}}}))
+    assert "| llama | LlamaForCausalLM | 1,234,567 | 400 | – | 48 | 2 |" in md
+    assert "shares 50.0% of its token strings with llama's" in md
+    assert "Vocabularies" not in sections.models(_study())
+
+
+def test_sft_section_is_empty_without_runs_or_curves():
+    from telekd.report import sections
+
+    assert sections.sft(_study(), {}) == ""
+    md = sections.sft(_study(sft_rows=[["student", 12, 4.0, 3.0, 6.8, 5.9, 10, 9000.0]]), {"loss_sft": "f/loss_sft.png"})
+    assert "| student | 12 | 4.000 | 3.000 | 6.800 | 5.900 | 10 | 9,000 |" in md
+    assert md.endswith("![SFT loss curves](f/loss_sft.png)\n")
+
+
+def test_students_section_states_seeds_and_spread():
+    from telekd.report import sections
+
+    s = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 9}
+    summ = {"a": {m: dict(s) for m in NGRAM_METRICS + EMBED_METRICS + LLM_METRICS}}
+    one = sections.students(_study(cells=["a"], summ=summ, seeds=[0]))
+    assert "One run per cell (seed 0; more with `grid.seeds`)." in one and "Seed variance" not in one
+    assert "| `a` | 0.500 (0.400–0.600) | 0.500 (0.400–0.600) |" in one and one.count("| 9 |") == 3
+    runs = {"a": ["a-s0", "a-s1"]}
+    summ_runs = {"a-s0": {m: {"mean": 0.2} for m in summ["a"]}, "a-s1": {m: {"mean": 0.4} for m in summ["a"]}}
+    two = sections.students(_study(cells=["a"], summ=summ, seeds=[0, 1], runs=runs, summ_runs=summ_runs))
+    assert "Each cell pools its 2 runs (seeds 0, 1)" in two
+    assert "| `a` | 2 | 0.141 |" in two  # sample SD of 0.2 and 0.4 = 0.1414
+
+
+def test_references_section_says_which_figures_are_missing():
+    from telekd.report import sections
+
+    md = sections.references(_study(refs=["a"]), {"scores_ngram": "f/scores_ngram.png"})
+    assert "| `a` | – | – | – | – | – | – | – | – |" in md  # 7 n-gram metrics and n
+    assert "![n-gram overlap scores per cell](f/scores_ngram.png)" in md
+    assert "No embedding similarity scores to plot." in md and "No LLM-as-a-judge scores to plot." in md
+
+
+def test_distillation_section():
+    from telekd.report import sections
+
+    md = sections.distillation(_study(kd_rows=[["c-s0", "dskd", False, 6.0, 5.5, 0.9, None, 12345.6]]), {})
+    assert "| c-s0 | dskd | no | 6.000 | 5.500 | 0.900 | – | 12,346 |" in md and "KD loss curves" not in md
+
+
+def test_statistics_section_rows_and_median_effect():
+    from telekd.report import sections
+
+    rows = [_row("bleu1", 0.01, True, 0.2, 10), _row("bleu2", 0.3, False, 0.4, 9), _row("bleu3", None, False, None, 0),
+            _row("bleu1", 0.5, False, 0.1, 8, hyp="H_Alg"), _row("bleu2", 0.5, False, 0.7, 8, hyp="H_Alg"),
+            _row("bleu3", 0.5, False, 0.3, 8, hyp="H_Alg")]
+    md = sections.statistics(_study(stat_rows=rows, alternative="less", correction="none"), {})
+    assert "| H_T | llama | vanilla | `t-cell` vs `c-cell` | 9–10 | **1/2** | 0.300 | BLEU-1 |" in md  # (0.2+0.4)/2
+    assert "| H_Alg | llama | vanilla | `t-cell` vs `c-cell` | 8 | **0/3** | 0.300 | – |" in md  # median of three
+    assert "one-sided (less: treatment < control)" in md and "adjusted with no correction" in md
+    assert "No comparison could be made" in sections.statistics(_study(), {})
+
+
+def test_gaps_section_states_choices():
+    from telekd.report import sections
+
+    md = sections.gaps(_study(settings={"train": {"lora_r": 16, "lora_alpha": 32, "lr": 0.001, "epochs": 1,
+                                                  "batch_size": 2, "grad_accum": 4, "max_length": 64,
+                                                  "max_prompt_length": 48},
+                                        "kd_line": "KD LINE", "generate": {"max_new_tokens": 8}}))
+    assert ("| hyper-parameters | LoRA r 16, α 32; lr 0.001, 1 epochs, batch 2 × accumulation 4, max length 64 "
+            "(prompt 48); KD LINE; greedy decoding, at most 8 new tokens |") in md
+    assert "| split | by source document, 70/10/20 |" in md
+    assert "| hyper-parameters | see params.yaml |" in sections.gaps(_study())
+    assert "| embedding blind spots | none known |" in sections.gaps(_study(settings={"embed_model": "e5",
+                                                                                     "bertscore_model": "roberta"}))
+
+
+def test_settings_line_states_the_kd_objective():
+    from types import SimpleNamespace as NS
+
+    from telekd.params import load_params
+    from telekd.report.settings import from_params, settings_line
+
+    p = NS(kd=NS(kd_rate=0.5, divergence="fkl", temperature=2.0), dskd=NS(projector_lr=0.001))
+    assert settings_line(p) == "KD loss (1 − 0.5)·CE + 0.5·KD, divergence fkl, temperature 2.0; DSKD projector lr 0.001"
+    st = from_params(load_params(ROOT / "params.yaml"))
+    assert st["algs"] == ["vanilla", "dskd"] and st["kd_line"].startswith("KD loss (1 − ")

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .stats import FAMILIES
+from .metric_names import FAMILIES
 
 MAX_MOVED_ROWS = 12  # rows of the moved-cell table before the fold (the rest is folded)
 
