@@ -97,6 +97,7 @@ def paired(treatment: dict[str, float | None], control: dict[str, float | None])
 
 
 def mean_difference(treatment: list[float], control: list[float]) -> float | None:
+    """Mean of the paired differences treatment - control (in the metric's units); None for no pairs."""
     return sum(t - c for t, c in zip(treatment, control)) / len(treatment) if treatment else None
 
 
