@@ -108,7 +108,10 @@ def load_tokenizer(source: str, revision: str | None = None, *, trust_remote_cod
 
 def load_model(source: str, revision: str | None = None, *, dtype: str = "float32", trust_remote_code: bool = False,
                device: str = "cpu"):
-    """Return (model, tokenizer) from a checkpoint folder or a hub id + revision."""
+    """Return (model, tokenizer) from a checkpoint folder or a hub id + revision, the model in `dtype` on `device`.
+
+    Raises ModelLoadError for an unknown dtype, a folder that is no safetensors checkpoint, a hub failure, or a
+    tokenizer larger than the model's embedding table."""
     import torch
     from transformers import AutoModelForCausalLM
 

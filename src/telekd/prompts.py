@@ -136,7 +136,8 @@ def build_example(tokenizer, record, system: str, max_length: int, max_prompt_le
 
 
 def collate(examples: list[Example], pad_id: int):
-    """Right-padded batch: input_ids, attention_mask, labels (padding labelled IGNORE)."""
+    """Right-padded batch {input_ids, attention_mask, labels}: long tensors [B, T], T the longest example;
+    padding is pad_id in input_ids, 0 in the mask and IGNORE in labels."""
     import torch
 
     width = max(len(e.input_ids) for e in examples)
