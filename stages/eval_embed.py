@@ -4,9 +4,10 @@ from telekd.evaluation import stage_args
 
 
 def main() -> None:
+    """Score predictions/<name>.jsonl with embedding cosine and BERTScore; write scores/<name>/embed.*."""
     name, p = stage_args(__doc__)
     from telekd import shard
-    from telekd.evaluation import load_predictions, write_scores
+    from telekd.evaluation import load_predictions, publish_scores
     from telekd.metrics import EMBED_METRICS, bertscore_scores, bertscore_units, cosine_scores
 
     rows = load_predictions(name)
@@ -21,11 +22,8 @@ def main() -> None:
         return [[next(flat) for _ in u] for u in units]
 
     scores = [s for unit in shard.map_sharded(score, bertscore_units(preds, refs)) for s in unit]
-    if not shard.is_main():
-        return
-    means = write_scores(name, "embed", [r["id"] for r in rows], scores, EMBED_METRICS,
-                         p.stats.bootstrap_resamples, p.seed)
-    print(f"eval_embed {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    if shard.is_main():
+        publish_scores(name, "embed", rows, scores, EMBED_METRICS, p)
 
 
 if __name__ == "__main__":

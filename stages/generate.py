@@ -10,6 +10,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Answer the test split with --cell's student or --ref's model; write predictions/<name>.jsonl and its metrics."""
     ap = argparse.ArgumentParser(description=__doc__)
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--cell", help="a study cell's run, e.g. llama-sft-base-dskd-s0")

@@ -7,6 +7,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Load and validate data.source, split it by group; write data/prepared/*.jsonl and metrics/prepare.json."""
     p = load_params()
     d = p.data
     loaded = load_records(d.source, on_invalid=d.on_invalid, impossible=d.impossible, no_answer_text=d.no_answer_text)

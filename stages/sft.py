@@ -14,6 +14,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Fine-tune --model's base checkpoint with LoRA; write models/sft/<model> and metrics/sft/<model>.json."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True, choices=["llama", "mistral", "student"])
     role = ap.parse_args().model
@@ -26,13 +27,8 @@ def main() -> None:
     from telekd.sft import SFTSettings, run_sft
     from telekd.tracking import TrainLive, split_timing
 
-    t, s = p.active.train, p.sft
-    settings = SFTSettings(
-        max_length=t.max_length, max_prompt_length=t.max_prompt_length, batch_size=t.batch_size,
-        grad_accum=t.grad_accum, epochs=t.epochs, lr=t.lr, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
-        lora_dropout=s.lora_dropout, lora_targets=tuple(s.lora_targets), weight_decay=s.weight_decay,
-        lr_scheduler=s.lr_scheduler, max_grad_norm=s.max_grad_norm, save_steps=t.save_steps,
-        dtype=p.active.dtype, seed=p.seed)
+    t = p.active.train
+    settings = SFTSettings.from_params(p)
     base = layout.model_dir(role, "base")
     model, tok = load_model(base, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code)
     train = tokenized(load_split("train"), tok, p.prompt.system, t.max_length, t.max_prompt_length)

@@ -11,6 +11,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Test every hypothesis on the cells' scores; write metrics/stats.json and report/stats_table.json."""
     p = load_params()
     from telekd.stats import analyse, hypotheses, read_cell_scores, summary, table
 

@@ -33,6 +33,8 @@ _INT = re.compile(r"\s*-?\d+\s*")
 
 @dataclass(frozen=True)
 class QARecord:
+    """One validated question with its context and reference answers (answer_starts: character offsets)."""
+
     id: str
     doc_id: str
     source: str  # spec the paragraph came from; "" if absent
@@ -55,6 +57,8 @@ class QARecord:
 
 @dataclass(frozen=True)
 class Problem:
+    """One validation problem: which record, which field, and why."""
+
     record_id: str  # question id, or "doc[3].paragraphs[0].qas[5]" when the id itself is missing/bad
     field: str
     reason: str
@@ -73,6 +77,8 @@ class DataValidationError(ValueError):
 
 @dataclass
 class LoadResult:
+    """What load_records returns: the valid records, those skipped (data.on_invalid: skip) and repaired spans."""
+
     records: list[QARecord]
     skipped: list[dict]  # {"id", "field", "reason"} per dropped record
     warnings: list[dict]  # {"id", "field", "reason"} per repaired answer span

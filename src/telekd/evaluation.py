@@ -22,6 +22,7 @@ def stage_args(doc: str):
 
 
 def load_predictions(name: str) -> list[dict]:
+    """The rows of predictions/<name>.jsonl ({"id", "prediction", "references", ...}), in file order."""
     return read_jsonl(f"{layout.PREDICTIONS}/{name}.jsonl")
 
 
@@ -36,4 +37,13 @@ def write_scores(name: str, family: str, ids: list[str], scores: list[dict], met
     means = {m: (None if summary[m]["mean"] is None or math.isnan(summary[m]["mean"]) else round(summary[m]["mean"], 6))
              for m in metric_names}
     write_json(f"{layout.METRICS}/eval/{name}/{family}.json", means)
+    return means
+
+
+def publish_scores(name: str, family: str, rows: list[dict], scores: list[dict], metric_names, p) -> dict:
+    """write_scores for the rows of predictions/<name>.jsonl with the study's bootstrap (p.stats.bootstrap_resamples,
+    p.seed), then print `eval_<family> <name>: <metric> <mean>, ...`; returns the means."""
+    means = write_scores(name, family, [r["id"] for r in rows], scores, metric_names, p.stats.bootstrap_resamples,
+                         p.seed)
+    print(f"eval_{family} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
     return means

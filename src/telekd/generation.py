@@ -12,7 +12,9 @@ from .prompts import fit_context, prompt_text
 def generate_answers(model, tokenizer, records, system: str, max_prompt_length: int, max_new_tokens: int,
                      batch_size: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                      seed: int = 0, desc: str = "generate") -> list[dict]:
-    """One row per record: id, question, context (as seen), prediction, references, generation_s."""
+    """One row per record, in order: id, question, context (as the model saw it, fitted to max_prompt_length
+    tokens), prediction (stripped text of at most max_new_tokens tokens), references, generation_s (seconds per
+    answer: its batch's time / batch size). Greedy unless do_sample; batch n is seeded with seed + n."""
     import torch
     from tqdm import tqdm
 

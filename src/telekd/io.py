@@ -27,25 +27,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically; parent folders are made."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON (non-ASCII kept, NaN written as NaN) plus a newline, atomically."""
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write one JSON object per line (UTF-8), atomically: a failure while `rows` is consumed leaves `path` as it was."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
+    """The JSON value in `path` (UTF-8); FileNotFoundError / json.JSONDecodeError as json raises them."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The objects of a JSON-lines file, in order; blank lines are skipped."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -16,6 +16,7 @@ LOGS = "logs"
 
 
 def split_file(split: str) -> str:
+    """The prepared split's JSONL file (train | validation | test), relative to the repository root."""
     return f"{PREPARED}/{split}.jsonl"
 
 

@@ -110,8 +110,11 @@ def _check_references(references, where: str = "references") -> None:
 def ngram_scores(prediction: str, references: list[str], rouge_tokenizer: str = "unicode") -> dict[str, float]:
     """BLEU-1..4 (sacrebleu, multi-reference) and ROUGE-1/2/L F1 (max over references) of one prediction.
 
+    Returns {bleu1..bleu4, rouge1, rouge2, rougeL}, each in [0, 1] (sacrebleu's 0-100 divided by 100).
     Texts in NFC; empty references skipped; 0 for an empty prediction or when no reference has text.
     Tokenization: NGRAM_TOKENIZATION; `rouge_tokenizer` "rouge-score" is the library's ASCII-only one.
+    Raises TypeError for a prediction that is not a string or references that are not a list of strings,
+    ValueError for an empty reference list.
     """
     if not isinstance(prediction, str):
         raise TypeError(f"prediction must be a string, got {type(prediction).__name__}: pass the answer text")
@@ -136,7 +139,7 @@ def _check_lengths(predictions, references) -> None:
 
 def ngram_batch(predictions: list[str], references: list[list[str]],
                 rouge_tokenizer: str = "unicode") -> list[dict[str, float]]:
-    """ngram_scores for each (prediction, references) pair."""
+    """ngram_scores for each (prediction, references) pair; ValueError when the two lists differ in length."""
     _check_lengths(predictions, references)
     return [ngram_scores(p, r, rouge_tokenizer) for p, r in zip(predictions, references)]
 
@@ -190,7 +193,8 @@ def _sentence_model(path: str, device: str):
 
 def cosine_scores(predictions: list[str], references: list[list[str]], model_name: str = "minilm",
                   batch_size: int = 64, device: str = "cpu") -> list[float]:
-    """Per sample, the max cosine similarity between the prediction and its references (0 if either is empty)."""
+    """Per sample, the max cosine similarity in [-1, 1] between the prediction's and its references' sentence
+    embeddings (normalised, sentence-transformers `model_name`), 0 if either side is empty. Raises as ngram_batch."""
     _check_lengths(predictions, references)
     for i, refs in enumerate(references):
         _check_references(refs, f"references[{i}]")
@@ -216,8 +220,9 @@ def _bert_scorer(path: str, num_layers: int, device: str):
 
 def bertscore_scores(predictions: list[str], references: list[list[str]], model_name: str = "minilm",
                      num_layers: int | None = None, batch_size: int = BERTSCORE_BATCH, device: str = "cpu") -> list[dict]:
-    """BERTScore P/R/F1 per sample (0 if either side is empty); over several references bert-score takes
-    the max of P, of R and of F1 separately, so the three may come from different references."""
+    """BERTScore P/R/F1 per sample (Zhang et al. 2020, bert-score; not baseline-rescaled, so in about [-1, 1]),
+    0 if either side is empty; over several references bert-score takes the max of P, of R and of F1 separately,
+    so the three may come from different references. Raises as ngram_batch."""
     _check_lengths(predictions, references)
     for i, refs in enumerate(references):
         _check_references(refs, f"references[{i}]")
@@ -265,7 +270,9 @@ def embed_batch(predictions: list[str], references: list[list[str]], model_name:
 
 
 def mean_ci(values: list[float], resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
-    """Mean and percentile-bootstrap CI; NaN (and None) values are dropped and counted in n_nan."""
+    """Mean and percentile-bootstrap CI (scipy.stats.bootstrap, `resamples` resamples, `confidence` level, seeded):
+    {"mean", "ci_low", "ci_high", "n", "n_nan"} in the values' units. NaN (and None) values are dropped and counted
+    in n_nan; no value left gives None bounds, one value (or all equal) a point interval."""
     import numpy as np
 
     x = np.asarray([math.nan if v is None else v for v in values], dtype=float)

@@ -14,7 +14,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class ModelLoadError(ValueError):
-    pass
+    """A checkpoint or hub model that cannot be loaded; the message names it and the fix in one line."""
 
 
 # Licences a user must accept on the hub before a gated checkpoint downloads (per organisation).
@@ -90,6 +90,8 @@ def _resolve(source: str, revision: str | None) -> tuple[str, str | None, str | 
 
 
 def load_tokenizer(source: str, revision: str | None = None, *, trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint folder or a hub id at `revision`, with the pointer's chat template set and a pad
+    token (the unk or eos token) when it has none. Raises ModelLoadError for a bad source or a hub failure."""
     from transformers import AutoTokenizer
 
     from .prompts import set_chat_template
@@ -106,7 +108,10 @@ def load_tokenizer(source: str, revision: str | None = None, *, trust_remote_cod
 
 def load_model(source: str, revision: str | None = None, *, dtype: str = "float32", trust_remote_code: bool = False,
                device: str = "cpu"):
-    """Return (model, tokenizer) from a checkpoint folder or a hub id + revision."""
+    """Return (model, tokenizer) from a checkpoint folder or a hub id + revision, the model in `dtype` on `device`.
+
+    Raises ModelLoadError for an unknown dtype, a folder that is no safetensors checkpoint, a hub failure, or a
+    tokenizer larger than the model's embedding table."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -126,6 +131,7 @@ def load_model(source: str, revision: str | None = None, *, dtype: str = "float3
 
 
 def count_parameters(model) -> int:
+    """The number of scalar weights of a torch module (trainable or not; tied tensors once)."""
     return sum(p.numel() for p in model.parameters())
 
 

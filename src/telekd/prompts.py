@@ -47,11 +47,13 @@ def user_message(context: str, question: str) -> str:
 
 
 def prompt_text(tokenizer, system: str, context: str, question: str) -> str:
+    """The chat prompt (system turn, user turn, the assistant's header) as text, through the tokenizer's template."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user_message(context, question)}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def completion_text(tokenizer, answer: str) -> str:
+    """The training target after the prompt: a space, the answer, the tokenizer's eos token."""
     return " " + answer + tokenizer.eos_token
 
 
@@ -61,6 +63,9 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 @dataclass
 class Example:
+    """One tokenized training example: input_ids = prompt + completion (tokens, cut at max_length), labels =
+    input_ids with the first prompt_len positions set to IGNORE (-100) so only the completion is learned."""
+
     id: str
     input_ids: list[int]
     labels: list[int]
@@ -131,7 +136,8 @@ def build_example(tokenizer, record, system: str, max_length: int, max_prompt_le
 
 
 def collate(examples: list[Example], pad_id: int):
-    """Right-padded batch: input_ids, attention_mask, labels (padding labelled IGNORE)."""
+    """Right-padded batch {input_ids, attention_mask, labels}: long tensors [B, T], T the longest example;
+    padding is pad_id in input_ids, 0 in the mask and IGNORE in labels."""
     import torch
 
     width = max(len(e.input_ids) for e in examples)

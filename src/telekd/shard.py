@@ -19,6 +19,7 @@ WORLD_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WO
 
 
 def world_size() -> int:
+    """How many processes the launcher started (1 without one), read from the environment: imports nothing."""
     return max(int(os.environ.get(k, 1)) for k in WORLD_SIZE_ENV)
 
 

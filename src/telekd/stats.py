@@ -97,6 +97,7 @@ def paired(treatment: dict[str, float | None], control: dict[str, float | None])
 
 
 def mean_difference(treatment: list[float], control: list[float]) -> float | None:
+    """Mean of the paired differences treatment - control (in the metric's units); None for no pairs."""
     return sum(t - c for t, c in zip(treatment, control)) / len(treatment) if treatment else None
 
 
@@ -166,7 +167,9 @@ def rank_biserial(diff) -> float | None:
 
 
 def wilcoxon_test(diff, alternative: str = "greater") -> dict:
-    """Wilcoxon signed-rank test of the differences: statistic and p for `alternative`, and two-sided p."""
+    """Wilcoxon signed-rank test of the differences (scipy.stats.wilcoxon, zero_method "wilcox": zeros dropped):
+    statistic and p for `alternative` ("greater": treatment above control), and two-sided p; p None with a reason
+    for fewer than 2 pairs, p 1 when every difference is zero."""
     import numpy as np
     from scipy.stats import wilcoxon
 
@@ -184,7 +187,8 @@ def wilcoxon_test(diff, alternative: str = "greater") -> dict:
 
 
 def ttest(treatment, control, alternative: str = "greater") -> dict:
-    """Paired t-test: statistic, p for `alternative`, two-sided p; null when the differences are constant."""
+    """Paired t-test (scipy.stats.ttest_rel) of treatment - control: statistic, p for `alternative`, two-sided p;
+    None with a reason for fewer than 2 pairs or differences without variation (at DECIMALS decimals)."""
     import numpy as np
     from scipy.stats import ttest_rel
 
@@ -203,7 +207,8 @@ def ttest(treatment, control, alternative: str = "greater") -> dict:
 
 
 def bootstrap_ci(diff, resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> tuple:
-    """Percentile bootstrap CI of the mean difference; (None, None) for n < 2, a point for constant data."""
+    """Percentile bootstrap CI (scipy.stats.bootstrap, seeded) of the mean difference, in the metric's units;
+    (None, None) for n < 2, a point for constant data."""
     import numpy as np
     from scipy.stats import bootstrap
 
@@ -247,7 +252,8 @@ def compare(treatment: list[float], control: list[float], alternative: str = "gr
 
 
 def adjust(pvalues: list[float | None], method: str = "holm", alpha: float = 0.05) -> tuple[list, list]:
-    """Adjusted p-values and rejections for one family; None entries (untested) stay None."""
+    """Adjusted p-values and rejections (p_adj <= alpha) for one family, by statsmodels' multipletests `method`
+    (holm, ...; "none" leaves p as it is); None entries (untested) stay None. ValueError for an unknown method."""
     if method not in CORRECTIONS:
         raise ValueError(f"correction {method!r} is not one of {CORRECTIONS}")
     idx = [i for i, p in enumerate(pvalues) if p is not None]

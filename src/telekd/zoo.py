@@ -45,6 +45,8 @@ def vocab_overlap(tok_a, tok_b) -> float:
 
 
 def make_config(family: str, arch, vocab_size: int, max_positions: int):
+    """A transformers LlamaConfig (or MistralConfig, sliding window = max_positions, for family "mistral") of the
+    size `arch` gives (telekd.params.Architecture: hidden, layers, heads, kv_heads, mlp); bos 1, eos 2, untied head."""
     from transformers import LlamaConfig, MistralConfig
 
     common = dict(
