@@ -9,6 +9,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Write report/README.md, report/figures/ and report/scores.json from the study's metrics and scores."""
     p = load_params()
     from telekd.report import build
     from telekd.report.settings import from_params

@@ -36,12 +36,6 @@ IN_FLIGHT = {
     "src/telekd/vocab.py": "h1kd: docstrings",
     "stages/kd.py": "h1kd: becomes stages/vanilla.py, dskd.py, uld.py (main 91 lines, docstring)",
     "stages/teacher_cache.py": "h1kd: three cache entries (docstring)",
-    "src/telekd/report.py": "h2report: split into a package (699 lines, build 260 lines, docstrings)",
-    "src/telekd/review.py": "h2report: docstrings",
-    "stages/report.py": "h2report: docstring",
-    "src/telekd/judge.py": "h3judge: split into a package (949 lines, _ragas_classes 109 lines, docstrings)",
-    "src/telekd/judge_server.py": "h3judge: docstrings",
-    "stages/eval_llm.py": "h3judge: docstring",
     "stages/base_models.py": "h5small: docstring",
 }
 

@@ -320,6 +320,7 @@ def review(base: str, head: str = "workspace", out: str | Path = "review.md", ro
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m telekd.review`: write the review of HEAD against BASE (Markdown + PNG figures) to --out."""
     ap = argparse.ArgumentParser(prog="python -m telekd.review", description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="git revision to compare against (e.g. main, origin/main)")
     ap.add_argument("--head", default="workspace", help="workspace (default), a git revision or a dvc experiment name")
