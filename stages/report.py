@@ -25,8 +25,10 @@ def main() -> None:
         "bertscore_model": prof.eval.bertscore_model, "embed_model": p.eval_embed.model,
         "split_group_by": p.split.group_by, "split_fractions": dict(p.split.fractions), "split_seed": p.split.seed,
         "train": prof.train.model_dump(), "generate": prof.generate.model_dump(),
-        "kd": {"kd_rate": p.kd.kd_rate, "temperature": p.kd.temperature, "divergence": p.kd.divergence,
-               "projector_lr": p.dskd.projector_lr},
+        "kd": {"kd_rate": p.kd.kd_rate, "projector_lr": p.dskd.projector_lr,  # each algorithm's divergence, one if equal
+               **{k: v if v == w else f"{v} (vanilla), {w} (DSKD)" for k, v, w in (
+                   ("temperature", p.vanilla.divergence.temperature, p.dskd.divergence.temperature),
+                   ("divergence", p.vanilla.divergence.kind, p.dskd.divergence.kind))}},
         "alpha": p.stats.alpha, "alternative": p.stats.alternative, "correction": p.stats.correction,
         "resamples": p.stats.bootstrap_resamples, "seed": p.seed,
     }

@@ -128,7 +128,7 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
     from .shard import state
     from .tracking import trainer_callback
 
-    from .distill import check_processes
+    from .kd.loop import check_processes
 
     proc = state()
     world = proc.num_processes

@@ -1,0 +1,27 @@
+"""Stage kd, vanilla cells: token-level KD, (1 - kd_rate) CE + kd_rate D(student || teacher) on aligned answer tokens.
+
+The divergence and its knobs are params vanilla.divergence; the teacher's targets come from the cache entry
+cache/teacher/<teacher>-<sft>/vanilla (or live). Flow shared with dskd/uld: telekd.kd.run.
+"""
+
+from telekd.kd.run import cell_arg
+from telekd.params import load_params
+
+
+def main() -> None:
+    cell = cell_arg(__doc__, "vanilla")
+    p = load_params()
+    from telekd.kd.run import Built, run_cell
+    from telekd.kd.vanilla import vanilla_term
+
+    def build(run):
+        if not run.inp.vocab_match and p.vanilla.vocab_mismatch == "error":
+            raise SystemExit(f"{cell.teacher_dir}: teacher vocabulary differs from the student's and "
+                             "vanilla.vocab_mismatch is error: set it to align or use kd.alg: dskd")
+        return Built(lambda tg, pairs: vanilla_term(tg, pairs, run.config.divergence), variant="vanilla")
+
+    run_cell(p, p.vanilla, cell, build)
+
+
+if __name__ == "__main__":
+    main()
