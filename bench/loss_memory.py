@@ -20,7 +20,7 @@ from common import add_output_args, write_result
 def measure(chunk: int | None, kind: str, batch: int, seq: int, vocab: int) -> dict:
     import torch
 
-    from telekd.losses import divergence
+    from telekd.losses import Divergence, divergence
 
     torch.manual_seed(0)
     s = torch.randn(batch, seq, vocab, requires_grad=True)

@@ -1,7 +1,7 @@
 """Resumable training: checkpoints outside DVC's outputs (DVC deletes a stage's outs before it runs),
 valid only for the run whose fingerprint they carry, and a SIGTERM flag that lets a loop save and stop.
 
-    checkpoints/kd/<cell>/state.pt      train_kd's own loop (telekd.distill)
+    checkpoints/kd/<cell>/state.pt      train_kd's own loop (telekd.kd.loop)
     checkpoints/sft/<model>/            the Trainer's checkpoint-N folders (telekd.sft)
 """
 

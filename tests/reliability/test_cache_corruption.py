@@ -133,3 +133,34 @@ def test_kd_stage_recomputes_a_corrupted_entry(tmp_path, saved_models, monkeypat
     assert m["val_ce_after"] == clean["val_ce_after"] and m["train_loss_last"] == clean["train_loss_last"]
     assert (tmp_path / f"models/kd/{cell}/model.safetensors").read_bytes() == clean_model  # as with the clean cache
     assert tree(tmp_path / "cache") == cache_before  # nothing written into the teacher_cache stage's output
+
+
+@pytest.mark.parametrize("teacher", ["llama", "mistral"])
+def test_changing_vanilla_temperature_leaves_the_dskd_and_uld_entries_byte_identical(tmp_path, saved_models,
+                                                                                       monkeypatch, teacher):
+    """One teacher pass writes an entry per algorithm, each keyed only by what determines it: rebuilding the cache at
+    another vanilla.divergence.temperature rewrites the vanilla entry, while the dskd and uld entries come out with
+    the same bytes (same paths, same sha256), so DVC reruns no DSKD or ULD cell (the forward pass is deterministic).
+    Changing dskd.divergence.temperature likewise leaves vanilla's and ULD's entries as they are."""
+    params = reduce_study(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params["data"].update(max_train=6, source=str(ROOT / params["data"]["source"]))
+    for role in (teacher, "student"):
+        shutil.copytree(saved_models[role], tmp_path / "models/base" / role)
+    monkeypatch.chdir(tmp_path)
+
+    def build(vanilla_t, dskd_t):
+        params["vanilla"]["divergence"]["temperature"] = vanilla_t
+        params["dskd"]["divergence"]["temperature"] = dskd_t
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        for name, args in (("prepare", []), ("teacher_cache", ["--teacher", teacher, "--teacher-sft", "base"])):
+            monkeypatch.setattr("sys.argv", [name, *args])
+            runpy.run_path(str(ROOT / "stages" / f"{name}.py"), run_name="__main__")
+        root = tmp_path / f"cache/teacher/{teacher}-base"
+        return {e: tree(root / e) for e in ("vanilla", "dskd", "uld")}
+
+    first, second, third = build(2.0, 2.0), build(1.0, 2.0), build(1.0, 4.0)
+    assert all(first[e] for e in first)  # each entry: a manifest and its targets
+    assert second["dskd"] == first["dskd"] and second["uld"] == first["uld"]
+    assert second["vanilla"] != first["vanilla"]
+    assert third["vanilla"] == second["vanilla"] and third["uld"] == first["uld"]
+    assert third["dskd"] != second["dskd"]

@@ -2,7 +2,7 @@
 weights, only rank 0 writes, and the result matches the one-process run to float tolerance. A launch the loops
 cannot serve (FSDP, DeepSpeed, a process count that does not divide grad_accum) is refused in one line.
 
-The stage runs unchanged (stages/kd.py through runpy) in a temporary study folder; this file, run as a
+The stage runs unchanged (stages/vanilla.py through runpy) in a temporary study folder; this file, run as a
 script, wraps train_kd and the writers only to record what each rank holds and writes.
 """
 
