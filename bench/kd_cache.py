@@ -38,6 +38,7 @@ def main() -> None:
     from telekd import layout
     from telekd.kd.dskd import cma_term, dskd_term
     from telekd.kd.vanilla import vanilla_term
+    from telekd.losses import Divergence
     from telekd.cache import compute_targets
     from telekd.kd.loop import KDConfig, train_kd
     from telekd.teacher_inputs import kd_inputs, live_term
@@ -49,8 +50,9 @@ def main() -> None:
     from dataclasses import replace
 
     t = p.active.train
-    s = replace(KDConfig.from_params(p, getattr(p, a.alg), seed=p.seed), epochs=a.epochs, max_grad_norm=1.0,
-                weight_decay=0.01, student_lora=False)
+    div = Divergence(**getattr(p, a.alg).divergence.model_dump())
+    s = replace(KDConfig.from_params(p, p.seed, div), epochs=a.epochs, max_grad_norm=1.0, weight_decay=0.01,
+                student_lora=False)
     teacher_dir = layout.model_dir(a.teacher, "base")
     inp = kd_inputs(p, teacher_dir, {a.alg: s.divergence.temperature})
     teacher, t_tok = load_model(teacher_dir)

@@ -140,6 +140,7 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None, data
     from telekd.kd.dskd import cma_term, dskd_term, make_projectors
     from telekd.kd.loop import KDConfig, train_kd
     from telekd.kd.vanilla import vanilla_term
+    from telekd.losses import Divergence
     from telekd.teacher_inputs import build_pairs
     from telekd.generation import generate_answers
 
@@ -156,8 +157,8 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None, data
            "max_length": t.max_length, "max_prompt_length": t.max_prompt_length,
            "batch_tokens": [len(e.input_ids) for e in examples[:micro]],
            "split_sizes": {k: len(v) for k, v in splits.items()}}
-    settings = replace(KDConfig.from_params(p, p.vanilla, seed=0), epochs=1)  # as the kd stage builds it, one epoch
-    dskd_div = KDConfig.from_params(p, p.dskd, seed=0).divergence
+    settings = replace(KDConfig.from_params(p, 0, Divergence(**p.vanilla.divergence.model_dump())), epochs=1)
+    dskd_div = Divergence(**p.dskd.divergence.model_dump())  # as the kd stages build them; one epoch
 
     for role in ("llama", "student"):
         if not want(f"sft_{role}"):

@@ -14,14 +14,16 @@ def main() -> None:
     p = load_params()
     from telekd.kd.dskd import cma_term, dskd_term, make_projectors
     from telekd.kd.run import Built, run_cell
+    from telekd.losses import Divergence
     from telekd.models import load_head_and_embeddings
 
     d = p.dskd
+    div = Divergence(**d.divergence.model_dump())  # kind, temperature, skew_lambda, akl_alpha
     dtype = p.active.dtype
 
     def build(run):
         t_embed, t_head = load_head_and_embeddings(cell.teacher_dir, dtype=dtype, device=str(run.device))
-        student, div, same = run.student, run.config.divergence, run.inp.vocab_match
+        student, same = run.student, run.inp.vocab_match
         projectors = make_projectors(student.config.hidden_size, t_head.shape[1], cma=not same,
                                      seed=run.config.seed).to(student.dtype)
         heads = (student.get_output_embeddings().weight, t_head)
@@ -34,7 +36,7 @@ def main() -> None:
                                               normalization=d.normalization, std_over=d.std_over, key_std=d.key_std)
         return Built(make, projectors, "dskd" if same else "dskd_cma", hidden=True)
 
-    run_cell(p, d, cell, build)
+    run_cell(p, d, cell, build, div)
 
 
 if __name__ == "__main__":

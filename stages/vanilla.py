@@ -13,14 +13,17 @@ def main() -> None:
     p = load_params()
     from telekd.kd.run import Built, run_cell
     from telekd.kd.vanilla import vanilla_term
+    from telekd.losses import Divergence
+
+    div = Divergence(**p.vanilla.divergence.model_dump())  # kind, temperature, skew_lambda, akl_alpha
 
     def build(run):
         if not run.inp.vocab_match and p.vanilla.vocab_mismatch == "error":
             raise SystemExit(f"{cell.teacher_dir}: teacher vocabulary differs from the student's and "
                              "vanilla.vocab_mismatch is error: set it to align or use kd.alg: dskd")
-        return Built(lambda tg, pairs: vanilla_term(tg, pairs, run.config.divergence), variant="vanilla")
+        return Built(lambda tg, pairs: vanilla_term(tg, pairs, div), variant="vanilla")
 
-    run_cell(p, p.vanilla, cell, build)
+    run_cell(p, p.vanilla, cell, build, div)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_vanilla_kd_across_vocabularies_with_vocab_mismatch_error(tmp_path, save
     p = p.model_copy(update={"vanilla": p.vanilla.model_copy(update={"vocab_mismatch": "error"})})
     seen = {}
 
-    def run_cell(params, section, cell, build):  # the shared flow, reduced to the build step the script hands it
+    def run_cell(params, section, cell, build, divergence=None):  # the shared flow, reduced to the build step
         seen["section"] = section
         build(KDRun(cell, None, type("Inp", (), {"vocab_match": False})(), None, "cpu"))
 

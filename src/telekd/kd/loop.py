@@ -42,15 +42,13 @@ class KDConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     @classmethod
-    def from_params(cls, p, section, seed: int) -> "KDConfig":
-        """The settings of one algorithm from the validated params `p` (telekd.params.Params): kd.kd_rate, the
-        profile's train section and student_kd, sft's optimizer knobs, and the algorithm's own section `section`
-        (p.vanilla / p.dskd / p.uld: its divergence, absent for ULD). `seed`: the run's seed."""
+    def from_params(cls, p, seed: int, divergence: Divergence | None = None) -> "KDConfig":
+        """A run's settings from the validated params `p` (telekd.params.Params): kd.kd_rate, the profile's train
+        section and student_kd, sft's optimizer knobs. `seed`: the run's seed; `divergence`: the algorithm's, as its
+        stage built it from its own section (None for ULD)."""
         t = p.active.train
-        div = getattr(section, "divergence", None)
         return cls(kd_rate=p.kd.kd_rate, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                   max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed,
-                   divergence=None if div is None else Divergence(**div.model_dump()),
+                   max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=seed, divergence=divergence,
                    student_lora=p.active.student_kd.lora, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
                    lora_dropout=p.sft.lora_dropout,
                    lora_targets=tuple(p.active.student_kd.lora_targets or p.sft.lora_targets))

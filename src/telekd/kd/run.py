@@ -52,8 +52,10 @@ class Built:
     hidden: bool = False
 
 
-def run_cell(p, section, cell: Cell, build: Callable[[KDRun], Built]) -> None:
-    """Distil cell `cell` with the algorithm whose params section is `section` (p.vanilla / p.dskd / p.uld).
+def run_cell(p, section, cell: Cell, build: Callable[[KDRun], Built], divergence=None) -> None:
+    """Distil cell `cell` with the algorithm whose params section is `section` (p.vanilla / p.dskd / p.uld) and
+    whose divergence is `divergence` (telekd.losses.Divergence, None for ULD): its temperature selects the cache
+    entry's key and the live targets.
 
     Resumes from checkpoints/kd/<cell> after an interruption; runs unchanged under `accelerate launch`. Writes
     models/kd/<cell>, metrics/kd/<cell>.json and the DVCLive logs (logs/kd/<cell>/, logs/timing/kd/<cell>.json)."""
@@ -63,7 +65,7 @@ def run_cell(p, section, cell: Cell, build: Callable[[KDRun], Built]) -> None:
     from .loop import KDConfig
 
     seed = p.seed if cell.seed is None else cell.seed  # the run's seed: batch order and projector initialisation
-    config = KDConfig.from_params(p, section, seed)
+    config = KDConfig.from_params(p, seed, divergence)
     temperature = config.divergence.temperature if config.divergence is not None else None
     inp = kd_inputs(p, cell.teacher_dir, {cell.alg: temperature})
     device = state().device  # CPU, or this process's GPU under accelerate launch
