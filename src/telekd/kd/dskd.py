@@ -12,6 +12,7 @@ dual_space_kd_with_cross_model_attention.py; the reference's conventions are the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -50,15 +51,47 @@ def check_option(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r} (dskd.{name} in params.yaml)")
 
 
-def dskd_loss(div: Divergence, student_logits: Tensor, student_hidden: Tensor, targets: Tensor, teacher_hidden: Tensor,
-              teacher_topk_logprobs: Tensor, teacher_topk_ids: Tensor, t2s, s2t, student_head: Tensor,
-              teacher_head: Tensor, *, n_student: Optional[int] = None, normalization: str = "student_tokens",
-              teacher_rest_logprob: Optional[Tensor] = None) -> dict[str, Tensor]:
-    """DSKD with one vocabulary, on N paired answer positions (rows of every argument).
+@dataclass(frozen=True)
+class StudentSide:
+    """The student's side of a DSKD loss: logits [..., V_s], last hidden states [..., d_s], next-token targets
+    [...], its output head [V_s, d_s]; for cross-model attention also the answer mask [B, Ts] and the (detached)
+    embeddings of each position's input and next token [B, Ts, d_s]."""
 
-    Shapes: student_logits [N, V], student_hidden [N, d_s], targets [N] (the student's next tokens),
-    teacher_hidden [N, d_t], teacher top-k [N, k] (k = V is exact), heads [V, d]. ``div``: the student-space
-    divergence and the temperature of both spaces (``temperature`` below; dskd.divergence in params.yaml).
+    logits: Tensor
+    hidden: Tensor
+    targets: Tensor
+    head: Tensor
+    mask: Optional[Tensor] = None
+    in_emb: Optional[Tensor] = None
+    tgt_emb: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class TeacherSide:
+    """The teacher's side: last hidden states [..., d_t], top-k log-probs and ids [..., k] at the training
+    temperature (k = V is exact) with the log of the tempered mass outside them (`rest_logprob` [...], None:
+    derived, see telekd.losses.divergence_topk), its output head [V_t, d_t]; for cross-model attention also the
+    answer mask [B, Tt] and the embeddings of each position's input and next token [B, Tt, d_t]."""
+
+    hidden: Tensor
+    topk_logprobs: Tensor
+    topk_ids: Tensor
+    head: Tensor
+    rest_logprob: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    in_emb: Optional[Tensor] = None
+    tgt_emb: Optional[Tensor] = None
+
+
+def dskd_loss(div: Divergence, student: StudentSide, teacher: TeacherSide, projectors, *,
+              n_student: Optional[int] = None, normalization: str = "student_tokens") -> dict[str, Tensor]:
+    """DSKD with one vocabulary, on N paired answer positions (rows of every tensor of both sides).
+
+    Shapes: student logits [N, V], hidden [N, d_s], targets [N] (the student's next tokens); teacher hidden
+    [N, d_t], top-k [N, k] (k = V is exact); heads [V, d]. ``projectors``: ``.t2s`` (d_t -> d_s) and ``.s2t``
+    (d_s -> d_t) (make_projectors). ``div``: the student-space divergence and the temperature of both spaces
+    (``temperature`` below; dskd.divergence in params.yaml). Returns {"ce_t2s", "kd_stu", "kd_tea", "kd" (their
+    sum), "t2s_acc"} as scalars.
     Student space: z_t2s = head_s(P_t2s(h_t)) with the student head detached; CE(z_t2s, y) (at T = 1)
     trains the projector, and the student learns D(student || z_t2s detached) at ``temperature`` on every
     position. Teacher space: z_s2t = head_t(P_s2t(h_s)) with the frozen teacher head; forward KL(p_t || p_s2t)
@@ -72,6 +105,7 @@ def dskd_loss(div: Divergence, student_logits: Tensor, student_hidden: Tensor, t
     Both agree when every student answer token is paired.
     """
     check_option("normalization", normalization, NORMALIZATIONS)
+    targets, student_head, teacher_head = student.targets, student.head, teacher.head
     n_rows = targets.numel()
     if n_student is not None and n_student < n_rows:
         raise ValueError(f"n_student={n_student} is below the {n_rows} paired positions; pass the batch's "
@@ -79,12 +113,12 @@ def dskd_loss(div: Divergence, student_logits: Tensor, student_hidden: Tensor, t
     denom = n_rows if normalization == "own_tokens" or n_student is None else n_student
     n = torch.tensor(float(max(denom, 1)), device=targets.device)
     ones = torch.ones_like(targets, dtype=torch.bool)
-    z_t2s = t2s(teacher_hidden.to(student_hidden.dtype)) @ student_head.detach().T
+    z_t2s = projectors.t2s(teacher.hidden.to(student.hidden.dtype)) @ student_head.detach().T
     ce_t2s = F.cross_entropy(upcast(z_t2s), targets, reduction="sum") / n
-    kd_stu = divergence(div, student_logits, z_t2s.detach(), ones) * n_rows / n
-    z_s2t = s2t(student_hidden) @ teacher_head.detach().T
-    kd_tea = divergence_topk(Divergence("forward_kl", div.temperature), z_s2t, teacher_topk_logprobs, teacher_topk_ids,
-                             ones, teacher_rest_logprob=teacher_rest_logprob) * n_rows / n
+    kd_stu = divergence(div, student.logits, z_t2s.detach(), ones) * n_rows / n
+    z_s2t = projectors.s2t(student.hidden) @ teacher_head.detach().T
+    kd_tea = divergence_topk(Divergence("forward_kl", div.temperature), z_s2t, teacher.topk_logprobs, teacher.topk_ids,
+                             ones, teacher_rest_logprob=teacher.rest_logprob) * n_rows / n
     return {"ce_t2s": ce_t2s, "kd_stu": kd_stu, "kd_tea": kd_tea, "kd": ce_t2s + kd_stu + kd_tea,
             "t2s_acc": (z_t2s.argmax(-1) == targets).float().mean()}
 
@@ -98,19 +132,19 @@ def _std(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     return x.std().clamp_min(1e-6) if x.numel() > 1 else x.new_ones(())
 
 
-def cma_loss(div: Divergence, student_logits: Tensor, student_hidden: Tensor, s_in_emb: Tensor, s_tgt_emb: Tensor,
-             s_targets: Tensor, s_mask: Tensor, teacher_hidden: Tensor, t_in_emb: Tensor, t_tgt_emb: Tensor,
-             t_topk_logprobs: Tensor, t_topk_ids: Tensor, t_mask: Tensor, query, t2s, s2t, student_head: Tensor,
-             teacher_head: Tensor, *, normalization: str = "student_tokens", std_over: str = "padded",
-             key_std: str = "joint", t_rest_logprob: Optional[Tensor] = None) -> dict[str, Tensor]:
+def cma_loss(div: Divergence, student: StudentSide, teacher: TeacherSide, projectors, *,
+             normalization: str = "student_tokens", std_over: str = "padded", key_std: str = "joint"
+             ) -> dict[str, Tensor]:
     """DSKD with cross-model attention (CMA) for two vocabularies, on a padded batch.
 
-    Shapes: student side [B, Ts, ·] and teacher side [B, Tt, ·], padded; s_mask/t_mask [B, Ts]/[B, Tt] mark
+    ``projectors``: ``.query`` (2 d_s -> 2 d_t), ``.t2s``, ``.s2t`` (make_projectors). Returns {"ce_t2s", "kd_stu",
+    "kd_tea", "kd" (their sum), "t2s_acc"} as scalars.
+    Shapes: student side [B, Ts, ·] and teacher side [B, Tt, ·], padded; the masks [B, Ts]/[B, Tt] mark
     the answer positions (prompt and padding rows are never attended to and never scored, but with
     ``std_over="padded"`` they enter the normalising std, as in the reference). ``div``: the student-space
     divergence and the temperature of both spaces (``temperature`` below; dskd.divergence in params.yaml).
-    Embeddings are detached table rows for the input token (x) and the next token (y) at each position; the reference puts the
-    embedding of token id 0 at every non-answer row. Source: songmzhang/DSKD,
+    Embeddings are detached table rows for the input token (x) and the next token (y) at each position; the
+    reference puts the embedding of token id 0 at every non-answer row. Source: songmzhang/DSKD,
     code/criterions/dual_space_kd_with_cross_model_attention.py, lines 95-164.
 
     Q = P_query([E_s(x); E_s(y)]); K = [E_t(x); E_t(y)] / std_K; V_t = P_t2s(h_t / std(h_t) + E_t(y) / std(E_t(y)));
@@ -134,9 +168,12 @@ def cma_loss(div: Divergence, student_logits: Tensor, student_hidden: Tensor, s_
     check_option("normalization", normalization, NORMALIZATIONS)
     check_option("std_over", std_over, STD_OVER)
     check_option("key_std", key_std, KEY_STD)
-    s_mask, t_mask = s_mask.bool(), t_mask.bool()
+    s_mask, t_mask = student.mask.bool(), teacher.mask.bool()
+    s_in_emb, s_tgt_emb, t_in_emb, t_tgt_emb = student.in_emb, student.tgt_emb, teacher.in_emb, teacher.tgt_emb
+    student_hidden, student_head, teacher_head = student.hidden, student.head, teacher.head
+    query, t2s, s2t = projectors.query, projectors.t2s, projectors.s2t
     std_mask = None if std_over == "padded" else t_mask
-    teacher_hidden = teacher_hidden.to(student_hidden.dtype)  # the cache stores float32; a bf16 student
+    teacher_hidden = teacher.hidden.to(student_hidden.dtype)  # the cache stores float32; a bf16 student
     d_t = teacher_hidden.shape[-1]
     q = query(torch.cat([s_in_emb, s_tgt_emb], -1).detach())
     if key_std == "joint":
@@ -154,12 +191,12 @@ def cma_loss(div: Divergence, student_logits: Tensor, student_hidden: Tensor, s_
     z_t2s = (w_t2s.to(v_t.dtype) @ v_t) @ student_head.detach().T  # [B, Ts, V_s]
     z_s2t = (w_s2t.to(v_s.dtype) @ v_s) @ teacher_head.detach().T  # [B, Tt, V_t]
     n_s, n_t = s_mask.sum().clamp_min(1), t_mask.sum()
-    ce_t2s = F.cross_entropy(upcast(z_t2s[s_mask]), s_targets[s_mask], reduction="sum") / n_s
-    acc = s_mask & (z_t2s.argmax(-1) == s_targets)
+    ce_t2s = F.cross_entropy(upcast(z_t2s[s_mask]), student.targets[s_mask], reduction="sum") / n_s
+    acc = s_mask & (z_t2s.argmax(-1) == student.targets)
     n_acc = acc.sum()
-    kd_stu = divergence(div, student_logits, z_t2s.detach(), acc) * n_acc / n_s
-    kd_tea = divergence_topk(Divergence("forward_kl", div.temperature), z_s2t, t_topk_logprobs, t_topk_ids, t_mask,
-                             teacher_rest_logprob=t_rest_logprob)
+    kd_stu = divergence(div, student.logits, z_t2s.detach(), acc) * n_acc / n_s
+    kd_tea = divergence_topk(Divergence("forward_kl", div.temperature), z_s2t, teacher.topk_logprobs, teacher.topk_ids,
+                             t_mask, teacher_rest_logprob=teacher.rest_logprob)
     if normalization == "student_tokens":
         kd_tea = kd_tea * n_t / n_s
     return {"ce_t2s": ce_t2s, "kd_stu": kd_stu, "kd_tea": kd_tea, "kd": ce_t2s + kd_stu + kd_tea,
@@ -185,10 +222,10 @@ def dskd_term(targets: TeacherTargets, pairs, projectors, student_head, teacher_
         b, s_pos, t_rows = (torch.tensor(x, dtype=torch.long, device=dev) for x in (b, s_pos, t_rows))
         y = batch["input_ids"][b, s_pos + 1]
         n_student = sum(len(pairs[i][0].input_ids) - pairs[i][0].prompt_len for i in idx)
-        out = dskd_loss(div, logits[b, s_pos], hidden[b, s_pos], y, targets.hidden[t_rows],
-                        targets.t_logprobs[t_rows], targets.t_ids[t_rows], projectors.t2s, projectors.s2t,
-                        student_head, teacher_head, n_student=n_student,
-                        normalization=normalization, teacher_rest_logprob=targets.t_rest[t_rows])
+        student = StudentSide(logits[b, s_pos], hidden[b, s_pos], y, student_head)
+        teacher = TeacherSide(targets.hidden[t_rows], targets.t_logprobs[t_rows], targets.t_ids[t_rows], teacher_head,
+                              rest_logprob=targets.t_rest[t_rows])
+        out = dskd_loss(div, student, teacher, projectors, n_student=n_student, normalization=normalization)
         return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
     return term
 
@@ -230,12 +267,13 @@ def cma_term(targets: TeacherTargets, pairs, projectors, student_embed, teacher_
         s_mask, t_mask, s_idx, t_rows, t_in, t_tgt = (x.to(dev) for x in (s_mask, t_mask, s_idx, t_rows, t_in, t_tgt))
         rows = torch.arange(B, device=dev)[:, None]
         s_in_ids, s_tgt_ids = batch["input_ids"][rows, s_idx], batch["input_ids"][rows, s_idx + 1]
-        out = cma_loss(
-            div, logits[rows, s_idx], hidden[rows, s_idx], student_embed[s_in_ids], student_embed[s_tgt_ids],
-            s_tgt_ids, s_mask, targets.hidden[t_rows] * t_mask[..., None].to(targets.hidden),  # padding rows: 0
-            teacher_embed[t_in], teacher_embed[t_tgt],
-            targets.t_logprobs[t_rows], targets.t_ids[t_rows], t_mask, projectors.query, projectors.t2s,
-            projectors.s2t, student_head, teacher_head, normalization=normalization, std_over=std_over,
-            key_std=key_std, t_rest_logprob=targets.t_rest[t_rows])
+        student = StudentSide(logits[rows, s_idx], hidden[rows, s_idx], s_tgt_ids, student_head, mask=s_mask,
+                              in_emb=student_embed[s_in_ids], tgt_emb=student_embed[s_tgt_ids])
+        teacher = TeacherSide(targets.hidden[t_rows] * t_mask[..., None].to(targets.hidden),  # padding rows: 0
+                              targets.t_logprobs[t_rows], targets.t_ids[t_rows], teacher_head,
+                              rest_logprob=targets.t_rest[t_rows], mask=t_mask, in_emb=teacher_embed[t_in],
+                              tgt_emb=teacher_embed[t_tgt])
+        out = cma_loss(div, student, teacher, projectors, normalization=normalization, std_over=std_over,
+                       key_std=key_std)
         return out["kd"], {k: v.item() for k, v in out.items() if k != "kd"}
     return term

@@ -91,8 +91,8 @@ def check_processes(proc, grad_accum: int, batch_size: int, desc: str) -> None:
     world = proc.num_processes
     if grad_accum % world:
         raise SystemExit(f"{desc}: {world} processes do not divide profiles.<profile>.train.grad_accum {grad_accum}: "
-                         f"the global batch {batch_size} x {grad_accum} is split into whole micro-batches of {batch_size}, "
-                         f"grad_accum / processes per process; launch a divisor of {grad_accum} processes "
+                         f"the global batch {batch_size} x {grad_accum} is split into whole micro-batches of "
+                         f"{batch_size}, grad_accum / processes per process; launch a divisor of {grad_accum} processes "
                          "(--num_processes / --nproc-per-node)")
 
 
