@@ -10,6 +10,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Distil one DSKD cell (--cell teacher-teacher_sft-student_sft-dskd-s<seed>) with telekd.kd.run."""
     cell = cell_arg(__doc__, "dskd")
     p = load_params()
     from telekd.kd.dskd import cma_term, dskd_term, make_projectors

@@ -13,6 +13,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Write the three cache entries of one teacher checkpoint (--teacher, --teacher-sft)."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--teacher", required=True, choices=["llama", "mistral"])
     ap.add_argument("--teacher-sft", required=True, choices=["base", "sft"])

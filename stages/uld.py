@@ -9,6 +9,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Distil one ULD cell (--cell teacher-teacher_sft-student_sft-uld-s<seed>) with telekd.kd.run."""
     cell = cell_arg(__doc__, "uld")
     p = load_params()
     from telekd.kd.run import Built, run_cell

@@ -9,6 +9,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Distil one vanilla KD cell (--cell teacher-teacher_sft-student_sft-vanilla-s<seed>) with telekd.kd.run."""
     cell = cell_arg(__doc__, "vanilla")
     p = load_params()
     from telekd.kd.run import Built, run_cell

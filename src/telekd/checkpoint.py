@@ -76,6 +76,7 @@ class Checkpoint:
 
     @property
     def file(self) -> Path:
+        """The run's state file, <dir>/state.pt."""
         return Path(self.dir) / "state.pt"
 
     def load(self) -> dict | None:
@@ -101,6 +102,7 @@ class Checkpoint:
         os.replace(tmp, self.file)
 
     def clear(self) -> None:
+        """Remove the run's checkpoint folder (the run finished; nothing to resume)."""
         if Path(self.dir).exists():
             shutil.rmtree(self.dir)
 

@@ -22,6 +22,7 @@ class _ChunkedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, rows, chunk, *tensors):  # tensors: [R, ...] row-aligned, rows: indices to use
+        """The summed fn over the chunks of `rows`; each input's gradient is kept in a buffer as it goes."""
         need = ctx.needs_input_grad[3:]
         bufs = [torch.zeros_like(t) if n else None for t, n in zip(tensors, need)]
         total = None
@@ -42,6 +43,7 @@ class _ChunkedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """The buffered gradients scaled by grad_out (no recomputation)."""
         grads = [None if b is None else (b if bool(grad_out == 1) else b * grad_out) for b in ctx.bufs]
         ctx.bufs = None
         return (None, None, None, *grads)
