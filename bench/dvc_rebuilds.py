@@ -8,8 +8,11 @@ read what changed must rerun, and those downstream of them may (DVC compares con
 unchanged output stops the chain):
 
   kd.alg=dskd                      the DSKD cells exist already: only stats and report
-  kd.temperature=1.0               the teacher caches (held at the temperature), every KD run and what reads
-                                   them; no SFT or reference row
+  vanilla.divergence.temperature=1.0
+                                   the teacher caches (one pass writes every algorithm's entry), the vanilla KD
+                                   runs and what reads them; no DSKD or ULD run (their entries come out
+                                   byte-identical), no SFT or reference row
+  dskd.divergence.temperature=1.0  likewise: the teacher caches, the DSKD runs and what reads them; no vanilla run
   base_models.pretrain_steps.llama the tiny profile's stand-in for a new pinned revision of one teacher:
                                    the llama teacher's chain only (base_models rebuilds all three models,
                                    and the unchanged ones come out identical, so nothing of theirs reruns)
@@ -68,9 +71,16 @@ def expected(names: list[str], change: str) -> tuple[set[str], set[str]]:
     kd = {n for n in per_run if n.startswith("kd@")}
     if change == "kd.alg=dskd":                       # read by stats and report only
         return study, study
-    if change == "kd.temperature=1.0":                # read by the teacher caches (targets at T), every KD run, the report
+    if change == "kd.temperature=1.0":  # the layout before per-algorithm entries (recorded results): every KD run
         caches = {n for n in names if n.startswith("teacher_cache@")}
         return caches | kd | {"report"}, caches | per_run | study
+    if change in ("vanilla.divergence.temperature=1.0", "dskd.divergence.temperature=1.0"):
+        # read by the teacher caches (that algorithm's entry), that algorithm's KD runs and the report; the other
+        # algorithm's entry comes out byte-identical, so none of its runs may rerun
+        alg = change.split(".")[0]
+        caches = {n for n in names if n.startswith("teacher_cache@")}
+        mine = {n for n in per_run if n.rsplit("-", 2)[-2] == alg}
+        return caches | {n for n in mine if n.startswith("kd@")} | {"report"}, caches | mine | study
     if change == "base_models.pretrain_steps.llama=5":  # a new llama teacher: its chain, nothing of mistral's
         must = {"base_models"} | {n for n in names if n.startswith(("teacher_cache@llama-", "kd@llama-"))}
         return must, must | {n for n in names if "@llama-" in n or n == "sft@llama"} | study
@@ -88,7 +98,8 @@ def verdict(ran: set[str], names: list[str], change: str) -> dict:
             "missing": sorted(must - ran), "unexpected": sorted(ran - may)}
 
 
-CHANGES = ["kd.alg=dskd", "kd.temperature=1.0", "base_models.pretrain_steps.llama=5",
+CHANGES = ["kd.alg=dskd", "vanilla.divergence.temperature=1.0", "dskd.divergence.temperature=1.0",
+           "base_models.pretrain_steps.llama=5",
            "profiles.paper.models.llama.revision=0000000000000000000000000000000000000000", "grid.seeds=[0,1]"]
 
 
@@ -108,7 +119,7 @@ def recheck(path: Path) -> dict:
 
 
 FIXTURE_OUTPUT = """Running stage 'kd@llama-sft-base-vanilla-0':
-> python stages/kd.py llama-sft-base-vanilla-0
+> python stages/vanilla.py --cell llama-sft-base-vanilla-s0
 Stage 'kd@mistral-sft-base-vanilla-0' is cached - skipping run, checking out outputs
 Stage 'prepare' didn't change, skipping
 Running stage 'report':
@@ -131,10 +142,19 @@ def smoke(a) -> None:
     names = doc["changes"][0]["names"]
     wrong = verdict({"prepare", "report"}, names, "kd.alg=dskd")  # stats missing, prepare unexpected
     assert not wrong["ok"] and wrong["missing"] == ["stats"] and wrong["unexpected"] == ["prepare"], wrong
+    # vanilla's temperature: a DSKD run that reruns is caught, and the vanilla runs and the caches must run
+    temp = "vanilla.divergence.temperature=1.0"
+    must, may = expected(names, temp)
+    dskd_kd = sorted(n for n in names if n.startswith("kd@") and "-dskd-" in n)
+    assert dskd_kd and not set(dskd_kd) & may and any(n.startswith("teacher_cache@") for n in must), (must, may)
+    assert all(n in must for n in names if n.startswith("kd@") and "-vanilla-" in n)
+    leak = verdict(must | {dskd_kd[0]}, names, temp)
+    assert not leak["ok"] and leak["unexpected"] == [dskd_kd[0]], leak
     a.out_dir = str(out_dir)
     write_result(a, "dvc_rebuilds", {
         "benchmark": "dvc_rebuilds", "fixture_stages_run": sorted(ran), "recorded_all_ok": doc["all_ok"],
-        "recorded_verdicts": {r["change"]: r["ok"] for r in doc["changes"]}, "wrong_set_caught": not wrong["ok"],
+        "recorded_verdicts": {r["change"]: r["ok"] for r in doc["changes"]},
+        "wrong_set_caught": not wrong["ok"] and not leak["ok"],
         "covers": "DVC output parsing, must/may expectations and verdicts on the recorded runs; not the study or DVC"})
     sys.exit(0 if doc["all_ok"] else 1)
 

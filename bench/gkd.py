@@ -1,4 +1,4 @@
-"""KD step throughput: ours (telekd.distill.train_kd) vs trl's GKDTrainer, on the same objective first.
+"""KD step throughput: ours (telekd.kd.loop.train_kd) vs trl's GKDTrainer, on the same objective first.
 
 GKD runs off-policy forward KL (lmbda 0, beta 0; GKDTrainer.compute_loss calls generalized_jsd_loss at
 temperature 1 whatever GKDConfig.temperature says) over the full vocabulary. The headline row is ours
@@ -47,7 +47,7 @@ ROWS = {  # ratio over GKD (tokens per CPU s) -> what it compares
 def setup(a):
     from telekd.align import vocab_map
     from telekd.data import load_telequad
-    from telekd.distill import build_pairs
+    from telekd.teacher_inputs import build_pairs
     from telekd.params import load_params
     from telekd.prompts import build_example, set_chat_template
     from telekd.zoo import train_tokenizer
@@ -68,31 +68,32 @@ def setup(a):
 
 
 def settings(a):
-    from telekd.distill import KDSettings
+    from telekd.kd.loop import KDConfig
+    from telekd.losses import Divergence
 
-    return KDSettings(kd_rate=1.0, temperature=1.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5,
+    return KDConfig(kd_rate=1.0, divergence=Divergence("forward_kl", 1.0, 0.1, 0.5),
                       epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, grad_accum=1, max_grad_norm=1.0,
                       weight_decay=0.01, seed=0)
 
 
 def ours_term(mode, k, teacher, pairs, s_map, t_map, a, pad_id):
     """(KD term, construction CPU s, construction wall s) of ours: vanilla KD on top-k targets, live or cached."""
-    from telekd import terms
+    from telekd.kd.vanilla import vanilla_term
     from telekd.cache import compute_targets
-    from telekd.distill import live_term
+    from telekd.teacher_inputs import live_term
 
     s = settings(a)
     if mode == "live":
-        return live_term(teacher, pairs, s_map, t_map, k, pad_id, lambda tg, pr: terms.vanilla_term(tg, pr, s),
-                         hidden=False, temperature=s.temperature), 0.0, 0.0
+        return live_term(teacher, pairs, s_map, t_map, k, pad_id, lambda tg, pr: vanilla_term(tg, pr, s.divergence),
+                         hidden=False, temperature=s.divergence.temperature), 0.0, 0.0
     t0, c0 = time.perf_counter(), time.process_time()
     targets = compute_targets(teacher, pairs, s_map, t_map, k, a.batch_size, pad_id, hidden=False,
-                              temperature=s.temperature)
-    return terms.vanilla_term(targets, pairs, s), time.process_time() - c0, time.perf_counter() - t0
+                              temperature=s.divergence.temperature)
+    return vanilla_term(targets, pairs, s.divergence), time.process_time() - c0, time.perf_counter() - t0
 
 
 def run_ours(name, a, tok, examples, pairs, s_map, t_map, arch, teacher):
-    from telekd.distill import train_kd
+    from telekd.kd.loop import train_kd
 
     mode, k = OURS[name]
     student = make_model("llama", arch["student"], len(tok), 2 * a.max_length, seed=1)

@@ -5,9 +5,9 @@ Llama-2-7B teacher (or Mistral-7B-v0.1 with --teacher mistral: DSKD then runs wi
 attention, as for the study's Mistral cells), TinyLlama-1.1B student; bf16 weights, full-parameter
 student with AdamW (the paper profile's dtype: weights, grads and AdamW states all bf16), sequence
 512 (prompt 256 + answer 256, random ids, every answer position distilled), the paper's micro-batch 4.
-The step is train_kd's (collate -> student forward -> CE + KD term from telekd.terms -> backward ->
+The step is train_kd's (collate -> student forward -> CE + KD term from telekd.kd -> backward ->
 clip -> AdamW); "cache" reads teacher targets computed beforehand by telekd.cache.compute_targets,
-"live" runs the teacher inside each step (telekd.distill.live_term).
+"live" runs the teacher inside each step (telekd.teacher_inputs.live_term).
 MFU = tokens/s x FLOP/token / peak; FLOP/token = 6 N_student (+ 2 N_teacher live) (+ DSKD's
 projector and head matmuls are not counted); peak = --peak-tflops (the H200's ~790 TFLOP/s bf16
 dense by default) and, for reference, a large bf16 matmul measured in the same process.
@@ -70,7 +70,7 @@ def inputs_to(device):
 
 
 def targets_to(t, device, dtype):
-    """Targets on the device; cached hidden states in the models' dtype (losses.cma_loss does not cast them:
+    """Targets on the device; cached hidden states in the models' dtype (telekd.kd.dskd.cma_loss does not cast them:
     fp32 hidden states meet bf16 projectors there)."""
     moved = {f.name: getattr(t, f.name).to(device) for f in dataclasses.fields(t) if hasattr(getattr(t, f.name), "to")}
     if t.hidden is not None:
@@ -105,13 +105,17 @@ def kd_steps(a, alg, mode, teacher, t_cfg, s_cfg, examples, pairs, dtype):
     import torch
     import torch.nn.functional as F
 
-    from telekd import terms
+    from telekd.kd.dskd import cma_term, dskd_term
+    from telekd.kd.vanilla import vanilla_term
+    from telekd.losses import Divergence
     from telekd.cache import compute_targets
-    from telekd.distill import KDSettings, live_term, make_projectors
+    from telekd.kd.loop import KDConfig
+    from telekd.teacher_inputs import live_term
+    from telekd.kd.dskd import make_projectors
     from telekd.prompts import collate
 
     dev = a.device
-    s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+    s = KDConfig(kd_rate=0.5, divergence=Divergence("forward_kl", 2.0, 0.1, 0.5), epochs=1,
                    lr=1e-5, batch_size=a.batch, grad_accum=1, max_grad_norm=1.0, weight_decay=0.01, seed=0)
     student = build(s_cfg, dtype, dev, seed=1)
     student.train()
@@ -119,26 +123,26 @@ def kd_steps(a, alg, mode, teacher, t_cfg, s_cfg, examples, pairs, dtype):
     proj, make = None, None
     cma = a.teacher == "mistral"  # two vocabularies in the study: cross-model attention
     if alg == "vanilla":
-        make = lambda tg, pr: terms.vanilla_term(targets_to(tg, dev, dtype), pr, s)  # noqa: E731
+        make = lambda tg, pr: vanilla_term(targets_to(tg, dev, dtype), pr, s.divergence)  # noqa: E731
     else:
         # Projectors in the models' dtype: fp32 projectors on bf16 hidden states fail in F.linear.
         proj = make_projectors(s_cfg.hidden_size, t_cfg.hidden_size, cma=cma).to(dev, dtype)
         heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
         if cma:
             embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
-            make = lambda tg, pr: terms.cma_term(targets_to(tg, dev, dtype), pr, proj, *embeds, *heads, s)  # noqa: E731
+            make = lambda tg, pr: cma_term(targets_to(tg, dev, dtype), pr, proj, *embeds, *heads, s.divergence)  # noqa: E731
         else:
-            make = lambda tg, pr: terms.dskd_term(targets_to(tg, dev, dtype), pr, proj, *heads, s)  # noqa: E731
+            make = lambda tg, pr: dskd_term(targets_to(tg, dev, dtype), pr, proj, *heads, s.divergence)  # noqa: E731
     cache_s = None
     if mode == "cache":
         sync(dev)
         t0 = time.perf_counter()
-        targets = compute_targets(teacher, pairs, ids, ids, 64, a.batch, 0, hidden=alg == "dskd", temperature=s.temperature)
+        targets = compute_targets(teacher, pairs, ids, ids, 64, a.batch, 0, hidden=alg == "dskd", temperature=s.divergence.temperature)
         sync(dev)
         cache_s = time.perf_counter() - t0
         term = make(targets, pairs)
     else:
-        term = live_term(teacher, pairs, ids, ids, 64, 0, make, hidden=alg == "dskd", temperature=s.temperature)
+        term = live_term(teacher, pairs, ids, ids, 64, 0, make, hidden=alg == "dskd", temperature=s.divergence.temperature)
     groups = [{"params": [p for p in student.parameters() if p.requires_grad], "lr": s.lr}]
     if proj is not None:
         groups.append({"params": list(proj.parameters()), "lr": 1e-3})

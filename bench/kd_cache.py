@@ -35,34 +35,41 @@ def main() -> None:
         os.chdir(smoke_study(tempfile.mkdtemp(prefix="telekd-smoke-study-")))
     import torch
 
-    from telekd import layout, terms
+    from telekd import layout
+    from telekd.kd.dskd import cma_term, dskd_term
+    from telekd.kd.vanilla import vanilla_term
+    from telekd.losses import Divergence
     from telekd.cache import compute_targets
-    from telekd.distill import KDSettings, kd_inputs, live_term, make_projectors, train_kd
+    from telekd.kd.loop import KDConfig, train_kd
+    from telekd.teacher_inputs import kd_inputs, live_term
+    from telekd.kd.dskd import make_projectors
     from telekd.models import load_model
     from telekd.params import load_params
 
     p = load_params()
-    t, kd = p.active.train, p.kd
-    s = KDSettings(kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
-                   akl_alpha=kd.akl_alpha, epochs=a.epochs, lr=t.lr, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                   max_grad_norm=1.0, weight_decay=0.01, seed=p.seed)
+    from dataclasses import replace
+
+    t = p.active.train
+    div = Divergence(**getattr(p, a.alg).divergence.model_dump())
+    s = replace(KDConfig.from_params(p, p.seed, div), epochs=a.epochs, max_grad_norm=1.0, weight_decay=0.01,
+                student_lora=False)
     teacher_dir = layout.model_dir(a.teacher, "base")
-    inp = kd_inputs(p, teacher_dir)
+    inp = kd_inputs(p, teacher_dir, {a.alg: s.divergence.temperature})
     teacher, t_tok = load_model(teacher_dir)
     dskd = a.alg == "dskd"  # DSKD reads the teacher's hidden states; vanilla KD does not
     t0 = time.perf_counter()
     cached = compute_targets(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, t.batch_size,
-                             t_tok.pad_token_id, hidden=dskd, temperature=s.temperature)
+                             t_tok.pad_token_id, hidden=dskd, temperature=s.divergence.temperature)
     cache_build_s = time.perf_counter() - t0
 
     def make(tg, pairs, proj):
         if a.alg == "vanilla":
-            return terms.vanilla_term(tg, pairs, s)
+            return vanilla_term(tg, pairs, s.divergence)
         heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
         if inp.vocab_match:
-            return terms.dskd_term(tg, pairs, proj, *heads, s)
+            return dskd_term(tg, pairs, proj, *heads, s.divergence)
         embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
-        return terms.cma_term(tg, pairs, proj, *embeds, *heads, s)
+        return cma_term(tg, pairs, proj, *embeds, *heads, s.divergence)
 
     runs, walls, tokens = {"cache": [], "live": []}, {"cache": [], "live": []}, 0
     for _ in range(a.reps):
@@ -72,7 +79,7 @@ def main() -> None:
                 if a.alg == "dskd" else None
             term = make(cached, inp.pairs, proj) if mode == "cache" else \
                 live_term(teacher, inp.pairs, inp.s_map, inp.t_map, p.teacher_cache.top_k, t_tok.pad_token_id,
-                          lambda tg, pairs: make(tg, pairs, proj), hidden=dskd, temperature=s.temperature)
+                          lambda tg, pairs: make(tg, pairs, proj), hidden=dskd, temperature=s.divergence.temperature)
             out = train_kd(student, inp.examples, s, t_tok.pad_token_id, term, extra_modules=proj,
                            projector_lr=p.dskd.projector_lr, desc=mode)
             runs[mode].append(out["metrics"]["tokens_per_s"])

@@ -20,14 +20,14 @@ from common import add_output_args, write_result
 def measure(chunk: int | None, kind: str, batch: int, seq: int, vocab: int) -> dict:
     import torch
 
-    from telekd.losses import divergence
+    from telekd.losses import Divergence, divergence
 
     torch.manual_seed(0)
     s = torch.randn(batch, seq, vocab, requires_grad=True)
     t = torch.randn(batch, seq, vocab)
     mask = torch.ones(batch, seq, dtype=torch.bool)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    loss = divergence(kind, s, t, mask, temperature=2.0, chunk_size=chunk)
+    loss = divergence(Divergence(kind, 2.0), s, t, mask, chunk_size=chunk)
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"value": loss.item(), "peak_above_inputs_mib": round((peak - base) / 1024, 1)}

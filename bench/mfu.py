@@ -59,22 +59,24 @@ def kd_run(size: dict, mode: str, teacher, examples, pairs, dtype: str = "float3
     With `profiler` (torch.profiler.profile) only train_kd itself is recorded."""
     import torch
 
-    from telekd import terms
+    from telekd.kd.vanilla import vanilla_term
+    from telekd.losses import Divergence
     from telekd.cache import compute_targets
-    from telekd.distill import KDSettings, live_term, train_kd
+    from telekd.kd.loop import KDConfig, train_kd
+    from telekd.teacher_inputs import live_term
 
     v = size["vocab"]
     ids = torch.arange(v)
-    s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+    s = KDConfig(kd_rate=0.5, divergence=Divergence("forward_kl", 2.0, 0.1, 0.5), epochs=1,
                    lr=1e-4, batch_size=size["batch"], grad_accum=1, max_grad_norm=1.0, weight_decay=0.01, seed=0)
     if student is None:
         student = make_model("llama", size["student"], v, 2 * (PROMPT + ANSWER), seed=1, dtype=getattr(torch, dtype))
     if mode == "cache":
-        targets = compute_targets(teacher, pairs, ids, ids, 64, size["batch"], 0, hidden=False, temperature=s.temperature)
-        term = terms.vanilla_term(targets, pairs, s)
+        targets = compute_targets(teacher, pairs, ids, ids, 64, size["batch"], 0, hidden=False, temperature=s.divergence.temperature)
+        term = vanilla_term(targets, pairs, s.divergence)
     else:
-        term = live_term(teacher, pairs, ids, ids, 64, 0, lambda tg, pr: terms.vanilla_term(tg, pr, s), hidden=False,
-                         temperature=s.temperature)
+        term = live_term(teacher, pairs, ids, ids, 64, 0, lambda tg, pr: vanilla_term(tg, pr, s.divergence), hidden=False,
+                         temperature=s.divergence.temperature)
     c0 = time.process_time()
     if profiler is not None:
         profiler.start()

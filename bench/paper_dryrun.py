@@ -10,11 +10,11 @@ Steps, each through the code the stages run:
                  completion-only labels, backward, AdamW step (the model and optimizer run_sft builds;
                  the Trainer loop itself is not run)
   cache_<t>      telekd.cache.compute_targets over one batch (teacher forward, top-k, hidden states)
-  kd_vanilla_<t> telekd.distill.train_kd with terms.vanilla_term, one optimizer step (grad_accum batches),
+  kd_vanilla_<t> telekd.kd.loop.train_kd with vanilla_term, one optimizer step (grad_accum batches),
                  the student trained as profiles.paper.student_kd says (LoRA on q_proj, v_proj); the
                  Mistral teacher through the cross-tokenizer alignment
-  kd_dskd_llama  train_kd with terms.dskd_term (same vocabulary), the teacher's head only
-  kd_cma_mistral train_kd with terms.cma_term (cross-model attention), the teacher's head and embeddings
+  kd_dskd_llama  train_kd with dskd_term (same vocabulary), the teacher's head only
+  kd_cma_mistral train_kd with cma_term (cross-model attention), the teacher's head and embeddings
   generate_<m>   telekd.generation.generate_answers, one batch, max_new_tokens
 Where the code reads values (.item(), bool(), .cpu()) or takes data-dependent shapes (nonzero, mask
 indexing), telekd.meta.ValueBoundary answers with zeros / every element selected (worst case);
@@ -131,15 +131,21 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None, data
     """Run the dry-run steps; returns {"steps": {name: measures}, "data": ...}."""
     import torch
 
-    from telekd import terms, vocab
+    from dataclasses import replace
+
+    from telekd import vocab
     from telekd.align import vocab_map
     from telekd.cache import compute_targets
-    from telekd.distill import KDSettings, build_pairs, make_projectors, train_kd
     from telekd.examples import tokenized
+    from telekd.kd.dskd import cma_term, dskd_term, make_projectors
+    from telekd.kd.loop import KDConfig, train_kd
+    from telekd.kd.vanilla import vanilla_term
+    from telekd.losses import Divergence
+    from telekd.teacher_inputs import build_pairs
     from telekd.generation import generate_answers
 
     want = lambda s: steps is None or s in steps or any(s.startswith(x) for x in steps)  # noqa: E731
-    t, kd, prof = p.active.train, p.kd, p.active
+    t, prof = p.active.train, p.active
     dtype = getattr(torch, prof.dtype)
     micro, accum = t.batch_size, t.grad_accum
     splits, longest = load_data(p, micro * accum, data)
@@ -151,12 +157,8 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None, data
            "max_length": t.max_length, "max_prompt_length": t.max_prompt_length,
            "batch_tokens": [len(e.input_ids) for e in examples[:micro]],
            "split_sizes": {k: len(v) for k, v in splits.items()}}
-    settings = KDSettings(
-        kd_rate=kd.kd_rate, temperature=kd.temperature, divergence=kd.divergence, skew_lambda=kd.skew_lambda,
-        akl_alpha=kd.akl_alpha, epochs=1, lr=t.lr, batch_size=micro, grad_accum=accum,
-        max_grad_norm=p.sft.max_grad_norm, weight_decay=p.sft.weight_decay, seed=0, student_lora=prof.student_kd.lora,
-        lora_r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=p.sft.lora_dropout,
-        lora_targets=tuple(prof.student_kd.lora_targets or p.sft.lora_targets))
+    settings = replace(KDConfig.from_params(p, 0, Divergence(**p.vanilla.divergence.model_dump())), epochs=1)
+    dskd_div = Divergence(**p.dskd.divergence.model_dump())  # as the kd stages build them; one epoch
 
     for role in ("llama", "student"):
         if not want(f"sft_{role}"):
@@ -192,7 +194,8 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None, data
         tm = meta_model(teacher, dtype, layers).requires_grad_(False)
         with Measure([tm], f"cache_{teacher}", res) as m:
             targets = compute_targets(tm, pairs, s_map, t_map, p.teacher_cache.top_k, micro,
-                                      t_tok.pad_token_id, hidden=p.teacher_cache.hidden, temperature=kd.temperature)
+                                      t_tok.pad_token_id, hidden=p.teacher_cache.hidden,
+                                      temperature=settings.divergence.temperature, t_temperature=dskd_div.temperature)
             m.info = {"examples": len(pairs), "forward_batches": math.ceil(len(pairs) / micro),
                       "aligned_positions": int(targets.student_pos.numel()), "answer_tokens": targets.answer_tokens}
         head, embed = tm.get_output_embeddings().weight, tm.get_input_embeddings().weight
@@ -200,7 +203,7 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None, data
         del tm  # the kd stage never holds the teacher's blocks (only its head and embeddings, for DSKD)
         targets = targets.to("meta")
 
-        cells = [("vanilla", lambda tg, pr: terms.vanilla_term(tg, pr, settings), None, ())]
+        cells = [("vanilla", lambda tg, pr: vanilla_term(tg, pr, settings.divergence), None, ())]
         if teacher == "llama":
             cells.append(("dskd", None, False, (head,)))
         else:
@@ -215,9 +218,9 @@ def run(p, layers: int | None = None, steps: tuple[str, ...] | None = None, data
                 projectors = make_projectors(student.config.hidden_size, d_t, cma=cma, seed=0).to(dtype)
                 s_head, s_embed = student.get_output_embeddings().weight, student.get_input_embeddings().weight
                 if cma:
-                    make = lambda tg, pr: terms.cma_term(tg, pr, projectors, s_embed, embed, s_head, head, settings)  # noqa: E731,B023
+                    make = lambda tg, pr: cma_term(tg, pr, projectors, s_embed, embed, s_head, head, dskd_div)  # noqa: E731,B023
                 else:
-                    make = lambda tg, pr: terms.dskd_term(tg, pr, projectors, s_head, head, settings)  # noqa: E731,B023
+                    make = lambda tg, pr: dskd_term(tg, pr, projectors, s_head, head, dskd_div)  # noqa: E731,B023
             # what train_kd trains (it merges a LoRA student at the end): r x (in + out) per adapted linear layer
             trainable = (sum(settings.lora_r * (mod.in_features + mod.out_features)
                              for mname, mod in student.named_modules() if mname.split(".")[-1] in settings.lora_targets)

@@ -1,7 +1,7 @@
 """Cross-tokenizer alignment between the paper's student (TinyLlama = Llama-2 vocabulary) and each teacher,
 on real TeleQuAD v4 answers, with the real tokenizers (telekd.vocab).
 
-Per teacher: examples built as the kd stage builds them (telekd.distill.build_pairs: the teacher sees the
+Per teacher: examples built as the kd stage builds them (telekd.teacher_inputs.build_pairs: the teacher sees the
 student's prompt text in its own template), then
 - aligned_fraction: student answer tokens paired with a teacher token of the same character span
   (telekd.align.aligned_positions) over all student answer tokens; the positions vanilla KD distils;
@@ -35,7 +35,7 @@ TELEQUAD = next((str(f) for f in (ROOT / "data/telequad/TeleQuAD-v4-full.json",
 def measure(records, p, teacher: str) -> dict:
     from telekd import vocab
     from telekd.align import vocab_map
-    from telekd.distill import build_pairs
+    from telekd.teacher_inputs import build_pairs
     from telekd.examples import tokenized
 
     t = p.active.train

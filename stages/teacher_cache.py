@@ -1,6 +1,9 @@
 """Stage teacher_cache: one teacher pass over the training split, stored content-addressed for every KD cell.
 
-The targets are taken at the training temperature (kd.temperature), which is part of the cache key."""
+It writes three entries, one per algorithm, each holding only what that algorithm reads: vanilla (student-space
+targets at vanilla.divergence.temperature), dskd (teacher-space targets at dskd.divergence.temperature and hidden
+states), uld (teacher-space top-k at T = 1). Each temperature is part of its own entry's key only, so changing one
+leaves the other entries byte-identical (telekd.cache)."""
 
 import argparse
 
@@ -10,26 +13,30 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Write the three cache entries of one teacher checkpoint (--teacher, --teacher-sft)."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--teacher", required=True, choices=["llama", "mistral"])
     ap.add_argument("--teacher-sft", required=True, choices=["base", "sft"])
     a = ap.parse_args()
     p = load_params()
-    from telekd.cache import save_targets, teacher_pass
-    from telekd.distill import kd_inputs
+    from telekd.cache import ENTRIES, save_targets, teacher_pass
     from telekd.models import load_model
     from telekd.shard import device
+    from telekd.teacher_inputs import kd_inputs
 
     teacher_dir = layout.model_dir(a.teacher, a.teacher_sft)
-    inp = kd_inputs(p, teacher_dir)
+    t_vanilla, t_dskd = p.vanilla.divergence.temperature, p.dskd.divergence.temperature
+    inp = kd_inputs(p, teacher_dir, {"vanilla": t_vanilla, "dskd": t_dskd, "uld": None})
     teacher, _ = load_model(teacher_dir, dtype=p.active.dtype, trust_remote_code=p.models.trust_remote_code,
                             device=device())  # its GPU where there is one
-    targets = teacher_pass(p, inp, teacher, desc=f"teacher {a.teacher}-{a.teacher_sft}")  # at kd.temperature
+    targets = teacher_pass(p, inp, teacher, temperature=t_vanilla, t_temperature=t_dskd, hidden=p.teacher_cache.hidden,
+                           desc=f"teacher {a.teacher}-{a.teacher_sft}")
     name = f"{a.teacher}-{a.teacher_sft}"
-    with atomic_path(f"{layout.CACHE}/{name}") as out:
-        entry = save_targets(targets, inp.key, out)
-    summary = {"entry": entry.name, "vocab_match": inp.vocab_match, "teacher_forward_examples": len(inp.pairs),
-               **targets.summary()}
+    summary = {"vocab_match": inp.vocab_match, "teacher_forward_examples": len(inp.pairs)}
+    for entry in ENTRIES:
+        with atomic_path(f"{layout.CACHE}/{name}/{entry}") as out:
+            saved = save_targets(targets, entry, inp.keys[entry], out)
+        summary[entry] = {"entry": saved.name, **targets.summary(entry)}
     write_json(f"{layout.METRICS}/teacher_cache/{name}.json", summary)
     print(f"teacher_cache {name}: {summary}")
 

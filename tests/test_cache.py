@@ -5,10 +5,10 @@ import torch
 
 from telekd.align import vocab_map
 from telekd.cache import compute_targets
-from telekd.distill import KDSettings, build_pairs, live_term
-from telekd.losses import divergence
+from telekd.kd.vanilla import vanilla_term
+from telekd.losses import Divergence, divergence
 from telekd.prompts import build_example, collate
-from telekd.terms import vanilla_term
+from telekd.teacher_inputs import build_pairs, live_term
 
 SYSTEM = "Answer from the context."
 
@@ -20,8 +20,7 @@ def _setup(tokenizers, records, teacher="llama"):
 
 
 def _settings(temperature, kind="forward_kl"):
-    return KDSettings(kd_rate=0.5, temperature=temperature, divergence=kind, skew_lambda=0.1, akl_alpha=0.5, epochs=1,
-                      lr=1e-3, batch_size=3, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    return Divergence(kind, temperature, 0.1, 0.5)
 
 
 def _logits(model, examples, pad_id):
@@ -64,7 +63,7 @@ def test_targets_at_another_temperature_are_refused(tokenizers, sample_records):
     exs, pairs, (s_map, t_map) = _setup(tokenizers, sample_records[:2])
     cached = compute_targets(tiny_model("llama", len(tok)), pairs, s_map, t_map, 4, 2, tok.pad_token_id,
                              hidden=False, temperature=1.0)
-    with pytest.raises(ValueError, match="computed at temperature 1.0 but kd.temperature is 2.0"):
+    with pytest.raises(ValueError, match="computed at temperature 1.0 but vanilla.divergence.temperature is 2.0"):
         vanilla_term(cached, pairs, _settings(2.0))
 
 
@@ -104,7 +103,7 @@ def test_cross_vocabulary_targets_keep_the_tempered_unmapped_mass(tokenizers, sa
         q_kept = q.gather(-1, cached.ids[rows])
         bins_t = torch.cat([kept.values, rest[:, None]], -1)
         bins_s = torch.cat([q_kept, 1 - q_kept.sum(-1, keepdim=True)], -1)
-        ref = divergence("forward_kl", bins_s.log(), bins_t.log(), torch.ones(len(aligned), dtype=torch.bool))
+        ref = divergence(Divergence("forward_kl"), bins_s.log(), bins_t.log(), torch.ones(len(aligned), dtype=torch.bool))
         got, _ = vanilla_term(cached, pairs, _settings(temperature))(s_logits[i: i + 1], None, None, [i])
         assert got.item() == pytest.approx(ref.item(), rel=1e-3, abs=1e-6)  # float32 loss, float64 reference
         # teacher space

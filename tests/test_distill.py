@@ -4,10 +4,12 @@ import torch
 
 from telekd.align import same_vocab, vocab_map
 from telekd.cache import compute_targets, load_targets, save_targets
-from telekd.distill import KDSettings, build_pairs, live_term, make_projectors, train_kd
-from telekd.terms import cma_term, vanilla_term
-from telekd.losses import divergence
+from telekd.kd.dskd import cma_term, make_projectors
+from telekd.kd.loop import KDConfig, train_kd
+from telekd.kd.vanilla import vanilla_term
+from telekd.losses import Divergence, divergence
 from telekd.prompts import build_example
+from telekd.teacher_inputs import build_pairs, live_term
 
 SYSTEM = "Answer from the context."
 
@@ -55,7 +57,7 @@ def test_cached_full_vocabulary_targets_equal_the_live_teacher(tokenizers, sampl
     live = compute_targets(teacher, pairs, s_map, t_map, top_k=len(tok), batch_size=3, pad_id=tok.pad_token_id,
                            temperature=2.0)
     key = {"test": 1}
-    save_targets(live, key, tmp_path)
+    save_targets(live, "vanilla", key, tmp_path)
     cached = load_targets(tmp_path, key)
     # k = V: the cached top-k form gives the dense teacher's divergence
     student = tiny_model("llama", len(tok), hidden=32, seed=1)
@@ -69,9 +71,9 @@ def test_cached_full_vocabulary_targets_equal_the_live_teacher(tokenizers, sampl
         s_pos = torch.tensor([a for a, _ in aligned])
         t_pos = torch.tensor([b for _, b in aligned])
         mask = torch.ones(len(aligned), dtype=torch.bool)
-        dense = divergence("forward_kl", batch_logits[i][s_pos], t_logits[i][t_pos], mask, temperature=2.0)
-        sparse = divergence_topk("forward_kl", batch_logits[i][cached.student_pos[rows]], cached.logprobs[rows],
-                                 cached.ids[rows], mask, temperature=2.0, teacher_rest_logprob=cached.rest[rows])
+        dense = divergence(Divergence("forward_kl", 2.0), batch_logits[i][s_pos], t_logits[i][t_pos], mask)
+        sparse = divergence_topk(Divergence("forward_kl", 2.0), batch_logits[i][cached.student_pos[rows]],
+                                 cached.logprobs[rows], cached.ids[rows], mask, teacher_rest_logprob=cached.rest[rows])
         assert torch.allclose(dense, sparse, atol=1e-5)
 
 
@@ -85,7 +87,7 @@ def test_corrupted_cache_entry_is_refused(tokenizers, sample_records, tmp_path):
     exs, pairs = _pairs(tokenizers, sample_records[:2])
     s_map, t_map = vocab_map(tok, tok)
     save_targets(compute_targets(tiny_model("llama", len(tok)), pairs, s_map, t_map, 8, 2, tok.pad_token_id,
-                                 temperature=1.0), {"k": 1}, tmp_path)
+                                 temperature=1.0), "vanilla", {"k": 1}, tmp_path)
     f = tmp_path / key_digest({"k": 1}) / TARGETS
     data = bytearray(f.read_bytes())
     data[-3] ^= 0xFF
@@ -109,9 +111,9 @@ def test_two_kd_steps_change_the_student_not_the_teacher(tokenizers, sample_reco
     s_map, t_map = vocab_map(s_tok, tok)
     targets = compute_targets(teacher, pairs, s_map, t_map, top_k=32, batch_size=2, pad_id=tok.pad_token_id,
                               temperature=2.0)
-    s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+    s = KDConfig(kd_rate=0.5, divergence=Divergence("forward_kl", 2.0, 0.1, 0.5), epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
-    out = train_kd(student, exs, s, s_tok.pad_token_id, vanilla_term(targets, pairs, s))
+    out = train_kd(student, exs, s, s_tok.pad_token_id, vanilla_term(targets, pairs, s.divergence))
     assert out["metrics"]["steps"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in out["log"])
     assert any(not torch.equal(s_before[k], v) for k, v in out["model"].state_dict().items())
     assert all(torch.equal(t_before[k], v) for k, v in teacher.state_dict().items())
@@ -127,10 +129,10 @@ def test_lora_student_is_merged_back(tokenizers, sample_records):
     s_map, t_map = vocab_map(tok, tok)
     targets = compute_targets(teacher, pairs, s_map, t_map, top_k=16, batch_size=2, pad_id=tok.pad_token_id,
                               temperature=1.0)
-    s = KDSettings(kd_rate=0.5, temperature=1.0, divergence="reverse_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+    s = KDConfig(kd_rate=0.5, divergence=Divergence("reverse_kl", 1.0, 0.1, 0.5), epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=2, max_grad_norm=1.0, weight_decay=0.0, seed=0,
                    student_lora=True, lora_r=4, lora_alpha=8, lora_targets=("q_proj", "v_proj"))
-    out = train_kd(student, exs, s, tok.pad_token_id, vanilla_term(targets, pairs, s), val_examples=exs[:2])
+    out = train_kd(student, exs, s, tok.pad_token_id, vanilla_term(targets, pairs, s.divergence), val_examples=exs[:2])
     names = [n for n, _ in out["model"].named_parameters()]
     assert not any("lora" in n for n in names)
     assert out["metrics"]["val_ce_after"] is not None
@@ -148,11 +150,11 @@ def test_dskd_with_cross_model_attention_trains_student_and_projectors(tokenizer
     s_map, t_map = vocab_map(s_tok, t_tok)
     proj = make_projectors(32, 48, cma=True)
     p_before = {k: v.clone() for k, v in proj.state_dict().items()}
-    s = KDSettings(kd_rate=0.5, temperature=1.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+    s = KDConfig(kd_rate=0.5, divergence=Divergence("forward_kl", 1.0, 0.1, 0.5), epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
     heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
     embeds = (student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
-    make = lambda tg, ps: cma_term(tg, ps, proj, *embeds, *heads, s)  # noqa: E731
+    make = lambda tg, ps: cma_term(tg, ps, proj, *embeds, *heads, s.divergence)  # noqa: E731
     term = live_term(teacher, pairs, s_map, t_map, top_k=len(t_tok), pad_id=t_tok.pad_token_id, make_term=make,
                      hidden=True, temperature=1.0)
     out = train_kd(student, exs, s, s_tok.pad_token_id, term, extra_modules=proj, projector_lr=1e-3)
@@ -165,7 +167,7 @@ def test_dskd_with_cross_model_attention_trains_student_and_projectors(tokenizer
 
 def test_uld_trains_across_vocabularies_without_projectors(tokenizers, sample_records):
     from conftest import tiny_model
-    from telekd.terms import uld_term
+    from telekd.kd.uld import uld_term
 
     t_tok, s_tok = tokenizers["mistral"], tokenizers["llama"]
     teacher = tiny_model("mistral", len(t_tok), hidden=48)
@@ -175,9 +177,9 @@ def test_uld_trains_across_vocabularies_without_projectors(tokenizers, sample_re
     targets = compute_targets(teacher, pairs, s_map, t_map, top_k=len(t_tok), batch_size=2, pad_id=t_tok.pad_token_id,
                               hidden=False, temperature=1.0)
     assert targets.hidden is None and int(targets.t_offsets[-1]) == sum(len(t.input_ids) - t.prompt_len for _, t, _ in pairs)
-    s = KDSettings(kd_rate=0.5, temperature=1.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+    s = KDConfig(kd_rate=0.5, divergence=Divergence("forward_kl", 1.0, 0.1, 0.5), epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
-    out = train_kd(student, exs, s, s_tok.pad_token_id, uld_term(targets, pairs, s, weight=1.0))
+    out = train_kd(student, exs, s, s_tok.pad_token_id, uld_term(targets, pairs, weight=1.0))
     assert out["metrics"]["steps"] == 2 and all(0 <= r["kd"] <= 2 for r in out["log"])
 
 
@@ -192,7 +194,7 @@ def test_non_finite_loss_stops_kd_in_one_line_and_keeps_the_last_good_checkpoint
     tok = tokenizers["llama"]
     student = tiny_model("llama", len(tok), hidden=32, seed=1)
     exs, _ = _pairs(tokenizers, sample_records[:8])
-    s = KDSettings(kd_rate=0.5, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
+    s = KDConfig(kd_rate=0.5, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
                    seed=0)
     calls = []
 
@@ -221,7 +223,7 @@ def test_non_finite_gradient_stops_kd_before_the_step(tokenizers, sample_records
     tok = tokenizers["llama"]
     student = tiny_model("llama", len(tok), hidden=32, seed=1)
     exs, _ = _pairs(tokenizers, sample_records[:4])
-    s = KDSettings(kd_rate=0.5, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
+    s = KDConfig(kd_rate=0.5, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
                    seed=0)
     before = {k: v.clone() for k, v in student.state_dict().items()}
 
@@ -259,7 +261,7 @@ def test_lora_kd_checkpoint_holds_the_adapter_and_its_optimizer_state_only(token
     student = tiny_model("llama", len(tok), hidden=32, seed=1)
     n_base = sum(p.numel() for p in student.parameters())
     exs, _ = _pairs(tokenizers, sample_records[:6])
-    s = KDSettings(kd_rate=0.0, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
+    s = KDConfig(kd_rate=0.0, epochs=1, lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0,
                    seed=0, student_lora=True, lora_r=2, lora_alpha=4, lora_targets=("q_proj", "v_proj"))
     term = lambda logits, hidden, batch, idx: (logits.sum() * 0, {})  # noqa: E731
     ckpt = Checkpoint(tmp_path / "ck", "fp", save_steps=1)
@@ -285,7 +287,7 @@ def test_weights_that_overflow_are_never_checkpointed(tokenizers, sample_records
     tok = tokenizers["llama"]
     student = tiny_model("llama", len(tok), hidden=32, seed=1)
     exs, _ = _pairs(tokenizers, sample_records[:6])
-    s = KDSettings(kd_rate=0.0, epochs=1, lr=float("inf"), batch_size=2, grad_accum=1, max_grad_norm=1.0,
+    s = KDConfig(kd_rate=0.0, epochs=1, lr=float("inf"), batch_size=2, grad_accum=1, max_grad_norm=1.0,
                    weight_decay=0.0, seed=0)
     term = lambda logits, hidden, batch, idx: (logits.sum() * 0, {})  # noqa: E731
     ckpt = Checkpoint(tmp_path / "ck", "fp", save_steps=1)

@@ -6,10 +6,33 @@ import math
 import pytest
 import torch
 
-from telekd.losses import cma_loss, dskd_loss, uld_loss
+from types import SimpleNamespace
+
+from telekd.kd.dskd import StudentSide, TeacherSide, cma_loss, dskd_loss
+from telekd.kd.uld import uld_loss
+from telekd.losses import Divergence
 
 torch.manual_seed(0)
 D = torch.float64
+
+
+def _cma(div, student_logits, student_hidden, s_in_emb, s_tgt_emb, s_targets, s_mask, teacher_hidden, t_in_emb,
+         t_tgt_emb, t_topk_logprobs, t_topk_ids, t_mask, query, t2s, s2t, student_head, teacher_head,
+         t_rest_logprob=None, **opts):
+    """cma_loss on the flat inputs these tests build (one name per tensor), packed into its two sides."""
+    student = StudentSide(student_logits, student_hidden, s_targets, student_head, mask=s_mask, in_emb=s_in_emb,
+                          tgt_emb=s_tgt_emb)
+    teacher = TeacherSide(teacher_hidden, t_topk_logprobs, t_topk_ids, teacher_head, rest_logprob=t_rest_logprob,
+                          mask=t_mask, in_emb=t_in_emb, tgt_emb=t_tgt_emb)
+    return cma_loss(div, student, teacher, SimpleNamespace(query=query, t2s=t2s, s2t=s2t), **opts)
+
+
+def _dskd(div, student_logits, student_hidden, targets, teacher_hidden, t_topk_logprobs, t_topk_ids, t2s, s2t,
+          student_head, teacher_head, teacher_rest_logprob=None, **opts):
+    """dskd_loss on flat inputs, packed into its two sides."""
+    student = StudentSide(student_logits, student_hidden, targets, student_head)
+    teacher = TeacherSide(teacher_hidden, t_topk_logprobs, t_topk_ids, teacher_head, rest_logprob=teacher_rest_logprob)
+    return dskd_loss(div, student, teacher, SimpleNamespace(t2s=t2s, s2t=s2t), **opts)
 
 
 def _lin(i, o):
@@ -31,7 +54,8 @@ def test_dskd_one_vocabulary_matches_the_definition():
     Ws, Wt = torch.randn(V, d_s, dtype=D), torch.randn(V, d_t, dtype=D)
     lp = torch.log_softmax(t_logits / 2.0, -1)  # the cache holds the teacher at the training temperature
     top = lp.topk(V, -1)
-    out = dskd_loss("forward_kl", s_logits, s_hidden, y, t_hidden, top.values, top.indices, t2s, s2t, Ws, Wt, 2.0)
+    out = _dskd(Divergence("forward_kl", 2.0), s_logits, s_hidden, y, t_hidden, top.values, top.indices, t2s, s2t, Ws,
+                Wt)
     ce = kd_stu = kd_tea = 0.0
     for i in range(N):
         z_t2s = t2s(t_hidden[i]) @ Ws.T
@@ -98,7 +122,7 @@ OURS = dict(normalization="own_tokens", std_over="answer", key_std="per_half")  
 def test_cma_departure_options_match_their_definition_with_different_lengths(T):
     """All three named departures together: answer-row stds, one std per key half, teacher term / n_t."""
     x, t_logits = _cma_inputs(T=T)
-    out = cma_loss("forward_kl", **x, temperature=T, **OURS)
+    out = _cma(Divergence("forward_kl", T), **x, **OURS)
     ce, kd_stu, kd_tea = _cma_reference(x, t_logits, T)
     assert math.isclose(out["ce_t2s"].item(), ce, abs_tol=1e-8)
     assert math.isclose(out["kd_stu"].item(), kd_stu, abs_tol=1e-8)
@@ -123,19 +147,21 @@ def test_cma_ignores_prompt_and_padding_positions():
     """Student-side padding never counts; teacher-side padding counts only through the std of std_over=padded."""
     x, _ = _cma_inputs()
     for opts in ({}, OURS, {"std_over": "answer"}):
-        base = cma_loss("forward_kl", **x, **opts)["kd"].item()
-        assert math.isclose(cma_loss("forward_kl", **_garbage(x, S_KEYS), **opts)["kd"].item(), base, abs_tol=1e-8)
+        base = _cma(Divergence("forward_kl"), **x, **opts)["kd"].item()
+        got = _cma(Divergence("forward_kl"), **_garbage(x, S_KEYS), **opts)["kd"].item()
+        assert math.isclose(got, base, abs_tol=1e-8)
     for opts in (OURS, {"std_over": "answer"}):
-        base = cma_loss("forward_kl", **x, **opts)["kd"].item()
-        assert math.isclose(cma_loss("forward_kl", **_garbage(x, T_KEYS), **opts)["kd"].item(), base, abs_tol=1e-8)
-    base = cma_loss("forward_kl", **x)["kd"].item()  # reference: the padded rows are part of x.std()
-    assert abs(cma_loss("forward_kl", **_garbage(x, T_KEYS))["kd"].item() - base) > 1e-3
+        base = _cma(Divergence("forward_kl"), **x, **opts)["kd"].item()
+        got = _cma(Divergence("forward_kl"), **_garbage(x, T_KEYS), **opts)["kd"].item()
+        assert math.isclose(got, base, abs_tol=1e-8)
+    base = _cma(Divergence("forward_kl"), **x)["kd"].item()  # reference: the padded rows are part of x.std()
+    assert abs(_cma(Divergence("forward_kl"), **_garbage(x, T_KEYS))["kd"].item() - base) > 1e-3
 
 
 @pytest.mark.parametrize("opts", [{}, OURS])
 def test_projectors_learn_and_the_teacher_gets_no_gradient(opts):
     x, _ = _cma_inputs()
-    cma_loss("forward_kl", **x, **opts)["kd"].backward()
+    _cma(Divergence("forward_kl"), **x, **opts)["kd"].backward()
     for name in ("query", "t2s", "s2t"):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in x[name].parameters()), name
     assert x["student_hidden"].grad.abs().sum() > 0
@@ -159,8 +185,8 @@ def test_cma_runs_in_bfloat16_with_a_float32_cache():
     y["teacher_hidden"] = x["teacher_hidden"].detach().float()
     for name in ("query", "t2s", "s2t"):
         y[name] = copy.deepcopy(x[name]).to(torch.bfloat16)
-    out = cma_loss("forward_kl", **y)
-    ref = cma_loss("forward_kl", **x)
+    out = _cma(Divergence("forward_kl"), **y)
+    ref = _cma(Divergence("forward_kl"), **x)
     assert torch.isfinite(out["kd"])
     assert math.isclose(out["kd"].item(), ref["kd"].item(), rel_tol=0.05)
 
@@ -247,9 +273,9 @@ def _ours_cma(x, T, **opts):
     pad, s_in, s_tgt = _formal(x["s_ids"], x["s_lab"])
     t_pad, t_in, t_tgt = _formal(x["t_ids"], x["t_lab"])
     top = torch.log_softmax(x["t_logits"] / T, -1).topk(x["t_logits"].shape[-1], -1)  # cached at the training T
-    return cma_loss("forward_kl", x["s_logits"], x["h_s"], x["E_s"][s_in], x["E_s"][s_tgt], x["s_lab"], pad, x["h_t"],
-                    x["E_t"][t_in], x["E_t"][t_tgt], top.values, top.indices, t_pad, x["query"], x["t2s"], x["s2t"],
-                    x["W_s"], x["W_t"], temperature=T, **opts)
+    return _cma(Divergence("forward_kl", T), x["s_logits"], x["h_s"], x["E_s"][s_in], x["E_s"][s_tgt], x["s_lab"], pad,
+                x["h_t"], x["E_t"][t_in], x["E_t"][t_tgt], top.values, top.indices, t_pad, x["query"], x["t2s"],
+                x["s2t"], x["W_s"], x["W_t"], **opts)
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0])
@@ -311,12 +337,12 @@ def test_cma_hand_computed_terms_and_normalization():
     ce = (2 * math.log(4 / 3) + math.log(4)) / 3
     kl_stu = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     kl_tea = 0.8 * math.log(1.6) + 0.2 * math.log(0.4)
-    ref = cma_loss("forward_kl", **args)
+    ref = _cma(Divergence("forward_kl"), **args)
     assert math.isclose(ref["ce_t2s"].item(), ce, abs_tol=1e-12)
     assert math.isclose(ref["kd_stu"].item(), 2 * kl_stu / 3, abs_tol=1e-12)   # only the 2 rows it predicts
     assert math.isclose(ref["kd_tea"].item(), 2 * kl_tea / 3, abs_tol=1e-12)   # / n_s = 3 (reference)
     assert math.isclose(ref["t2s_acc"].item(), 2 / 3, abs_tol=1e-7)  # a float32 share
-    own = cma_loss("forward_kl", **args, normalization="own_tokens")
+    own = _cma(Divergence("forward_kl"), **args, normalization="own_tokens")
     assert math.isclose(own["kd_tea"].item(), kl_tea, abs_tol=1e-12)           # / n_t = 2
     assert math.isclose(own["ce_t2s"].item(), ce, abs_tol=1e-12) and math.isclose(own["kd_stu"].item(), 2 * kl_stu / 3)
 
@@ -350,8 +376,8 @@ def test_std_over_by_hand():
     h = torch.tensor([[[2.0, -2.0], [0.0, 0.0]]], dtype=D)
     args = _one_row_args(h, torch.zeros(1, 2, 1, dtype=D), torch.tensor([[True, False]]))
     args["query"] = _const_lin(2, 2, [0.0, 0.0])
-    padded = cma_loss("forward_kl", **args)["ce_t2s"].item()
-    answer = cma_loss("forward_kl", **args, std_over="answer")["ce_t2s"].item()
+    padded = _cma(Divergence("forward_kl"), **args)["ce_t2s"].item()
+    answer = _cma(Divergence("forward_kl"), **args, std_over="answer")["ce_t2s"].item()
     assert math.isclose(padded, math.log1p(math.exp(-math.sqrt(6))), abs_tol=1e-12)
     assert math.isclose(answer, math.log1p(math.exp(-math.sqrt(2))), abs_tol=1e-12)
 
@@ -368,8 +394,8 @@ def test_key_std_by_hand():
     args.update(query=_const_lin(2, 2, [1.0, 0.0]), student_head=torch.tensor([[1.0], [-1.0]], dtype=D),
                 student_logits=torch.zeros(1, 1, 2, dtype=D), t2s=_const_lin(1, 1, [0.0], [[1.0]]))
     ce = lambda dw: math.log1p(math.exp(-2 * dw / math.sqrt(2)))  # noqa: E731
-    joint = cma_loss("forward_kl", **args)["ce_t2s"].item()
-    per_half = cma_loss("forward_kl", **args, key_std="per_half")["ce_t2s"].item()
+    joint = _cma(Divergence("forward_kl"), **args)["ce_t2s"].item()
+    per_half = _cma(Divergence("forward_kl"), **args, key_std="per_half")["ce_t2s"].item()
     assert math.isclose(joint, ce(math.tanh(math.sqrt(3) / 2)), abs_tol=1e-12)
     assert math.isclose(per_half, ce(math.tanh(0.5)), abs_tol=1e-12)
 
@@ -398,15 +424,14 @@ def test_dskd_defaults_equal_the_reference_formulas(T):
     ref = _reference_dskd(x, T)
     pad = lab.ne(-100)
     top = torch.log_softmax(x["t_logits"][pad] / T, -1).topk(16, -1)
-    ours = dskd_loss("forward_kl", x["s_logits"][pad], x["h_s"][pad], lab[pad], x["h_t"][pad], top.values, top.indices,
-                     x["t2s"], x["s2t"], x["W_s"], x["W_t"], T, n_student=int(pad.sum()))
+    rows = (x["s_logits"][pad], x["h_s"][pad], lab[pad], x["h_t"][pad], top.values, top.indices, x["t2s"], x["s2t"],
+            x["W_s"], x["W_t"])
+    ours = _dskd(Divergence("forward_kl", T), *rows, n_student=int(pad.sum()))
     for key in ("ce_t2s", "kd_stu", "kd_tea"):
         assert abs(ours[key].item() - ref[key].item()) < 1e-6, key
     # 2 more student answer tokens that found no teacher pair: reference divides every sum by them too
-    more = dskd_loss("forward_kl", x["s_logits"][pad], x["h_s"][pad], lab[pad], x["h_t"][pad], top.values, top.indices,
-                     x["t2s"], x["s2t"], x["W_s"], x["W_t"], T, n_student=int(pad.sum()) + 2)
-    own = dskd_loss("forward_kl", x["s_logits"][pad], x["h_s"][pad], lab[pad], x["h_t"][pad], top.values, top.indices,
-                    x["t2s"], x["s2t"], x["W_s"], x["W_t"], T, n_student=int(pad.sum()) + 2, normalization="own_tokens")
+    more = _dskd(Divergence("forward_kl", T), *rows, n_student=int(pad.sum()) + 2)
+    own = _dskd(Divergence("forward_kl", T), *rows, n_student=int(pad.sum()) + 2, normalization="own_tokens")
     n = int(pad.sum())
     for key in ("ce_t2s", "kd_stu", "kd_tea"):
         assert math.isclose(more[key].item(), ref[key].item() * n / (n + 2), rel_tol=1e-12), key
@@ -422,13 +447,14 @@ def test_bad_options_name_the_param():
     with pytest.raises(ValueError, match="dskd.key_std"):
         _ours_cma(x, 1.0, key_std="halves")
     N, V = 3, 5
-    args = ("forward_kl", torch.randn(N, V, dtype=D), torch.randn(N, 2, dtype=D), torch.zeros(N, dtype=torch.long),
+    args = (Divergence("forward_kl"), torch.randn(N, V, dtype=D), torch.randn(N, 2, dtype=D),
+            torch.zeros(N, dtype=torch.long),
             torch.randn(N, 2, dtype=D), *torch.log_softmax(torch.randn(N, V, dtype=D), -1).topk(V, -1),
             _lin(2, 2), _lin(2, 2), torch.randn(V, 2, dtype=D), torch.randn(V, 2, dtype=D))
     with pytest.raises(ValueError, match="n_student=2 is below the 3 paired positions"):
-        dskd_loss(*args, n_student=2)
+        _dskd(*args, n_student=2)
     with pytest.raises(ValueError, match="dskd.normalization"):
-        dskd_loss(*args, normalization="own")
+        _dskd(*args, normalization="own")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,7 +471,7 @@ def test_paper_profile_trains_the_student_with_the_recipes_lora():
     assert paper.student_kd.lora and paper.train.lora_r == 256 and paper.train.lora_alpha == 8
     assert paper.student_kd.lora_targets == ["q_proj", "v_proj"] and p.sft.lora_dropout == 0.1
     assert paper.train.lr == 1e-3 and paper.train.epochs == 10 and paper.train.batch_size * paper.train.grad_accum == 32
-    assert p.dskd.projector_lr == 1e-3 and p.kd.kd_rate == 0.5 and p.kd.temperature == 2.0
+    assert p.dskd.projector_lr == 1e-3 and p.kd.kd_rate == 0.5 and p.dskd.divergence.temperature == 2.0
     assert not tiny.student_kd.lora  # the tiny study trains its student fully, as before
     assert (p.dskd.normalization, p.dskd.std_over, p.dskd.key_std) == ("student_tokens", "padded", "joint")
 
@@ -455,6 +481,11 @@ def test_paper_profile_trains_the_student_with_the_recipes_lora():
     (lambda p: p["dskd"].update(key_std="split"), "dskd.key_std"),
     (lambda p: p["dskd"].update(normalization="teacher"), "dskd.normalization"),
     (lambda p: p["kd"].update(student_lora=True), "profiles.<profile>.student_kd.lora"),
+    (lambda p: p["kd"].update(temperature=1.0), "kd.temperature moved to vanilla.divergence.temperature"),
+    (lambda p: p["kd"].update(divergence="js"), "kd.divergence moved to vanilla.divergence.kind"),
+    (lambda p: p["kd"].update(vocab_mismatch="error"), "kd.vocab_mismatch moved to vanilla.vocab_mismatch"),
+    (lambda p: p["dskd"]["divergence"].update(skew_lambda=1.0), "dskd.divergence.skew_lambda"),
+    (lambda p: p["vanilla"]["divergence"].update(kind="kl"), "vanilla.divergence.kind"),
 ])
 def test_dskd_params_are_validated(tmp_path, edit, match):
     import yaml
@@ -471,15 +502,15 @@ def test_dskd_params_are_validated(tmp_path, edit, match):
 
 @pytest.mark.parametrize("teacher", ["llama", "mistral"])
 def test_terms_pass_the_options_and_the_student_token_count(tokenizers, sample_records, monkeypatch, teacher):
-    """terms.dskd_term / cma_term hand the dskd.* options (and, one vocabulary, the batch's student answer tokens)
+    """dskd_term / cma_term hand the dskd.* options (and, one vocabulary, the batch's student answer tokens)
     to the losses; a departure option changes the term's value."""
-    import telekd.losses as L
+    import telekd.kd.dskd as L
     from conftest import tiny_model
     from telekd.align import vocab_map
     from telekd.cache import compute_targets
-    from telekd.distill import KDSettings, build_pairs, make_projectors
+    from telekd.kd.dskd import cma_term, dskd_term, make_projectors
     from telekd.prompts import build_example, collate
-    from telekd.terms import cma_term, dskd_term
+    from telekd.teacher_inputs import build_pairs
 
     s_tok, t_tok = tokenizers["llama"], tokenizers[teacher]
     recs = sample_records[:3]
@@ -489,8 +520,7 @@ def test_terms_pass_the_options_and_the_student_token_count(tokenizers, sample_r
     s_map, t_map = vocab_map(s_tok, t_tok)
     targets = compute_targets(t_model, pairs, s_map, t_map, top_k=len(t_tok), batch_size=3, pad_id=t_tok.pad_token_id,
                               temperature=2.0)
-    kd = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
-                    lr=1e-3, batch_size=3, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    kd = Divergence("forward_kl", 2.0, 0.1, 0.5)
     proj = make_projectors(16, 24, cma=teacher != "llama")
     heads = (s_model.get_output_embeddings().weight, t_model.get_output_embeddings().weight)
     embeds = (s_model.get_input_embeddings().weight, t_model.get_input_embeddings().weight)
@@ -529,13 +559,13 @@ def test_terms_pass_the_options_and_the_student_token_count(tokenizers, sample_r
 def test_cma_term_pads_with_batch_local_rows(tokenizers, sample_records, monkeypatch):
     """std_over=padded reads the padding rows: they hold a zero hidden state and token 0's embeddings, which
     depend on the batch only, not on where it sits in the cache, so kd.use_cache does not change the loss."""
-    import telekd.losses as L
+    import telekd.kd.dskd as L
     from conftest import tiny_model
     from telekd.align import vocab_map
     from telekd.cache import compute_targets
-    from telekd.distill import KDSettings, build_pairs, make_projectors
+    from telekd.kd.dskd import cma_term, make_projectors
     from telekd.prompts import build_example, collate
-    from telekd.terms import cma_term
+    from telekd.teacher_inputs import build_pairs
 
     s_tok, t_tok = tokenizers["llama"], tokenizers["mistral"]
     recs = sample_records[:3]
@@ -543,8 +573,7 @@ def test_cma_term_pads_with_batch_local_rows(tokenizers, sample_records, monkeyp
     pairs = build_pairs(exs, recs, s_tok, t_tok, "Answer.", 600, 500)
     t_model, s_model = tiny_model("mistral", len(t_tok), hidden=24), tiny_model("llama", len(s_tok), hidden=16, seed=1)
     s_map, t_map = vocab_map(s_tok, t_tok)
-    kd = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
-                    lr=1e-3, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    kd = Divergence("forward_kl", 2.0, 0.1, 0.5)
     proj = make_projectors(16, 24, cma=True)
     heads = (s_model.get_output_embeddings().weight, t_model.get_output_embeddings().weight)
     embeds = (s_model.get_input_embeddings().weight, t_model.get_input_embeddings().weight)
@@ -563,7 +592,8 @@ def test_cma_term_pads_with_batch_local_rows(tokenizers, sample_records, monkeyp
     b, _ = cma_term(live, sub, proj, *embeds, *heads, kd)(out.logits, out.hidden_states[-1], batch, [0, 1])
     assert abs(a.item() - b.item()) < 1e-6
     for args in seen:
-        t_hidden, t_in, t_tgt, t_mask = args[7], args[8], args[9], args[12]
+        teacher = args[2]
+        t_hidden, t_in, t_tgt, t_mask = teacher.hidden, teacher.in_emb, teacher.tgt_emb, teacher.mask
         assert (~t_mask).sum() > 0 and (t_hidden[~t_mask] == 0).all()  # this batch has padding rows
         assert (t_in[~t_mask] == embeds[1][0]).all() and (t_tgt[~t_mask] == embeds[1][0]).all()
-    assert torch.equal(seen[0][7], seen[1][7])
+    assert torch.equal(seen[0][2].hidden, seen[1][2].hidden)

@@ -8,7 +8,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from telekd.distill import KDSettings, train_kd
+from telekd.kd.loop import KDConfig, train_kd
+from telekd.losses import Divergence
 from telekd.prompts import build_example, collate
 
 SYSTEM = "Answer from the context."
@@ -35,7 +36,7 @@ def test_gradient_accumulation_weighs_every_answer_token_equally(tokenizers, sam
         return torch.tensor(0.0)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
-    s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+    s = KDConfig(kd_rate=0.5, divergence=Divergence("forward_kl", 2.0, 0.1, 0.5), epochs=1,
                    lr=1e-3, batch_size=1, grad_accum=2, max_grad_norm=1.0, weight_decay=0.0, seed=0)
     train_kd(student, exs, s, tok.pad_token_id, term)
     first = [i for b in seen[:2] for i in b]  # the first optimizer step's two micro-batches

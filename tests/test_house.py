@@ -27,15 +27,7 @@ DUPLICATE_RUN = 6  # identical non-blank lines (indentation, comments, imports a
 # duplicate checks only (cycles and upward imports are checked everywhere). The lead empties this set after merging;
 # test_in_flight_is_temporary fails as soon as an entry is gone or passes.
 IN_FLIGHT = {
-    "src/telekd/align.py": "h1kd: KD by algorithm (docstrings)",
-    "src/telekd/cache.py": "h1kd: KD by algorithm (docstrings)",
-    "src/telekd/distill.py": "h1kd: split into src/telekd/kd/ (train_kd 167 lines, docstrings)",
-    "src/telekd/losses.py": "h1kd: divergences only (603 lines, divergence_topk 98 lines)",
     "src/telekd/params.py": "h1kd: settings as values (docstrings)",
-    "src/telekd/terms.py": "h1kd: moves into src/telekd/kd/ (docstrings)",
-    "src/telekd/vocab.py": "h1kd: docstrings",
-    "stages/kd.py": "h1kd: becomes stages/vanilla.py, dskd.py, uld.py (main 91 lines, docstring)",
-    "stages/teacher_cache.py": "h1kd: three cache entries (docstring)",
     "stages/base_models.py": "h5small: docstring",
 }
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from telekd.cache import topk_targets
-from telekd.losses import KINDS, _akl_weights, divergence, divergence_topk, per_token_divergence
+from telekd.losses import KINDS, Divergence, _akl_weights, divergence, divergence_topk, per_token_divergence
 
 
 # f-divergences: merging bins can only lower them (data-processing inequality)
@@ -107,13 +107,13 @@ def test_hand_computed_two_tokens(kind):
     t = _logits(T1, T2)
     v1 = hand_value(kind, T1, S1, TAIL1)
     v2 = hand_value(kind, T2, S2, TAIL2)
-    both = divergence(kind, s, t, torch.tensor([[True, True]]))
+    both = divergence(Divergence(kind), s, t, torch.tensor([[True, True]]))
     assert both.dtype == torch.float32
     assert both.item() == pytest.approx((v1 + v2) / 2, abs=1e-6)
     # masking token 2 out: the mean is over the unmasked token only
-    only1 = divergence(kind, s, t, torch.tensor([[True, False]]))
+    only1 = divergence(Divergence(kind), s, t, torch.tensor([[True, False]]))
     assert only1.item() == pytest.approx(v1, abs=1e-6)
-    only2 = divergence(kind, s, t, torch.tensor([[0, 1]]))  # 0/1 mask
+    only2 = divergence(Divergence(kind), s, t, torch.tensor([[0, 1]]))  # 0/1 mask
     assert only2.item() == pytest.approx(v2, abs=1e-6)
 
 
@@ -125,11 +125,11 @@ def test_hand_computed_temperature_2():
     t1, s1, t2, s2 = (temper(p, 2.0) for p in (T1, S1, T2, S2))
     assert t1[0] == pytest.approx(math.sqrt(0.5) / (math.sqrt(0.5) + 0.5 + 2 * math.sqrt(0.125)))
     expected = (h_kl(t1, s1) + h_kl(t2, s2)) / 2
-    got = divergence("forward_kl", _logits(S1, S2), _logits(T1, T2), torch.ones(1, 2, dtype=torch.bool), 2.0)
+    got = divergence(Divergence("forward_kl", 2.0), _logits(S1, S2), _logits(T1, T2), torch.ones(1, 2, dtype=torch.bool))
     assert got.item() == pytest.approx(expected, abs=1e-6)
     # skewed KLs with a non-default lambda
     for kind in ("skewed_forward_kl", "skewed_reverse_kl"):
-        got = divergence(kind, _logits(S1, S2), _logits(T1, T2), torch.ones(1, 2), skew_lambda=0.3)
+        got = divergence(Divergence(kind, skew_lambda=0.3), _logits(S1, S2), _logits(T1, T2), torch.ones(1, 2))
         exp = (hand_value(kind, T1, S1, TAIL1, 0.3) + hand_value(kind, T2, S2, TAIL2, 0.3)) / 2
         assert got.item() == pytest.approx(exp, abs=1e-6)
 
@@ -143,10 +143,10 @@ def test_hand_computed_temperature_2():
 def test_identical_is_zero(kind):
     x = _rand(2, 5, 11)
     m = torch.ones(2, 5, dtype=torch.bool)
-    assert abs(divergence(kind, x, x.clone(), m).item()) < 1e-6
-    assert abs(divergence(kind, x, x.clone(), m, temperature=2.0).item()) < 1e-6
+    assert abs(divergence(Divergence(kind), x, x.clone(), m).item()) < 1e-6
+    assert abs(divergence(Divergence(kind, 2.0), x, x.clone(), m).item()) < 1e-6
     lp, ids, rest = _topk(x, 4)
-    assert abs(divergence_topk(kind, x, lp, ids, m, teacher_rest_logprob=rest).item()) < 1e-6
+    assert abs(divergence_topk(Divergence(kind), x, lp, ids, m, teacher_rest_logprob=rest).item()) < 1e-6
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -155,7 +155,7 @@ def test_non_negative_random(kind):
         s, t = _rand(3, 7, 13, seed=seed, scale=1 + seed), _rand(3, 7, 13, seed=seed + 50, scale=2.0)
         ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
         assert (per_token_divergence(kind, ls, lt) >= -1e-6).all()
-        assert divergence(kind, s, t, _rand_mask(3, 7, seed=seed), temperature=0.5 + seed).item() >= -1e-6
+        assert divergence(Divergence(kind, 0.5 + seed), s, t, _rand_mask(3, 7, seed=seed)).item() >= -1e-6
 
 
 def test_js_and_tvd_bounds():
@@ -170,17 +170,18 @@ def test_forward_kl_matches_torch_kl_div():
     ref = F.kl_div(
         torch.log_softmax(s[m], -1), torch.log_softmax(t[m], -1), log_target=True, reduction="sum"
     ) / m.sum()
-    assert divergence("forward_kl", s, t, m).item() == pytest.approx(ref.item(), abs=1e-6)
+    assert divergence(Divergence("forward_kl"), s, t, m).item() == pytest.approx(ref.item(), abs=1e-6)
     # reverse KL is forward KL with the roles swapped
-    assert divergence("reverse_kl", s, t, m).item() == pytest.approx(divergence("forward_kl", t, s, m).item(), abs=1e-6)
+    assert divergence(Divergence("reverse_kl"), s, t, m).item() == pytest.approx(divergence(Divergence("forward_kl"), t, s, m).item(), abs=1e-6)
 
 
 def test_skew_limits():
     s, t, m = _rand(2, 5, 11, seed=5), _rand(2, 5, 11, seed=6), _rand_mask(2, 5)
-    fkl, rkl = divergence("forward_kl", s, t, m), divergence("reverse_kl", s, t, m)
-    assert divergence("skewed_forward_kl", s, t, m, skew_lambda=0.0).item() == pytest.approx(fkl.item(), abs=1e-5)
-    assert divergence("skewed_reverse_kl", s, t, m, skew_lambda=0.0).item() == pytest.approx(rkl.item(), abs=1e-5)
-    assert abs(divergence("skewed_forward_kl", s, t, m, skew_lambda=1.0).item()) < 1e-6
+    fkl, rkl = divergence(Divergence("forward_kl"), s, t, m), divergence(Divergence("reverse_kl"), s, t, m)
+    assert divergence(Divergence("skewed_forward_kl", skew_lambda=0.0), s, t, m).item() == pytest.approx(fkl.item(), abs=1e-5)
+    assert divergence(Divergence("skewed_reverse_kl", skew_lambda=0.0), s, t, m).item() == pytest.approx(rkl.item(), abs=1e-5)
+    # lam -> 1 drives both skewed KLs to 0 (lam = 1 itself is refused by Divergence)
+    assert abs(divergence(Divergence("skewed_forward_kl", skew_lambda=1.0 - 1e-7), s, t, m).item()) < 1e-5
 
 
 # ---------------------------------------------------------------------------
@@ -193,10 +194,10 @@ def test_gradcheck(kind):
     s = _rand(2, 3, 5, dtype=torch.float64, seed=7, scale=1.5).requires_grad_()
     t = _rand(2, 3, 5, dtype=torch.float64, seed=8, scale=1.5).requires_grad_()
     m = _rand_mask(2, 3, seed=7)
-    assert torch.autograd.gradcheck(lambda a, b: divergence(kind, a, b, m, temperature=1.7), (s, t))
+    assert torch.autograd.gradcheck(lambda a, b: divergence(Divergence(kind, 1.7), a, b, m), (s, t))
     lp, ids, rest = _topk(t.detach(), 3, temperature=1.3)
     assert torch.autograd.gradcheck(
-        lambda a: divergence_topk(kind, a, lp, ids, m, temperature=1.3, teacher_rest_logprob=rest), (s,))
+        lambda a: divergence_topk(Divergence(kind, 1.3), a, lp, ids, m, teacher_rest_logprob=rest), (s,))
 
 
 def test_gradcheck_adaptive_kl_frozen_weights():
@@ -216,7 +217,7 @@ def test_gradcheck_adaptive_kl_frozen_weights():
         return (w_head * fkl + w_tail * rkl)[m].mean()
 
     assert torch.autograd.gradcheck(frozen, (s, t))
-    value = divergence("adaptive_kl", s, t, m, temperature=temp)
+    value = divergence(Divergence("adaptive_kl", temp), s, t, m)
     g = torch.autograd.grad(value, (s, t))
     g_ref = torch.autograd.grad(frozen(s, t), (s, t))
     assert value.item() == pytest.approx(frozen(s, t).item(), abs=1e-12)
@@ -250,7 +251,7 @@ def test_neg_inf_logits_finite(kind, dtype):
     for chunk_size in (None, 3):
         for temperature in (1.0, 2.0):
             s, t, mask = _inf_inputs(dtype)
-            v = divergence(kind, s, t, mask, temperature=temperature, chunk_size=chunk_size)
+            v = divergence(Divergence(kind, temperature), s, t, mask, chunk_size=chunk_size)
             assert v.dtype == torch.float32 and torch.isfinite(v)
             v.backward()
             assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
@@ -260,8 +261,7 @@ def test_neg_inf_logits_finite(kind, dtype):
             lp = lp.nan_to_num(nan=-math.log(8))  # the all -inf teacher row: cache it as uniform
             rest = rest.nan_to_num(nan=math.log(3 / 8))
             lp.requires_grad_()
-            v = divergence_topk(kind, s, lp, ids, mask, temperature=temperature, chunk_size=chunk_size,
-                                teacher_rest_logprob=rest)
+            v = divergence_topk(Divergence(kind, temperature), s, lp, ids, mask, chunk_size=chunk_size, teacher_rest_logprob=rest)
             assert v.dtype == torch.float32 and torch.isfinite(v)
             v.backward()
             assert torch.isfinite(s.grad).all() and torch.isfinite(lp.grad).all()
@@ -273,8 +273,8 @@ def test_shared_vocab_mask_equals_sliced_vocab(kind):
     s_inf, t_inf = s.clone(), t.clone()
     s_inf[..., 8:] = float("-inf")
     t_inf[..., 8:] = float("-inf")
-    got = divergence(kind, s_inf, t_inf, m, temperature=1.5)
-    ref = divergence(kind, s[..., :8], t[..., :8], m, temperature=1.5)
+    got = divergence(Divergence(kind, 1.5), s_inf, t_inf, m)
+    ref = divergence(Divergence(kind, 1.5), s[..., :8], t[..., :8], m)
     assert got.item() == pytest.approx(ref.item(), abs=1e-6)
 
 
@@ -282,9 +282,9 @@ def test_shared_vocab_mask_equals_sliced_vocab(kind):
 def test_bfloat16_inputs_computed_in_float32(kind):
     s, t, m = _rand(2, 5, 11, seed=15), _rand(2, 5, 11, seed=16), _rand_mask(2, 5)
     sb, tb = s.bfloat16(), t.bfloat16()
-    v = divergence(kind, sb, tb, m)
+    v = divergence(Divergence(kind), sb, tb, m)
     assert v.dtype == torch.float32
-    ref = divergence(kind, sb.float(), tb.float(), m)
+    ref = divergence(Divergence(kind), sb.float(), tb.float(), m)
     assert v.item() == pytest.approx(ref.item(), abs=1e-6)
 
 
@@ -299,7 +299,7 @@ def test_chunked_equals_plain(kind):
     results = []
     for chunk_size in (None, 3):
         s, t = s0.clone().requires_grad_(), t0.clone().requires_grad_()
-        v = divergence(kind, s, t, m, temperature=1.5, chunk_size=chunk_size)
+        v = divergence(Divergence(kind, 1.5), s, t, m, chunk_size=chunk_size)
         v.backward()
         results.append((v.detach(), s.grad, t.grad))
     (v1, gs1, gt1), (v2, gs2, gt2) = results
@@ -312,15 +312,15 @@ def test_chunked_equals_plain(kind):
     results = []
     for chunk_size in (None, 3):
         s = s0.clone().requires_grad_()
-        v = divergence_topk(kind, s, lp, ids, m, temperature=1.5, chunk_size=chunk_size, teacher_rest_logprob=rest)
+        v = divergence_topk(Divergence(kind, 1.5), s, lp, ids, m, chunk_size=chunk_size, teacher_rest_logprob=rest)
         v.backward()
         results.append((v.detach(), s.grad))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=1e-6)
     # without grad (no checkpointing) as well
     with torch.no_grad():
-        a = divergence(kind, s0, t0, m, chunk_size=3)
-        b = divergence(kind, s0, t0, m)
+        a = divergence(Divergence(kind), s0, t0, m, chunk_size=3)
+        b = divergence(Divergence(kind), s0, t0, m)
     assert a.item() == pytest.approx(b.item(), abs=1e-6)
 
 
@@ -343,7 +343,7 @@ def test_chunked_forward_retains_no_vocabulary_sized_intermediates(kind):
             return x
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            val = divergence(kind, s, t, m, chunk_size=chunk_size)
+            val = divergence(Divergence(kind), s, t, m, chunk_size=chunk_size)
         alive = sum(x.numel() * x.element_size() for r in refs if (x := r()) is not None and x is not s and x is not t)
         assert check(alive), (chunk_size, alive / unit)
         val.backward()
@@ -370,7 +370,7 @@ def _bins_reference(logits, ids, temperature):
 def _cached(kind, s, t, k, temperature, m, **kw):
     """divergence_topk against the targets the teacher cache builds from teacher logits t."""
     lp, idx, rest = topk_targets(t, k, temperature)
-    return divergence_topk(kind, s, lp, idx, m, temperature, teacher_rest_logprob=rest, **kw)
+    return divergence_topk(Divergence(kind, temperature), s, lp, idx, m, teacher_rest_logprob=rest, **kw)
 
 
 @pytest.mark.parametrize("k", (1, 64, V_SMALL))
@@ -391,7 +391,7 @@ def test_topk_equals_dense_divergence_on_the_same_k_plus_1_bins(kind, temperatur
     ids = t.argsort(dim=-1, descending=True)[..., :k]  # the teacher's top-k, independently of the code
     bins_s, bins_t = _bins_reference(s, ids, temperature), _bins_reference(t, ids, temperature)
     # dense divergence of two (k + 1)-bin distributions: their log-probs are their own logits at T = 1
-    ref = divergence(kind, bins_s.log(), bins_t.log(), m)
+    ref = divergence(Divergence(kind), bins_s.log(), bins_t.log(), m)
     assert _cached(kind, s, t, k, temperature, m).item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
 
 
@@ -399,14 +399,14 @@ def test_topk_equals_dense_divergence_on_the_same_k_plus_1_bins(kind, temperatur
 @pytest.mark.parametrize("kind", KINDS)
 def test_topk_full_vocab_equals_dense(kind, temperature):
     s, t, m = _rand(2, 5, 11, seed=19), _rand(2, 5, 11, seed=20), _rand_mask(2, 5, seed=19)
-    dense = divergence(kind, s, t, m, temperature).item()
+    dense = divergence(Divergence(kind, temperature), s, t, m).item()
     assert _cached(kind, s, t, 11, temperature, m).item() == pytest.approx(dense, abs=1e-5)
     # any id order works; at k = V topk_targets leaves nothing over (rest = -inf); a finite rest passed at k = V
     # is kept (tests/test_break_topk.py), so only -inf or None give the dense value
     lp, ids, rest = topk_targets(t, 11, temperature)
     assert torch.isneginf(rest).all()
     perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
-    v = divergence_topk(kind, s, lp[..., perm], ids[..., perm], m, temperature, teacher_rest_logprob=rest)
+    v = divergence_topk(Divergence(kind, temperature), s, lp[..., perm], ids[..., perm], m, teacher_rest_logprob=rest)
     assert v.item() == pytest.approx(dense, abs=1e-5)
 
 
@@ -432,7 +432,7 @@ def test_topk_large_vocabulary_low_temperature():
     assert abs(_cached("forward_kl", t, t.clone(), 64, 0.5, m).item()) < 1e-6
     s = _rand(2, 32000, seed=35)
     ids = t.argsort(dim=-1, descending=True)[..., :64]
-    ref = divergence("forward_kl", _bins_reference(s, ids, 0.5).log(), _bins_reference(t, ids, 0.5).log(), m)
+    ref = divergence(Divergence("forward_kl"), _bins_reference(s, ids, 0.5).log(), _bins_reference(t, ids, 0.5).log(), m)
     assert _cached("forward_kl", s, t, 64, 0.5, m).item() == pytest.approx(ref.item(), rel=1e-5)
 
 
@@ -449,10 +449,10 @@ def test_topk_tail_below_float32_epsilon_is_kept():
     u = torch.zeros(1, 2048)  # a uniform student puts 2047/2048 of its mass on the tail
     true_tail = 2047 * math.exp(-25) / (math.exp(25 - 25) + 2047 * math.exp(-25))
     teacher, student = [1 - true_tail, true_tail], [1 / 2048, 2047 / 2048]
-    v = divergence_topk("reverse_kl", u, lp, idx, m, teacher_rest_logprob=rest).item()
+    v = divergence_topk(Divergence("reverse_kl"), u, lp, idx, m, teacher_rest_logprob=rest).item()
     assert v == pytest.approx(h_kl(student, teacher), rel=1e-5)  # ~17.37
     # without the rest, the residual is derived as 1 - sum and is lost (documented): log 0 is floored
-    assert divergence_topk("reverse_kl", u, lp, idx, m).item() > 80
+    assert divergence_topk(Divergence("reverse_kl"), u, lp, idx, m).item() > 80
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
@@ -462,7 +462,7 @@ def test_topk_lower_bound_of_dense(kind, temperature):
     at most the dense one, non-decreasing in k (nested top-k sets) and equal at k = V."""
     f64 = torch.float64
     s, t, m = _rand(2, 5, V_SMALL, seed=21, dtype=f64), _rand(2, 5, V_SMALL, seed=22, dtype=f64), _rand_mask(2, 5)
-    dense = divergence(kind, s, t, m, temperature).item()
+    dense = divergence(Divergence(kind, temperature), s, t, m).item()
     values = [_cached(kind, s, t, k, temperature, m).item() for k in (1, 2, 4, 8, 16, 32, 64, 127, V_SMALL)]
     assert all(v <= dense + 1e-12 for v in values)
     assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
@@ -501,14 +501,14 @@ def test_empty_mask_is_zero_with_grad(kind):
     for chunk_size in (None, 3):
         s, t, _ = _inf_inputs(torch.float32)
         mask = torch.zeros(2, 4, dtype=torch.bool)
-        v = divergence(kind, s, t, mask, chunk_size=chunk_size)
+        v = divergence(Divergence(kind), s, t, mask, chunk_size=chunk_size)
         assert v.item() == 0.0 and v.dtype == torch.float32
         v.backward()
         assert torch.isfinite(s.grad).all() and (s.grad == 0).all() and (t.grad == 0).all()
 
         s = _rand(2, 4, 8).requires_grad_()
         lp, ids, rest = _topk(_rand(2, 4, 8, seed=3), 3)
-        v = divergence_topk(kind, s, lp, ids, mask, chunk_size=chunk_size, teacher_rest_logprob=rest)
+        v = divergence_topk(Divergence(kind), s, lp, ids, mask, chunk_size=chunk_size, teacher_rest_logprob=rest)
         assert v.item() == 0.0
         v.backward()
         assert (s.grad == 0).all()
@@ -517,30 +517,39 @@ def test_empty_mask_is_zero_with_grad(kind):
 def test_unknown_kind():
     x, m = _rand(1, 2, 4), torch.ones(1, 2)
     with pytest.raises(ValueError) as e:
-        divergence("kl", x, x, m)
+        Divergence("kl")
     assert all(k in str(e.value) for k in KINDS)
     with pytest.raises(ValueError) as e:
-        divergence_topk("nope", x, *_topk(x, 2)[:2], m)
+        per_token_divergence("nope", x, x)
     assert all(k in str(e.value) for k in KINDS)
+
+
+def test_divergence_value_refuses_out_of_range_knobs():
+    """The Divergence value holds the valid ranges (issue 12 section 4: skew_lambda = 1 makes both skewed KLs 0)."""
+    assert Divergence("js") == Divergence("js", 1.0, 0.1, 0.5)  # DSKD's defaults
+    for bad, msg in ((dict(temperature=0.0), "temperature must be > 0"), (dict(temperature=-1.0), "temperature"),
+                     (dict(skew_lambda=1.0), r"skew_lambda must be in \[0, 1\)"), (dict(skew_lambda=-0.1), "skew_lambda"),
+                     (dict(akl_alpha=1.5), r"akl_alpha must be in \[0, 1\]")):
+        with pytest.raises(ValueError, match=msg):
+            Divergence("skewed_forward_kl", **bad)
+    assert Divergence("adaptive_kl", akl_alpha=1.0).akl_alpha == 1.0 and Divergence("tvd", skew_lambda=0.0)
 
 
 def test_shape_mismatch():
     s, t = _rand(2, 3, 5), _rand(2, 3, 6)
     with pytest.raises(ValueError) as e:
-        divergence("forward_kl", s, t, torch.ones(2, 3))
+        divergence(Divergence("forward_kl"), s, t, torch.ones(2, 3))
     assert "(2, 3, 5)" in str(e.value) and "(2, 3, 6)" in str(e.value)
     with pytest.raises(ValueError) as e:
-        divergence("forward_kl", s, s, torch.ones(2, 4))
+        divergence(Divergence("forward_kl"), s, s, torch.ones(2, 4))
     assert "(2, 4)" in str(e.value) and "(2, 3)" in str(e.value)
     lp, ids, rest = _topk(_rand(2, 4, 5), 2)
     with pytest.raises(ValueError) as e:
-        divergence_topk("forward_kl", s, lp, ids, torch.ones(2, 3))
+        divergence_topk(Divergence("forward_kl"), s, lp, ids, torch.ones(2, 3))
     assert "(2, 3, 5)" in str(e.value) and "(2, 4, 2)" in str(e.value)
     with pytest.raises(ValueError):
-        divergence_topk("forward_kl", s, lp[:, :3], ids[:, :3, :1], torch.ones(2, 3))
+        divergence_topk(Divergence("forward_kl"), s, lp[:, :3], ids[:, :3, :1], torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"teacher_rest_logprob has shape \(2, 4\), expected \(2, 3\)"):
-        divergence_topk("forward_kl", s, lp[:, :3], ids[:, :3], torch.ones(2, 3), teacher_rest_logprob=rest)
+        divergence_topk(Divergence("forward_kl"), s, lp[:, :3], ids[:, :3], torch.ones(2, 3), teacher_rest_logprob=rest)
     with pytest.raises(ValueError):
-        divergence("forward_kl", s, s, torch.ones(2, 3), temperature=0.0)
-    with pytest.raises(ValueError):
-        divergence("forward_kl", s, s, torch.ones(2, 3), chunk_size=0)
+        divergence(Divergence("forward_kl"), s, s, torch.ones(2, 3), chunk_size=0)

@@ -68,7 +68,7 @@ def dryrun():
 
 def test_every_paper_step_runs_on_meta_at_real_widths(dryrun):
     """Before the fix, kd_cma_mistral raised 'Tensor on device meta is not on the expected device cpu'
-    (terms.cma_term built its masks on the CPU), the crash every CMA cell meets on a GPU."""
+    (cma_term built its masks on the CPU), the crash every CMA cell meets on a GPU."""
     p, out = dryrun
     assert set(out["steps"]) == {"sft_llama", "sft_student", "cache_llama", "cache_mistral", "kd_vanilla_llama", "kd_dskd_llama",
                                  "kd_vanilla_mistral", "kd_cma_mistral", "generate_student", "generate_llama"}
@@ -102,9 +102,11 @@ def test_generation_runs_max_new_tokens_steps(dryrun):
 def test_every_kd_term_keeps_its_tensors_on_the_student_device():
     """Each term (vanilla, DSKD, CMA, ULD) on meta logits with cached targets moved to meta: host-built masks
     or indices mixed into device work would raise (CMA's did before the fix)."""
-    from telekd import terms
     from telekd.cache import TeacherTargets
-    from telekd.distill import KDSettings, make_projectors
+    from telekd.kd.dskd import cma_term, dskd_term, make_projectors
+    from telekd.kd.uld import uld_term
+    from telekd.kd.vanilla import vanilla_term
+    from telekd.losses import Divergence
     from telekd.prompts import Example, collate
 
     def ex(n_prompt, answer):
@@ -120,20 +122,19 @@ def test_every_kd_term_keeps_its_tensors_on_the_student_device():
         logprobs=torch.full((n, k), -2.0), ids=torch.arange(k).repeat(n, 1), mapped_mass=torch.ones(n),
         answer_tokens=5, t_offsets=torch.tensor([0, 3, 5]), t_logprobs=torch.full((n, k), -2.0),
         t_ids=torch.arange(k).repeat(n, 1), hidden=torch.zeros(n, d_t), rest=torch.full((n,), -1.0),
-        t_rest=torch.full((n,), -1.0), t_logprobs1=torch.full((n, k), -2.0), temperature=2.0).to("meta")
+        t_rest=torch.full((n,), -1.0), t_logprobs1=torch.full((n, k), -2.0), temperature=2.0, t_temperature=2.0).to("meta")
     assert targets.offsets.device.type == "cpu" and targets.logprobs.device.type == "meta"  # index data stays on the host
-    kd = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
-                    lr=1e-3, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    kd = Divergence("forward_kl", 2.0, 0.1, 0.5)
     proj = make_projectors(d_s, d_t, cma=True).to("meta")
     s_head, t_head = torch.empty(V, d_s, device="meta"), torch.empty(V, d_t, device="meta")
     s_emb, t_emb = torch.empty(V, d_s, device="meta"), torch.empty(V, d_t, device="meta")
     batch = {key: v.to("meta") for key, v in collate(s_exs, 0).items()}
     logits = torch.empty(2, 7, V, device="meta", requires_grad=True)
     hidden = torch.empty(2, 7, d_s, device="meta", requires_grad=True)
-    made = {"vanilla": terms.vanilla_term(targets, pairs, kd),
-            "dskd": terms.dskd_term(targets, pairs, proj, s_head, t_head, kd),
-            "cma": terms.cma_term(targets, pairs, proj, s_emb, t_emb, s_head, t_head, kd),
-            "uld": terms.uld_term(targets, pairs, kd, 1.0)}
+    made = {"vanilla": vanilla_term(targets, pairs, kd),
+            "dskd": dskd_term(targets, pairs, proj, s_head, t_head, kd),
+            "cma": cma_term(targets, pairs, proj, s_emb, t_emb, s_head, t_head, kd),
+            "uld": uld_term(targets, pairs, 1.0)}
     with ValueBoundary():
         for name, term in made.items():
             loss, _ = term(logits, hidden, batch, [0, 1])

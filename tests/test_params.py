@@ -25,7 +25,7 @@ def test_repository_params_are_valid():
 
 @pytest.mark.parametrize("edit, key", [
     (lambda p: p["kd"].update(alg="dsdk"), "kd.alg"),
-    (lambda p: p["kd"].update(divergence="kl"), "kd.divergence"),
+    (lambda p: p["vanilla"]["divergence"].update(kind="kl"), "vanilla.divergence.kind"),
     (lambda p: p["grid"].update(teachers=["llama", "gpt"]), "grid.teachers"),
     (lambda p: p.update(profile="huge"), "profile"),
     (lambda p: p["kd"].update(kd_rate="half"), "kd.kd_rate"),
@@ -66,9 +66,11 @@ def _set(path: str, value):
 # Every numeric (and bounded) param: a value just outside its valid range is refused in one line naming the key,
 # the range and the value. (skew_lambda 1 makes both skewed KLs identically 0; float16 turns the weights NaN.)
 OUT_OF_RANGE = [
-    ("kd.skew_lambda", 1.0, "less than 1"), ("kd.skew_lambda", -0.1, "greater than or equal to 0"),
-    ("kd.akl_alpha", 1.5, "less than or equal to 1"), ("kd.akl_alpha", -0.5, "greater than or equal to 0"),
-    ("kd.temperature", 0.0, "greater than 0"), ("kd.temperature", -1.0, "greater than 0"),
+    ("vanilla.divergence.skew_lambda", 1.0, "less than 1"),
+    ("dskd.divergence.skew_lambda", -0.1, "greater than or equal to 0"),
+    ("vanilla.divergence.akl_alpha", 1.5, "less than or equal to 1"),
+    ("dskd.divergence.akl_alpha", -0.5, "greater than or equal to 0"),
+    ("vanilla.divergence.temperature", 0.0, "greater than 0"), ("dskd.divergence.temperature", -1.0, "greater than 0"),
     ("kd.kd_rate", 1.5, "less than or equal to 1"), ("kd.kd_rate", -0.1, "greater than or equal to 0"),
     ("dskd.projector_lr", 0.0, "greater than 0"), ("uld.weight", 0.0, "greater than 0"),
     ("teacher_cache.top_k", 0, "greater than or equal to 1"),
@@ -107,8 +109,9 @@ def test_out_of_range_value_is_refused_naming_key_range_and_value(tmp_path, key,
     assert rule in msg and msg.endswith(f"got {value!r}"), msg
 
 
-@pytest.mark.parametrize("key, value", [("kd.skew_lambda", 0.0), ("kd.skew_lambda", 0.999),
-                                        ("kd.akl_alpha", 0.0), ("kd.akl_alpha", 1.0), ("kd.kd_rate", 0.0),
+@pytest.mark.parametrize("key, value", [("vanilla.divergence.skew_lambda", 0.0), ("dskd.divergence.skew_lambda", 0.999),
+                                        ("vanilla.divergence.akl_alpha", 0.0), ("dskd.divergence.akl_alpha", 1.0),
+                                        ("kd.kd_rate", 0.0),
                                         ("kd.kd_rate", 1.0), ("sft.lora_dropout", 0.0), ("generate.top_p", 1.0)])
 def test_range_ends_that_are_valid_are_accepted(tmp_path, key, value):
     load_params(_write(tmp_path, _set(key, value)))
@@ -128,13 +131,15 @@ def test_architecture_heads_must_divide(tmp_path, arch, rule):
     assert "profiles.tiny.architectures.llama" in msg and rule in msg, msg
 
 
-def test_the_divergence_settings_are_shared_by_vanilla_and_dskd_uld_has_its_own():
-    """One temperature and divergence for vanilla KD and DSKD (H_Alg compares them at equal settings; one teacher
-    cache at that temperature serves both); ULD's section holds only what ULD reads."""
+def test_each_algorithm_has_its_own_divergence_uld_has_none():
+    """Vanilla KD and DSKD each hold their divergence (the same defaults: H_Alg compares them at equal settings);
+    kd.* holds only what every cell shares; ULD's section holds only what ULD reads."""
     p = load_params(ROOT / "params.yaml")
-    assert {"temperature", "divergence", "skew_lambda", "akl_alpha"} <= set(p.kd.model_dump())
-    assert set(p.vanilla.model_dump()) == set()
-    assert not {"temperature", "divergence", "skew_lambda", "akl_alpha"} & set(p.dskd.model_dump())
+    assert set(p.kd.model_dump()) == {"alg", "versus", "kd_rate", "use_cache"}
+    assert p.vanilla.divergence == p.dskd.divergence
+    assert p.vanilla.divergence.model_dump() == {"kind": "forward_kl", "temperature": 2.0, "skew_lambda": 0.1,
+                                                 "akl_alpha": 0.5}
+    assert set(p.vanilla.model_dump()) == {"divergence", "vocab_mismatch"}
     assert set(p.uld.model_dump()) == {"weight"}
 
 

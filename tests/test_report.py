@@ -346,7 +346,11 @@ def test_settings_line_states_the_kd_objective():
     from telekd.params import load_params
     from telekd.report.settings import from_params, settings_line
 
-    p = NS(kd=NS(kd_rate=0.5, divergence="fkl", temperature=2.0), dskd=NS(projector_lr=0.001))
+    div = NS(kind="fkl", temperature=2.0)
+    p = NS(kd=NS(kd_rate=0.5), vanilla=NS(divergence=div), dskd=NS(projector_lr=0.001, divergence=div))
     assert settings_line(p) == "KD loss (1 − 0.5)·CE + 0.5·KD, divergence fkl, temperature 2.0; DSKD projector lr 0.001"
+    p.dskd.divergence = NS(kind="fkl", temperature=1.0)  # unequal knobs: both stated, labelled
+    assert settings_line(p) == ("KD loss (1 − 0.5)·CE + 0.5·KD, divergence fkl, "
+                                "temperature 2.0 (vanilla), 1.0 (DSKD); DSKD projector lr 0.001")
     st = from_params(load_params(ROOT / "params.yaml"))
     assert st["algs"] == ["vanilla", "dskd"] and st["kd_line"].startswith("KD loss (1 − ")

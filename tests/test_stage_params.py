@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import inspect
 import re
 import textwrap
@@ -121,11 +122,16 @@ def _imported(module, name):
     """`name` as imported inside any function of `module` (stages import lazily)."""
     src = module._src if isinstance(module, _SourceModule) else inspect.getsource(module)
     for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("telekd"):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = node.module or ""
+        if node.level:  # a relative import inside the telekd package
+            base = importlib.util.resolve_name("." * node.level + base, module.__name__.rpartition(".")[0])
+        if base.startswith("telekd"):
             for a in node.names:
                 if (a.asname or a.name) == name:
-                    mod = importlib.import_module(node.module)
-                    return getattr(mod, a.name, None) or importlib.import_module(f"{node.module}.{a.name}")
+                    mod = importlib.import_module(base)
+                    return getattr(mod, a.name, None) or importlib.import_module(f"{base}.{a.name}")
     return None
 
 
@@ -177,13 +183,24 @@ def _stages():
     out = {}
     for name, st in dvc.items():
         cmds = st["cmd"] if isinstance(st["cmd"], list) else [st["cmd"]]
-        scripts = sorted({m for c in cmds for m in re.findall(r"stages/(\w+)\.py", c)})
+        scripts = sorted({m for c in cmds for m in re.findall(r"stages/(\w+|\$\{item\.alg\})\.py", c)})
         declared = {x for x in st.get("params", []) if isinstance(x, str)}
         out[name] = (scripts, declared)
     return out
 
 
 STAGES = _stages()
+
+
+def script_reads(script: str) -> set[str]:
+    """stage_reads, with `stages/${item.alg}.py` the union over the algorithms' scripts, each one's own section
+    read as `${item.alg}` (the section the matrix resolves for its cells)."""
+    if script != "${item.alg}":
+        return stage_reads(script)
+    out = set()
+    for alg in P.Alg.__args__:
+        out |= {"${item.alg}" + r[len(alg):] if r == alg or r.startswith(alg + ".") else r for r in stage_reads(alg)}
+    return out
 
 
 def _covers(declared: str, read: str) -> bool:
@@ -193,7 +210,7 @@ def _covers(declared: str, read: str) -> bool:
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_declares_exactly_the_params_it_reads(stage):
     scripts, declared = STAGES[stage]
-    reads = set().union(*(stage_reads(s) for s in scripts))
+    reads = set().union(*(script_reads(s) for s in scripts))
     reads -= {k for (st, k) in NOT_UNDER_DVC if st == stage}
     undeclared = sorted(r for r in reads if not any(_covers(d, r) for d in declared))
     unread = sorted(d for d in declared - EMPTY_SECTIONS if not any(_covers(d, r) or _covers(r, d) for r in reads))
@@ -206,19 +223,22 @@ def test_empty_sections_are_empty():
     assert all(raw[k] == {} for k in EMPTY_SECTIONS)
 
 
-def test_the_analysis_sees_what_the_kd_stage_reads():
-    """Pins the analysis itself: the kd stage's reads, including kd_inputs' and the algorithm's section."""
-    r = stage_reads("kd")
-    assert {"${item.alg}", "kd.kd_rate", "kd.use_cache", "teacher_cache.top_k", "teacher_cache.hidden", "prompt.system",
-            "profiles.${profile}.dtype", "profiles.${profile}.train.lr", "kd.vocab_mismatch",
-            "models.trust_remote_code", "kd.temperature", "kd.divergence"} <= r
-    assert not any(x.startswith(("vanilla", "dskd", "uld")) for x in r), r
+@pytest.mark.parametrize("alg", ["vanilla", "dskd", "uld"])
+def test_the_analysis_sees_what_the_kd_stage_reads(alg):
+    """Pins the analysis itself: each algorithm's script reads the shared kd.* and its own section only, including
+    what kd_inputs, KDConfig.from_params and the shared flow (telekd.kd.run) read."""
+    r = stage_reads(alg)
+    assert {"kd.kd_rate", "kd.use_cache", "teacher_cache.top_k", "teacher_cache.hidden", "prompt.system",
+            "profiles.${profile}.dtype", "profiles.${profile}.train.lr", "models.trust_remote_code", alg} <= r
+    others = {"vanilla", "dskd", "uld"} - {alg}
+    assert not any(x.split(".")[0] in others for x in r), r
+    assert not any(x.startswith("kd.") and x not in ("kd.kd_rate", "kd.use_cache") for x in r), r
 
 
 def test_dvc_resolves_each_cell_to_its_own_algorithm_section(tmp_path, monkeypatch):
     """As `dvc exp run -S kd.alg=uld` leaves it: the ULD cell depends on uld's section and not on vanilla's or dskd's,
-    the DSKD cell on dskd's (DVC 3.67 resolves `${item.alg}` in params). Both declare the shared kd.* divergence:
-    one params list serves the matrix (ULD also reads the teacher cache, which is held at kd.temperature)."""
+    the DSKD cell on dskd's (DVC 3.67 resolves `${item.alg}` in params, cmd and deps): its own script, its own
+    module and its own teacher-cache entry; no cell declares a shared divergence."""
     import shutil
 
     from dvc.repo import Repo
@@ -235,6 +255,12 @@ def test_dvc_resolves_each_cell_to_its_own_algorithm_section(tmp_path, monkeypat
             return {k for dep in stage.deps if hasattr(dep, "params") and dep.params for k in dep.params}
 
         uld, dskd = params("kd@llama-base-base-uld-0"), params("kd@llama-base-base-dskd-0")
+        cmd = repo.stage.collect("kd@llama-base-base-uld-0")[0].cmd
+        deps = {d.def_path for d in repo.stage.collect("kd@llama-base-base-dskd-0")[0].deps
+                if not getattr(d, "params", None)}
     assert "uld" in uld and not {"vanilla", "dskd"} & uld
-    assert {"kd.temperature", "kd.divergence"} <= dskd
+    assert not any(k.startswith("kd.") and k not in ("kd.kd_rate", "kd.use_cache") for k in uld | dskd)
     assert "dskd" in dskd and not {"vanilla", "uld"} & dskd
+    assert "stages/uld.py --cell llama-base-base-uld-s0" in cmd
+    assert {"stages/dskd.py", "src/telekd/kd/dskd.py", "cache/teacher/llama-base/dskd"} <= deps
+    assert not any("vanilla" in d or "uld" in d for d in deps), deps

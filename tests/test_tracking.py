@@ -58,8 +58,10 @@ def _kd_run(tokenizers, records, out, checkpoint=None, sigterm_at=None):
 
     from telekd.align import vocab_map
     from telekd.cache import compute_targets
-    from telekd.distill import KDSettings, build_pairs, train_kd
-    from telekd.terms import vanilla_term
+    from telekd.kd.loop import KDConfig, train_kd
+    from telekd.losses import Divergence
+    from telekd.teacher_inputs import build_pairs
+    from telekd.kd.vanilla import vanilla_term
 
     s_tok = t_tok = tokenizers["llama"]
     teacher = tiny_model("llama", len(t_tok), hidden=48)
@@ -69,10 +71,10 @@ def _kd_run(tokenizers, records, out, checkpoint=None, sigterm_at=None):
     s_map, t_map = vocab_map(s_tok, t_tok)
     targets = compute_targets(teacher, pairs, s_map, t_map, top_k=16, batch_size=2, pad_id=t_tok.pad_token_id,
                               temperature=2.0)
-    s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
+    s = KDConfig(kd_rate=0.5, divergence=Divergence("forward_kl", 2.0, 0.1, 0.5), epochs=1,
                    lr=1e-2, batch_size=2, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
     live = TrainLive(out, {"cell": "t"})
-    inner = vanilla_term(targets, pairs, s)
+    inner = vanilla_term(targets, pairs, s.divergence)
 
     def term(*args):  # SIGTERM to ourselves during batch `sigterm_at`: the run saves a checkpoint and stops
         term.calls += 1

@@ -88,11 +88,13 @@ def test_vanilla_and_dskd_terms_run_on_real_tokenizations(teacher, llama, mistra
 
     import torch
 
-    from telekd import terms
     from telekd.align import vocab_map
     from telekd.cache import compute_targets
     from telekd.data import load_records
-    from telekd.distill import KDSettings, build_pairs, make_projectors
+    from telekd.kd.dskd import cma_term, dskd_term, make_projectors
+    from telekd.kd.vanilla import vanilla_term
+    from telekd.losses import Divergence
+    from telekd.teacher_inputs import build_pairs
     from telekd.examples import tokenized
     from telekd.prompts import collate
 
@@ -104,17 +106,16 @@ def test_vanilla_and_dskd_terms_run_on_real_tokenizations(teacher, llama, mistra
     s_map, t_map = vocab_map(s_tok, t_tok)
     t_model = _tiny("MistralConfig" if teacher == "mistral" else "LlamaConfig", 1)
     targets = compute_targets(t_model, pairs, s_map, t_map, 8, 2, t_tok.pad_token_id, temperature=2.0)
-    kd = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=1,
-                    lr=1e-3, batch_size=3, grad_accum=1, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+    kd = Divergence("forward_kl", 2.0, 0.1, 0.5)
     student = _tiny("LlamaConfig", 2)
     proj = make_projectors(16, 16, cma=teacher == "mistral")
     heads = (student.get_output_embeddings().weight, t_model.get_output_embeddings().weight)
-    made = [terms.vanilla_term(targets, pairs, kd)]
+    made = [vanilla_term(targets, pairs, kd)]
     if teacher == "mistral":
         embeds = (student.get_input_embeddings().weight, t_model.get_input_embeddings().weight)
-        made.append(terms.cma_term(targets, pairs, proj, *embeds, *heads, kd))
+        made.append(cma_term(targets, pairs, proj, *embeds, *heads, kd))
     else:
-        made.append(terms.dskd_term(targets, pairs, proj, *heads, kd))
+        made.append(dskd_term(targets, pairs, proj, *heads, kd))
     batch = collate(examples, s_tok.pad_token_id)
     for term in made:
         out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)

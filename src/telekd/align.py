@@ -44,6 +44,7 @@ _DIGEST_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def same_vocab(tok_a, tok_b) -> bool:
+    """True when both tokenizers map exactly the same token strings to the same ids (one vocabulary)."""
     return tok_a.get_vocab() == tok_b.get_vocab()
 
 

@@ -1,7 +1,7 @@
 """Resumable training: checkpoints outside DVC's outputs (DVC deletes a stage's outs before it runs),
 valid only for the run whose fingerprint they carry, and a SIGTERM flag that lets a loop save and stop.
 
-    checkpoints/kd/<cell>/state.pt      train_kd's own loop (telekd.distill)
+    checkpoints/kd/<cell>/state.pt      train_kd's own loop (telekd.kd.loop)
     checkpoints/sft/<model>/            the Trainer's checkpoint-N folders (telekd.sft)
 """
 
@@ -76,6 +76,7 @@ class Checkpoint:
 
     @property
     def file(self) -> Path:
+        """The run's state file, <dir>/state.pt."""
         return Path(self.dir) / "state.pt"
 
     def load(self) -> dict | None:
@@ -101,6 +102,7 @@ class Checkpoint:
         os.replace(tmp, self.file)
 
     def clear(self) -> None:
+        """Remove the run's checkpoint folder (the run finished; nothing to resume)."""
         if Path(self.dir).exists():
             shutil.rmtree(self.dir)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Alg = Literal["vanilla", "dskd", "uld"]
-Divergence = Literal[
+DivergenceKind = Literal[
     "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd", "adaptive_kl"
 ]
 Role = Literal["llama", "mistral", "student"]
@@ -84,38 +84,63 @@ class SFT(Strict):
 
 
 class TeacherCache(Strict):
+    """The teacher cache: log-probs kept per position (top_k, plus the residual mass) and whether the teacher's
+    last hidden states are kept (DSKD's entry needs them)."""
+
     top_k: int = Field(ge=1)
     hidden: bool = True
 
 
+# keys that left the kd section: where each went (an old params.yaml fails in one line naming the new key)
+_MOVED = {
+    "student_lora": "profiles.<profile>.student_kd.lora (LoRA is a per-profile recipe)",
+    "temperature": "vanilla.divergence.temperature and dskd.divergence.temperature (each algorithm its own)",
+    "divergence": "vanilla.divergence.kind and dskd.divergence.kind (each algorithm its own)",
+    "skew_lambda": "vanilla.divergence.skew_lambda and dskd.divergence.skew_lambda (each algorithm its own)",
+    "akl_alpha": "vanilla.divergence.akl_alpha and dskd.divergence.akl_alpha (each algorithm its own)",
+    "vocab_mismatch": "vanilla.vocab_mismatch (only vanilla KD reads it)",
+}
+
+
 class KD(Strict):
+    """The settings every KD cell shares: the algorithm axis, the KD weight and the teacher's source."""
+
     alg: Alg
     versus: Alg
     kd_rate: float = Field(ge=0, le=1)
-    # the divergence of vanilla KD and DSKD (ULD reads none of these: sorted probabilities at T = 1)
-    temperature: float = Field(gt=0)
-    divergence: Divergence
-    skew_lambda: float = Field(ge=0, lt=1)   # 1 makes both skewed KLs identically 0
-    akl_alpha: float = Field(ge=0, le=1)
-    vocab_mismatch: Literal["align", "error"] = "align"
     use_cache: bool = True
 
     @model_validator(mode="before")
     @classmethod
     def _moved_keys(cls, v):
-        if isinstance(v, dict) and "student_lora" in v:
-            raise ValueError("student_lora moved to profiles.<profile>.student_kd.lora (LoRA is a per-profile recipe)")
+        moved = [k for k in _MOVED if isinstance(v, dict) and k in v]
+        if moved:
+            raise ValueError("; ".join(f"kd.{k} moved to {_MOVED[k]}" for k in moved))
         return v
 
 
+class DivergenceParams(Strict):
+    """A divergence and its knobs (telekd.losses.Divergence): kind, temperature T > 0, skew_lambda in [0, 1)
+    (1 makes both skewed KLs identically 0), akl_alpha in [0, 1]."""
+
+    kind: DivergenceKind
+    temperature: float = Field(gt=0)
+    skew_lambda: float = Field(default=0.1, ge=0, lt=1)
+    akl_alpha: float = Field(default=0.5, ge=0, le=1)
+
+
 class Vanilla(Strict):
-    """Vanilla KD reads only kd.* (the divergence and its knobs)."""
+    """Vanilla KD: its divergence, and what to do when the teacher's vocabulary differs (align | error)."""
+
+    divergence: DivergenceParams
+    vocab_mismatch: Literal["align", "error"] = "align"
 
 
 class DSKD(Strict):
     """DSKD's settings. Each convention defaults to the reference's (songmzhang/DSKD at 077337a,
-    code/criterions/dual_space_kd*.py); the other value is this project's earlier choice (telekd.losses)."""
+    code/criterions/dual_space_kd*.py); the other value is this project's earlier choice (telekd.kd.dskd)."""
 
+    divergence: DivergenceParams
     projector_lr: float = Field(gt=0)
     # every term / the student's answer-token count (reference) | the teacher-space term / the teacher's
     normalization: Literal["student_tokens", "own_tokens"] = "student_tokens"
@@ -126,6 +151,8 @@ class DSKD(Strict):
 
 
 class ULD(Strict):
+    """ULD's settings: the weight of its L1 term (no temperature)."""
+
     weight: float = Field(gt=0)
 
 

@@ -146,7 +146,7 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
     from .shard import state
     from .tracking import trainer_callback
 
-    from .distill import check_processes
+    from .kd.loop import check_processes
 
     proc = state()
     check_processes(proc, s.grad_accum, s.batch_size, desc)

@@ -32,10 +32,11 @@ NAMES = ("llama2", "mistral")
 
 
 class VocabMissing(FileNotFoundError):
-    pass
+    """A paper vocabulary file is not installed (make setup installs it)."""
 
 
 def vocab_dir() -> Path:
+    """Where the paper vocabularies are installed: $TELEKD_VOCAB_DIR, else <venv>/share/telekd/vocab."""
     return Path(os.environ.get("TELEKD_VOCAB_DIR") or Path(sys.prefix) / "share" / "telekd" / "vocab")
 
 
@@ -53,6 +54,7 @@ def mistral_model_file() -> Path:
 
 
 def llama_gguf_file() -> Path:
+    """The Llama-2 vocabulary GGUF file (extracted by make setup); VocabMissing, naming the fix, when absent."""
     path = vocab_dir() / LLAMA_GGUF
     if not path.exists():
         raise VocabMissing(f"{path}: missing: run make setup (it extracts {LLAMA_GGUF} from the llama-cpp-python "

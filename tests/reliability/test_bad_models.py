@@ -52,17 +52,25 @@ def test_tokenizer_that_does_not_match_its_model(tmp_path, saved_models, tokeniz
 
 
 def test_vanilla_kd_across_vocabularies_with_vocab_mismatch_error(tmp_path, saved_models, monkeypatch):
-    """kd.vocab_mismatch: error and a teacher whose vocabulary differs: refused before any data or model loads."""
-    from telekd.distill import kd_inputs
+    """vanilla.vocab_mismatch: error and a teacher whose vocabulary differs: refused before training, in one line."""
+    from telekd.kd.run import Built, KDRun
     from telekd.params import load_params
 
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "models/base").mkdir(parents=True)
-    shutil.copytree(saved_models["student"], tmp_path / "models/base/student")
     p = load_params(ROOT / "params.yaml")
-    p = p.model_copy(update={"kd": p.kd.model_copy(update={"vocab_mismatch": "error"})})
-    with pytest.raises(ValueError) as e:
-        kd_inputs(p, str(saved_models["mistral"]), need_alignment=True)
-    assert one_line(e) == (f"{saved_models['mistral']}: teacher vocabulary differs from the student's and "
-                           "kd.vocab_mismatch is error: set kd.vocab_mismatch: align or use kd.alg: dskd")
-    assert not (tmp_path / "data").exists()  # it stopped before reading the split
+    p = p.model_copy(update={"vanilla": p.vanilla.model_copy(update={"vocab_mismatch": "error"})})
+    seen = {}
+
+    def run_cell(params, section, cell, build, divergence=None):  # the shared flow, reduced to the build step
+        seen["section"] = section
+        build(KDRun(cell, None, type("Inp", (), {"vocab_match": False})(), None, "cpu"))
+
+    monkeypatch.setattr("telekd.kd.run.run_cell", run_cell)
+    monkeypatch.setattr("telekd.params.load_params", lambda *a, **k: p)
+    monkeypatch.setattr("sys.argv", ["vanilla.py", "--cell", "mistral-base-base-vanilla"])
+    import runpy
+
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "stages" / "vanilla.py"), run_name="__main__")
+    assert str(e.value) == ("models/base/mistral: teacher vocabulary differs from the student's and "
+                            "vanilla.vocab_mismatch is error: set it to align or use kd.alg: dskd")
+    assert seen["section"] is p.vanilla and Built

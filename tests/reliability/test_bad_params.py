@@ -14,7 +14,8 @@ from conftest import ROOT
 
 STAGES = {
     "prepare": [], "base_models": [], "sft": ["--model", "student"],
-    "teacher_cache": ["--teacher", "llama", "--teacher-sft", "base"], "kd": ["--cell", "llama-base-base-vanilla"],
+    "teacher_cache": ["--teacher", "llama", "--teacher-sft", "base"], "vanilla": ["--cell", "llama-base-base-vanilla"],
+    "dskd": ["--cell", "llama-base-base-dskd"], "uld": ["--cell", "llama-base-base-uld"],
     "generate": ["--cell", "llama-base-base-vanilla"], "eval_ngram": ["--name", "x"], "eval_embed": ["--name", "x"],
     "eval_llm": ["--name", "x"], "stats": [], "report": [],
 }
@@ -39,13 +40,17 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("edit, line", [
     (lambda p: p["kd"].update(alg="dsdk"), "params.yaml: kd.alg: Input should be 'vanilla', 'dskd' or 'uld'"),
-    (lambda p: p["kd"].update(divergence="kl"), "params.yaml: kd.divergence: Input should be 'forward_kl', 'reverse_kl'"),
+    (lambda p: p["vanilla"]["divergence"].update(kind="kl"),
+     "params.yaml: vanilla.divergence.kind: Input should be 'forward_kl', 'reverse_kl'"),
     (lambda p: p["grid"].update(teachers=["llama", "gpt"]), "params.yaml: grid.teachers.1: Input should be 'llama' or 'mistral'"),
     (lambda p: p.update(profile="huge"), "params.yaml: profile: 'huge' is not one of the profiles: paper, tiny"),
     (lambda p: p.update(seed="abc"), "params.yaml: seed: Input should be a valid integer, unable to parse string as an integer, got 'abc'"),
     (lambda p: p["profiles"]["tiny"].update(dtype="float16"),
      "params.yaml: profiles.tiny.dtype: Input should be 'float32' or 'bfloat16', got 'float16'"),
-    (lambda p: p["kd"].update(skew_lambda=1.0), "params.yaml: kd.skew_lambda: Input should be less than 1, got 1.0"),
+    (lambda p: p["dskd"]["divergence"].update(skew_lambda=1.0),
+     "params.yaml: dskd.divergence.skew_lambda: Input should be less than 1, got 1.0"),
+    (lambda p: p["kd"].update(temperature=1.0),
+     "params.yaml: kd: kd.temperature moved to vanilla.divergence.temperature and dskd.divergence.temperature"),
 ])
 def test_every_stage_fails_fast_naming_the_key(tmp_path, edit, line):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -66,11 +71,11 @@ def test_every_stage_fails_fast_naming_the_key(tmp_path, edit, line):
 
 def test_a_stage_process_prints_the_line_and_exits_1(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["kd"]["divergence"] = "kl"
+    params["vanilla"]["divergence"]["kind"] = "kl"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    p = subprocess.run([sys.executable, str(ROOT / "stages/kd.py"), "--cell", "llama-base-base-vanilla"],
+    p = subprocess.run([sys.executable, str(ROOT / "stages/vanilla.py"), "--cell", "llama-base-base-vanilla"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
-        "params.yaml: kd.divergence: Input should be 'forward_kl', 'reverse_kl', 'js', 'skewed_forward_kl', "
+        "params.yaml: vanilla.divergence.kind: Input should be 'forward_kl', 'reverse_kl', 'js', 'skewed_forward_kl', "
         "'skewed_reverse_kl', 'tvd' or 'adaptive_kl', got 'kl'"]

@@ -2,7 +2,7 @@
 weights, only rank 0 writes, and the result matches the one-process run to float tolerance. A launch the loops
 cannot serve (FSDP, DeepSpeed, a process count that does not divide grad_accum) is refused in one line.
 
-The stage runs unchanged (stages/kd.py through runpy) in a temporary study folder; this file, run as a
+The stage runs unchanged (stages/vanilla.py through runpy) in a temporary study folder; this file, run as a
 script, wraps train_kd and the writers only to record what each rank holds and writes.
 """
 
@@ -58,12 +58,12 @@ def _stage(cwd: Path, name: str, args: list[str]) -> None:
         sys.argv = old_argv
 
 
-def _observe_and_run(record: Path, stage: str = "kd", args: tuple = ("--cell", CELL)) -> None:
+def _observe_and_run(record: Path, stage: str = "vanilla", args: tuple = ("--cell", CELL)) -> None:
     """Run a stage here, recording this rank's KD weight digest and every file it writes."""
     import hashlib
 
     import telekd.checkpoint as ckpt
-    import telekd.distill as distill
+    import telekd.kd.loop as distill
     import telekd.io as tio
     import telekd.tracking as tracking
     from telekd.shard import state
@@ -139,7 +139,7 @@ def test_kd_stage_under_accelerate_launch_with_two_cpu_processes(saved_models, s
     from safetensors.torch import load_file
 
     study = _study(tmp_path, saved_models, sample_records)
-    single, one, two, wall = _run_both(tmp_path, study, "kd", ("--cell", CELL))
+    single, one, two, wall = _run_both(tmp_path, study, "vanilla", ("--cell", CELL))
 
     # both ranks hold identical weights
     d0, d1 = (two / "rank0.digest").read_text(), (two / "rank1.digest").read_text()
@@ -174,7 +174,7 @@ def test_kd_stage_under_torchrun_equals_one_process(saved_models, sample_records
     from safetensors.torch import load_file
 
     study = _study(tmp_path, saved_models, sample_records)
-    single, one, two, _ = _run_both(tmp_path, study, "kd", ("--cell", CELL), torchrun=True)
+    single, one, two, _ = _run_both(tmp_path, study, "vanilla", ("--cell", CELL), torchrun=True)
     assert (two / "rank0.digest").read_text() == (two / "rank1.digest").read_text()
     a = load_file(str(study / "models/kd" / CELL / "model.safetensors"))
     b = load_file(str(single / "models/kd" / CELL / "model.safetensors"))
@@ -215,7 +215,7 @@ class _Proc:
 @pytest.mark.parametrize("n, grad_accum", [(1, 1), (2, 2), (8, 8), (4, 8), (2, 8), (1, 8)])
 def test_any_process_count_that_divides_grad_accum_is_served(n, grad_accum):
     """The paper profile (batch 4 x accumulation 8) on 8, 4, 2 or 1 GPUs: the global batch stays 32."""
-    from telekd.distill import check_processes
+    from telekd.kd.loop import check_processes
 
     check_processes(_Proc("MULTI_GPU" if n > 1 else "NO", n), grad_accum, 4, "kd")
 
@@ -227,7 +227,7 @@ def test_any_process_count_that_divides_grad_accum_is_served(n, grad_accum):
     ("DEEPSPEED", 8, 8, "kd: DEEPSPEED is not supported"),
 ])
 def test_launches_the_loops_cannot_serve_are_refused_in_one_line(kind, n, grad_accum, line):
-    from telekd.distill import check_processes
+    from telekd.kd.loop import check_processes
 
     with pytest.raises(SystemExit) as e:
         check_processes(_Proc(kind, n), grad_accum, 4, "kd")

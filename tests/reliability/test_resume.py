@@ -41,9 +41,12 @@ def kd_run(models: Path, ckpt_dir: Path, out: Path, fp: str = FP, delay: float =
     from telekd.align import vocab_map
     from telekd.cache import compute_targets
     from telekd.checkpoint import Checkpoint
-    from telekd.distill import KDSettings, build_pairs, make_projectors, train_kd
+    from telekd.kd.loop import KDConfig, train_kd
+    from telekd.losses import Divergence
+    from telekd.teacher_inputs import build_pairs
+    from telekd.kd.dskd import make_projectors
     from telekd.models import load_model
-    from telekd.terms import dskd_term
+    from telekd.kd.dskd import dskd_term
 
     torch.set_num_threads(1)
     teacher, tok = load_model(str(models / "llama"))
@@ -52,12 +55,12 @@ def kd_run(models: Path, ckpt_dir: Path, out: Path, fp: str = FP, delay: float =
     pairs = build_pairs(exs, records, tok, tok, SYSTEM, 400, 300)
     targets = compute_targets(teacher, pairs, *vocab_map(tok, tok), top_k=16, batch_size=8, pad_id=tok.pad_token_id,
                               temperature=2.0)
-    s = KDSettings(kd_rate=0.5, temperature=2.0, divergence="forward_kl", skew_lambda=0.1, akl_alpha=0.5, epochs=2,
+    s = KDConfig(kd_rate=0.5, divergence=Divergence("forward_kl", 2.0, 0.1, 0.5), epochs=2,
                    lr=1e-2, batch_size=4, grad_accum=1, max_grad_norm=1.0, weight_decay=0.01, seed=0, student_lora=True,
                    lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_targets=("q_proj", "v_proj"))
     proj = make_projectors(student.config.hidden_size, teacher.config.hidden_size, cma=False)
     heads = (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
-    inner = dskd_term(targets, pairs, proj, *heads, s)
+    inner = dskd_term(targets, pairs, proj, *heads, s.divergence)
     out.mkdir(parents=True, exist_ok=True)
 
     def term(*args):

@@ -9,12 +9,14 @@ from __future__ import annotations
 def settings_line(p) -> str:
     """The KD objective's settings as the report states them (the row "hyper-parameters" of its last table).
 
-    The one place that reads the KD divergence's params (kd.kd_rate, kd.divergence, kd.temperature,
-    dskd.projector_lr): adapt it here, and in the report stage's dvc.yaml params, when they move.
+    The one place that reads the KD settings (kd.kd_rate, vanilla.divergence, dskd.divergence,
+    dskd.projector_lr): each divergence knob is stated once when vanilla KD and DSKD share it, else both, labelled.
     """
-    kd, dskd = p.kd, p.dskd
-    return (f"KD loss (1 − {kd.kd_rate})·CE + {kd.kd_rate}·KD, divergence {kd.divergence}, "
-            f"temperature {kd.temperature}; DSKD projector lr {dskd.projector_lr}")
+    v, d = p.vanilla.divergence, p.dskd.divergence
+    both = {name: a if a == b else f"{a} (vanilla), {b} (DSKD)"
+            for name, a, b in (("divergence", v.kind, d.kind), ("temperature", v.temperature, d.temperature))}
+    return (f"KD loss (1 − {p.kd.kd_rate})·CE + {p.kd.kd_rate}·KD, divergence {both['divergence']}, "
+            f"temperature {both['temperature']}; DSKD projector lr {p.dskd.projector_lr}")
 
 
 def from_params(p) -> dict:
