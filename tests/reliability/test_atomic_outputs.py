@@ -98,7 +98,9 @@ def test_stages_write_only_through_telekd_io():
                 ast.unparse(k.value) for k in node.keywords if k.arg == "mode")
             direct = (name in WRITES and name not in from_io) or (name == "open" and any(c in mode for c in "wax"))
             assert not direct, f"{path.name}:{node.lineno}: {ast.unparse(node)} writes outside telekd.io"
-        # the eval stages write through telekd.evaluation.write_scores (or publish_scores), itself built on telekd.io
-        assert from_io or any(f in path.read_text() for f in ("write_scores(", "publish_scores(")), \
+        # the eval stages write through telekd.evaluation.write_scores (or publish_scores), the KD stages through
+        # telekd.kd.run.run_cell: both built on telekd.io
+        assert from_io or any(f in path.read_text() for f in ("write_scores(", "publish_scores(", "run_cell(")), \
             f"{path.name} does not write through telekd.io"
     assert "from .io import" in (ROOT / "src/telekd/evaluation.py").read_text()
+    assert "from ..io import" in (ROOT / "src/telekd/kd/run.py").read_text()

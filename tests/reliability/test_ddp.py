@@ -63,8 +63,9 @@ def _observe_and_run(record: Path, stage: str = "vanilla", args: tuple = ("--cel
     import hashlib
 
     import telekd.checkpoint as ckpt
-    import telekd.kd.loop as distill
     import telekd.io as tio
+    import telekd.kd.loop as distill
+    import telekd.kd.run as kd_run
     import telekd.tracking as tracking
     from telekd.shard import state
 
@@ -93,12 +94,14 @@ def _observe_and_run(record: Path, stage: str = "vanilla", args: tuple = ("--cel
         writes.append(str(self.file))
         return real_save(self, state)
 
-    distill.train_kd, tio.atomic_path, ckpt.Checkpoint.save = train_kd, atomic_path, save
+    # kd.run binds atomic_path at its import, which an earlier test in this process may have done: patch it there too
+    distill.train_kd, tio.atomic_path, kd_run.atomic_path, ckpt.Checkpoint.save = train_kd, atomic_path, atomic_path, save
     tracking.TrainLive.__init__ = live_init
     try:
         _stage(Path.cwd(), stage, list(args))
     finally:  # this also runs in the test process: put the real functions back for the tests after it
-        distill.train_kd, tio.atomic_path, ckpt.Checkpoint.save = real_train, real_atomic, real_save
+        distill.train_kd, tio.atomic_path, kd_run.atomic_path, ckpt.Checkpoint.save = (real_train, real_atomic,
+                                                                                       real_atomic, real_save)
         tracking.TrainLive.__init__ = real_live
         (record / f"rank{rank}.writes.json").write_text(json.dumps(writes))
 
