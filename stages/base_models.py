@@ -1,4 +1,5 @@
-"""Stage base_models: build the tiny profile's tokenizers and models here, or pin the paper's hub checkpoints."""
+"""Stage base_models: build the tiny profile's tokenizers and models here, copy (and prune) the small profile's
+converted pretrained models, or pin the paper's hub checkpoints."""
 
 import os
 
@@ -24,6 +25,8 @@ def main() -> None:
             # the three models train in parallel processes, one per free core: bitwise the sequential weights
             summary = zoo.build_tiny(p, contexts, [r.question for r in train], out,
                                      processes=min(3, free_cores()))
+        elif all(m.pretrained for m in p.active.models.values()):
+            summary = zoo.build_pretrained(p, f"{layout.PRETRAINED}/{p.profile}", out)  # small: real models
         else:
             summary = zoo.point_to_hub(p, out)
     summary["profile"] = p.profile

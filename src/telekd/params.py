@@ -11,8 +11,11 @@ Alg = Literal["vanilla", "dskd", "uld"]
 Divergence = Literal[
     "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd", "adaptive_kl"
 ]
-Role = Literal["llama", "mistral", "student"]
-Teacher = Literal["llama", "mistral"]
+Role = Literal["llama", "mistral", "student"]   # the tiny profile's built models (models.<name>.build)
+# A model's name in a profile, the grid and the cell names (teacher-teacher_sft-student_sft-alg): no "-"
+ModelName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+# The pinned GGUF models of telekd.gguf.MODELS (tests/test_real_models.py checks that the two lists agree)
+PretrainedName = Literal["smollm2-135m-instruct", "gemma-3-270m"]
 Stage = Literal["base", "sft"]
 
 
@@ -21,7 +24,7 @@ class Strict(BaseModel):
 
 
 class Grid(Strict):
-    teachers: list[Teacher] = Field(min_length=1)
+    teachers: list[ModelName] = Field(min_length=1)   # models of the active profile (checked in Params)
     teacher_sft: list[Stage] = Field(min_length=1)
     student_sft: list[Stage] = Field(min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
@@ -74,7 +77,7 @@ class BaseModels(Strict):
 
 
 class SFT(Strict):
-    models: list[Role]
+    models: list[ModelName]   # models of the active profile (checked in Params)
     lora_dropout: float = Field(ge=0, lt=1)
     lora_targets: list[str] = Field(min_length=1)
     weight_decay: float = Field(ge=0)
@@ -176,20 +179,25 @@ class Stats(Strict):
 
 
 class ModelSource(Strict):
-    """Where a model comes from: built here (`build`), a local `path`, or a `hub` id at a pinned `revision`."""
+    """Where a model comes from: built here (`build`), a local `path`, a `hub` id at a pinned `revision`, or a
+    `pretrained` GGUF model shipped in a pinned package (telekd.gguf), whole or layer-pruned to `keep_layers`."""
 
     build: Optional[Role] = None
     path: Optional[str] = None
     hub: Optional[str] = None
     revision: Optional[str] = None
-    chat_template: Literal["llama2", "mistral", "own"] = "own"
+    pretrained: Optional[PretrainedName] = None
+    keep_layers: Optional[int] = Field(default=None, ge=2)   # pretrained: evenly spaced layers kept (telekd.zoo)
+    chat_template: Literal["llama2", "mistral", "gemma", "own"] = "own"
 
     @model_validator(mode="after")
     def _one_source(self):
-        if sum(x is not None for x in (self.build, self.path, self.hub)) != 1:
-            raise ValueError("give exactly one of build, path or hub")
+        if sum(x is not None for x in (self.build, self.path, self.hub, self.pretrained)) != 1:
+            raise ValueError("give exactly one of build, path, hub or pretrained")
         if self.hub and not self.revision:
             raise ValueError(f"hub model {self.hub} needs a pinned revision (a commit hash)")
+        if self.keep_layers is not None and self.pretrained is None:
+            raise ValueError("keep_layers prunes a pretrained model: give pretrained too, or drop keep_layers")
         return self
 
 
@@ -259,13 +267,22 @@ class Profile(Strict):
     # float16 is refused: the loops keep fp16 weights with no fp32 master copy or loss scaling, so AdamW's
     # eps (1e-8) rounds to 0 and every weight is NaN after one step. bfloat16 has float32's range.
     dtype: Literal["float32", "bfloat16"]
-    models: dict[Role, ModelSource]
+    models: dict[ModelName, ModelSource]
     architectures: dict[Role, Architecture]
     train: Train
     student_kd: StudentKD = StudentKD()
     generate: GenerateProfile
     eval: EvalProfile
     data: ProfileData = ProfileData()
+    pretrained: list[PretrainedName] = []   # GGUF models the pretrained stage converts (models.<name>.pretrained)
+
+    @model_validator(mode="after")
+    def _pretrained_listed(self):
+        missing = sorted({m.pretrained for m in self.models.values() if m.pretrained} - set(self.pretrained))
+        if missing:
+            raise ValueError(f"models use pretrained {', '.join(missing)}, which pretrained {self.pretrained} does not "
+                             "list: add them (the pretrained stage converts only the listed models)")
+        return self
 
 
 class Models(Strict):
@@ -299,9 +316,7 @@ class Params(Strict):
     def _profile_exists(self):
         if self.profile not in self.profiles:
             raise ValueError(f"profile: {self.profile!r} is not one of the profiles: {', '.join(sorted(self.profiles))}")
-        missing = {"llama", "mistral", "student"} - set(self.profiles[self.profile].models)
-        if missing:
-            raise ValueError(f"profiles.{self.profile}.models: lacks {', '.join(sorted(missing))}")
+        self._grid_names_models()
         if "dskd" in (self.kd.alg, self.kd.versus) and not self.teacher_cache.hidden:
             raise ValueError("teacher_cache.hidden: false, but DSKD (kd.alg / kd.versus) needs the teacher's hidden "
                              "states: set it to true")
@@ -315,6 +330,22 @@ class Params(Strict):
                              f"dvc exp run -S profile={self.profile} -S data.source={want} (DVC tracks data.source as a "
                              "dependency, so the profile names it and this check keeps them together)")
         return self
+
+    def _grid_names_models(self) -> None:
+        """grid.teachers and sft.models name models of the active profile; one line naming the fix otherwise.
+
+        DVC cannot interpolate `${profiles.${profile}...}` into a matrix axis, so the grid does not follow
+        `profile` by itself: switching to a profile with other model names takes these two -S overrides too."""
+        names = list(self.active.models)
+        if "student" not in names:
+            raise ValueError(f"profiles.{self.profile}.models: lacks student")
+        teachers = [n for n in names if n != "student"]
+        bad = [t for t in self.grid.teachers if t not in teachers] + [m for m in self.sft.models if m not in names]
+        if bad:
+            raise ValueError(
+                f"grid.teachers {self.grid.teachers} / sft.models {self.sft.models}: {', '.join(dict.fromkeys(bad))} "
+                f"not a model of profile {self.profile} ({', '.join(names)}): run dvc exp run -S profile={self.profile} "
+                f"-S 'grid.teachers=[{','.join(teachers)}]' -S 'sft.models=[{','.join(names)}]' (README: profiles)")
 
     @property
     def active(self) -> Profile:
