@@ -85,6 +85,7 @@ def test_small_profile_loads_with_its_grid(tmp_path):
     m = p.active.models
     assert (m["smollm2"].pretrained, m["gemma3"].pretrained) == ("smollm2-135m-instruct", "gemma-3-270m")
     assert (m["student"].pretrained, m["student"].keep_layers) == ("smollm2-135m-instruct", 8)
+    assert (m["student"].heal.steps, m["student"].heal.lr) == (40, 3.0e-4)
     assert set(p.active.pretrained) == {"smollm2-135m-instruct", "gemma-3-270m"}
     assert load_params("params.yaml").active.pretrained == []   # tiny converts nothing
 
@@ -97,6 +98,8 @@ def test_small_profile_loads_with_its_grid(tmp_path):
     ({"profiles.small.models.gemma3": {"hub": "google/gemma-3-270m", "revision": "abc", "keep_layers": 4}},
      "keep_layers prunes a pretrained model"),
     ({"profiles.small.models.student": {"pretrained": "smollm2-135m-instruct", "keep_layers": 1}}, "keep_layers"),
+    ({"profiles.small.models.gemma3": {"pretrained": "gemma-3-270m", "heal": {"steps": 1, "lr": 1.0, "batch": 1,
+                                                                            "seq_len": 16}}}, "heal retrains a layer-pruned"),
     ({"grid.teachers": ["smol-lm2"]}, "grid.teachers.0"),   # "-" would break the cell names
 ])
 def test_small_profile_bad_model_settings_fail_in_params(tmp_path, changes, match):

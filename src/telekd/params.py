@@ -178,6 +178,16 @@ class Stats(Strict):
     bootstrap_resamples: int = Field(ge=100)
 
 
+class Heal(Strict):
+    """Causal-LM retraining of a layer-pruned model on the training contexts (telekd.zoo.pretrain), as pruned models
+    are retrained before use (Minitron, Muralidharan et al. 2024): AdamW, warm-up then cosine, full weights."""
+
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch: int = Field(ge=1)
+    seq_len: int = Field(ge=16)
+
+
 class ModelSource(Strict):
     """Where a model comes from: built here (`build`), a local `path`, a `hub` id at a pinned `revision`, or a
     `pretrained` GGUF model shipped in a pinned package (telekd.gguf), whole or layer-pruned to `keep_layers`."""
@@ -188,6 +198,7 @@ class ModelSource(Strict):
     revision: Optional[str] = None
     pretrained: Optional[PretrainedName] = None
     keep_layers: Optional[int] = Field(default=None, ge=2)   # pretrained: evenly spaced layers kept (telekd.zoo)
+    heal: Optional[Heal] = None   # keep_layers: retrain the pruned model before it is the base model
     chat_template: Literal["llama2", "mistral", "gemma", "own"] = "own"
 
     @model_validator(mode="after")
@@ -198,6 +209,8 @@ class ModelSource(Strict):
             raise ValueError(f"hub model {self.hub} needs a pinned revision (a commit hash)")
         if self.keep_layers is not None and self.pretrained is None:
             raise ValueError("keep_layers prunes a pretrained model: give pretrained too, or drop keep_layers")
+        if self.heal is not None and self.keep_layers is None:
+            raise ValueError("heal retrains a layer-pruned model: give keep_layers too, or drop heal")
         return self
 
 

@@ -259,19 +259,24 @@ def prune_layers(model, keep: list[int]):
     return pruned.to(model.dtype).eval()
 
 
-def build_pretrained(params, pretrained_dir, out_dir) -> dict:
+def build_pretrained(params, pretrained_dir, out_dir, contexts: list[str]) -> dict:
     """Small profile: every model of the profile into out_dir/<name> from the converted checkpoints; a summary.
 
-    A model with `keep_layers` is a layer-pruned copy (`kept_layers`, `prune_layers`) of its pretrained model;
-    the others are copied as they are. Each gets its chat template (params: chat_template). Reads
-    pretrained_dir/<pretrained name> (the pretrained stage's output); ModelLoadError when one is missing.
+    A model with `keep_layers` is a layer-pruned copy (`kept_layers`, `prune_layers`) of its pretrained model,
+    retrained as a causal LM on `contexts` (the training split's) when it has `heal` (`pretrain`, with
+    base_models.threads torch threads and params.seed); the others are copied as they are. Each gets its chat
+    template (params: chat_template). Reads pretrained_dir/<pretrained name> (the pretrained stage's output);
+    ModelLoadError when one is missing.
     """
     import shutil
     from pathlib import Path
 
+    import torch
+
     from .models import count_parameters, load_model, load_tokenizer
     from .prompts import set_chat_template
 
+    torch.set_num_threads(params.base_models.threads)   # the healed weights depend on it (see _pretrain_role)
     summary = {"models": {}}
     for name, src in params.active.models.items():
         source, dest = Path(pretrained_dir) / src.pretrained, Path(out_dir) / name
@@ -284,11 +289,15 @@ def build_pretrained(params, pretrained_dir, out_dir) -> dict:
             model, tok = load_model(str(source), dtype="float32", trust_remote_code=params.models.trust_remote_code)
             keep = kept_layers(model.config.num_hidden_layers, src.keep_layers)
             model = prune_layers(model, keep)
+            heal = src.heal and pretrain(model, tok, contexts, src.heal.steps, src.heal.lr, src.heal.batch,
+                                         src.heal.seq_len, params.seed, desc=f"heal {name}")
             model.save_pretrained(dest, safe_serialization=True)
         set_chat_template(tok, src.chat_template)
         tok.save_pretrained(dest)
         summary["models"][name] = _checkpoint_summary(dest, tok, src.pretrained, keep,
                                                       count_parameters(model) if model is not None else None)
+        if keep is not None and heal:
+            summary["models"][name].update(heal_loss_first=round(heal[0], 4), heal_loss_last=round(heal[-1], 4))
     return summary
 
 
