@@ -107,8 +107,8 @@ def test_pinned_hashes_match_the_installed_packages(tmp_path):
         assert path.stat().st_size > 90_000_000
 
 
-# The real models, converted once per module (one busy core: SmolLM2 ~26 s, Gemma-3 ~60-120 s, mostly its
-# 262,144-token tokenizer). Greedy next token of a prompt (the tokenizer's own special tokens: Gemma adds <bos>,
+# The real models, converted once per module (one thread, busy machine: SmolLM2 26 s, Gemma-3 120 s wall; 68 CPU-s
+# for both). Greedy next token of a prompt (the tokenizer's own special tokens: Gemma adds <bos>,
 # SmolLM2 none), verified once by hand: (prompt, id, text, logit margin over the runner-up as measured).
 NEXT_TOKEN = {
     "smollm2-135m-instruct": ("The capital of France is", 7042, " Paris"),           # margin 2.48 over " the"
@@ -122,6 +122,7 @@ def converted(tmp_path_factory):
     return {name: (root / name, gguf.convert(name, root / name, root)) for name in gguf.MODELS}
 
 
+@pytest.mark.slow   # ~70 CPU-s of conversion (one thread): `make test` (plain pytest) runs it, `-m "not slow"` skips it
 @pytest.mark.parametrize("name", sorted(gguf.MODELS))
 def test_converted_model_predicts_the_known_next_token(converted, name):
     import torch
