@@ -15,6 +15,7 @@ def free_cores() -> int:
 
 
 def main() -> None:
+    """Write models/base/<name> for every model of the profile and metrics/base_models.json."""
     p = load_params()
     from telekd import zoo
 

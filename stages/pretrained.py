@@ -12,6 +12,7 @@ from telekd.params import load_params
 
 
 def main() -> None:
+    """Convert profiles.<profile>.pretrained into models/pretrained/<profile>; metrics/pretrained.json per model."""
     p = load_params()
     names = list(p.active.pretrained)
     summary = {}

@@ -14,7 +14,7 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class ModelLoadError(ValueError):
-    pass
+    """A checkpoint that cannot be loaded, in one line naming it and the fix."""
 
 
 # Licences a user must accept on the hub before a gated checkpoint downloads (per organisation).
@@ -90,6 +90,7 @@ def _resolve(source: str, revision: str | None) -> tuple[str, str | None, str | 
 
 
 def load_tokenizer(source: str, revision: str | None = None, *, trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint folder or hub id + revision, with its chat template and a pad token."""
     from transformers import AutoTokenizer
 
     from .prompts import set_chat_template
@@ -126,6 +127,7 @@ def load_model(source: str, revision: str | None = None, *, dtype: str = "float3
 
 
 def count_parameters(model) -> int:
+    """Parameters of `model` (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -277,6 +277,8 @@ class ProfileData(Strict):
 
 
 class Profile(Strict):
+    """What differs between the tiny, small and paper studies: models, sizes, recipe, generation and judge bounds."""
+
     # float16 is refused: the loops keep fp16 weights with no fp32 master copy or loss scaling, so AdamW's
     # eps (1e-8) rounds to 0 and every weight is NaN after one step. bfloat16 has float32's range.
     dtype: Literal["float32", "bfloat16"]

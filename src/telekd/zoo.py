@@ -45,6 +45,7 @@ def vocab_overlap(tok_a, tok_b) -> float:
 
 
 def make_config(family: str, arch, vocab_size: int, max_positions: int):
+    """A LlamaConfig, or a MistralConfig (family "mistral": sliding window = max_positions), of `arch`'s sizes."""
     from transformers import LlamaConfig, MistralConfig
 
     common = dict(
