@@ -23,7 +23,10 @@ def main() -> None:
 
             with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as work:
                 for name in names:
-                    summary[name] = gguf.convert(name, out / name, work)
+                    try:
+                        summary[name] = gguf.convert(name, out / name, work)
+                    except gguf.GGUFError as e:   # a missing package or a changed file: its one line, no traceback
+                        raise SystemExit(f"pretrained: {e}") from None
                     print(f"pretrained: {name}: {summary[name]['parameters']:,} parameters, vocabulary "
                           f"{summary[name]['vocab_size']}, {summary[name]['seconds']} s")
         write_json(out / "manifest.json", {"profile": p.profile, "models": sorted(summary)})
