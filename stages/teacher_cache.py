@@ -15,10 +15,12 @@ from telekd.params import load_params
 def main() -> None:
     """Write the three cache entries of one teacher checkpoint (--teacher, --teacher-sft)."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--teacher", required=True, choices=["llama", "mistral"])
+    ap.add_argument("--teacher", required=True, help="a teacher of grid.teachers, e.g. llama")
     ap.add_argument("--teacher-sft", required=True, choices=["base", "sft"])
     a = ap.parse_args()
     p = load_params()
+    if a.teacher not in p.grid.teachers:
+        raise SystemExit(f"teacher_cache: --teacher {a.teacher} is not in grid.teachers {p.grid.teachers}: pass one of them")
     from telekd.cache import ENTRIES, save_targets, teacher_pass
     from telekd.models import load_model
     from telekd.shard import device

@@ -27,8 +27,6 @@ DUPLICATE_RUN = 6  # identical non-blank lines (indentation, comments, imports a
 # duplicate checks only (cycles and upward imports are checked everywhere). The lead empties this set after merging;
 # test_in_flight_is_temporary fails as soon as an entry is gone or passes.
 IN_FLIGHT = {
-    "src/telekd/params.py": "h1kd: settings as values (docstrings)",
-    "stages/base_models.py": "h5small: docstring",
 }
 
 # Deliberate duplicates: (first path, second path in sorted order, the run's first line as the detector normalises

@@ -17,7 +17,7 @@ def _write(tmp_path, edit):
 
 def test_repository_params_are_valid():
     p = load_params(ROOT / "params.yaml")
-    assert p.profile == "tiny" and set(p.profiles) == {"tiny", "paper"}
+    assert p.profile == "tiny" and set(p.profiles) == {"tiny", "small", "paper"}
     paper = p.profiles["paper"].models
     assert paper["llama"].hub == "meta-llama/Llama-2-7b-hf" and len(paper["llama"].revision) == 40
     assert paper["student"].hub == "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"

@@ -230,6 +230,12 @@ def _byte_spans(tokenizer, ex, what: str) -> list[tuple[int, int, bytes]]:
     return spans
 
 
+def _answer(ex, tokenizer) -> str:
+    """The completion without the tokenizer's EOS text (SmolLM2 ends an answer with <|im_end|>, Gemma with <eos>)."""
+    eos = tokenizer.eos_token or ""
+    return ex.completion[: -len(eos)] if eos and ex.completion.endswith(eos) else ex.completion
+
+
 def aligned_positions(student_ex, teacher_ex, student_tok, teacher_tok) -> list[tuple[int, int]]:
     """Pairs (student logit position, teacher logit position) whose predicted tokens have the same bytes and prefix.
 
@@ -239,7 +245,7 @@ def aligned_positions(student_ex, teacher_ex, student_tok, teacher_tok) -> list[
     bytes before the completion: a token that starts in it pairs only behind a dummy prefix of the same length). Raises ValueError when the completions differ or a tokenizer cannot be read
     as bytes (see `token_kind`).
     """
-    if student_ex.completion != teacher_ex.completion:
+    if _answer(student_ex, student_tok) != _answer(teacher_ex, teacher_tok):   # each ends with its own EOS text
         raise ValueError(f"record {student_ex.id}: student and teacher completions differ; they must share the answer text")
     s_ids, t_ids = student_ex.input_ids[student_ex.prompt_len:], teacher_ex.input_ids[teacher_ex.prompt_len:]
     if student_tok is teacher_tok or (s_ids == t_ids and _digest(student_tok) == _digest(teacher_tok)):

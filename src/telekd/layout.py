@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PREPARED = "data/prepared"
+PRETRAINED = "models/pretrained"   # <profile>/<name>: converted GGUF models (stage pretrained)
 BASE = "models/base"
 SFT = "models/sft"
 KD = "models/kd"

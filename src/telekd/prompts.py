@@ -27,7 +27,16 @@ MISTRAL = (
     "{% elif m['role'] == 'user' %}{{ '[INST] ' + ns.sys + m['content'] + ' [/INST]' }}{% set ns.sys = '' %}"
     "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
 )
-CHAT_TEMPLATES = {"llama2": LLAMA2, "mistral": MISTRAL}
+# Gemma's turn format (no system role: the system text leads the first user turn, as Gemma 3's own template);
+# the base google/gemma-3-270m ships no template.
+GEMMA = (
+    "{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] + '\\n\\n' %}"
+    "{% elif m['role'] == 'user' %}{{ '<start_of_turn>user\\n' + ns.sys + m['content'] + '<end_of_turn>\\n"
+    "<start_of_turn>model\\n' }}{% set ns.sys = '' %}"
+    "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+CHAT_TEMPLATES = {"llama2": LLAMA2, "mistral": MISTRAL, "gemma": GEMMA}
 
 
 def set_chat_template(tokenizer, name: str) -> None:

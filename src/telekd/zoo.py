@@ -214,3 +214,106 @@ def point_to_hub(params, out_dir) -> dict:
                                    "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                                    "hub": src.hub, "revision": src.revision}
     return summary
+
+
+# --- The small profile: real pretrained models (converted by the pretrained stage) and a layer-pruned student ---
+
+def kept_layers(total: int, keep: int) -> list[int]:
+    """The `keep` of `total` decoder layers a pruned student keeps: evenly spaced, the first and the last included.
+
+    Index i of the student is round(i * (total - 1) / (keep - 1)) (halves up, exact integer arithmetic). Evenly
+    spaced layers initialise the student as DistilBERT's one layer in two (Sanh et al. 2019, section 3) and
+    keep the first layer (next to the embeddings) and the last (next to the tied output head).
+    Errors: ValueError unless 2 <= keep <= total.
+    """
+    if not 2 <= keep <= total:
+        raise ValueError(f"keep_layers {keep}: must be in [2, {total}] (the source model has {total} layers)")
+    return [(2 * i * (total - 1) + (keep - 1)) // (2 * (keep - 1)) for i in range(keep)]
+
+
+def prune_layers(model, keep: list[int]):
+    """A new causal LM holding copies of `model`'s decoder layers `keep` (in that order) and all its other weights.
+
+    `model` (a transformers decoder with `model.layers`, e.g. Llama) is not changed. Layer keep[j] becomes
+    layer j; the config's num_hidden_layers (and layer_types, where the architecture has them) follow.
+    Errors: ValueError on an index outside the model's layers or a repeated one.
+    """
+    import copy
+    import re
+
+    total = model.config.num_hidden_layers
+    if len(set(keep)) != len(keep) or not all(0 <= i < total for i in keep):
+        raise ValueError(f"layers {keep}: need distinct indices in [0, {total})")
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = len(keep)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [model.config.layer_types[i] for i in keep]
+    new_index = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        m = re.match(r"model\.layers\.(\d+)\.(.+)", name)
+        if m is None:
+            state[name] = tensor.clone()
+        elif int(m[1]) in new_index:
+            state[f"model.layers.{new_index[int(m[1])]}.{m[2]}"] = tensor.clone()
+    pruned = type(model)(cfg)
+    pruned.load_state_dict(state, strict=True)
+    return pruned.to(model.dtype).eval()
+
+
+def build_pretrained(params, pretrained_dir, out_dir, contexts: list[str]) -> dict:
+    """Small profile: every model of the profile into out_dir/<name> from the converted checkpoints; a summary.
+
+    A model with `keep_layers` is a layer-pruned copy (`kept_layers`, `prune_layers`) of its pretrained model,
+    retrained as a causal LM on `contexts` (the training split's) when it has `heal` (`pretrain`, with
+    base_models.threads torch threads and params.seed); the others are copied as they are. Each gets its chat
+    template (params: chat_template). Reads pretrained_dir/<pretrained name> (the pretrained stage's output);
+    ModelLoadError when one is missing.
+    """
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from .models import count_parameters, load_model, load_tokenizer
+    from .prompts import set_chat_template
+
+    torch.set_num_threads(params.base_models.threads)   # the healed weights depend on it (see _pretrain_role)
+    summary = {"models": {}}
+    for name, src in params.active.models.items():
+        source, dest = Path(pretrained_dir) / src.pretrained, Path(out_dir) / name
+        if src.keep_layers is None:
+            tok = load_tokenizer(str(source), trust_remote_code=params.models.trust_remote_code)
+            shutil.copytree(source, dest, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json",
+                                                                        "chat_template.jinja"))
+            model, keep = None, None
+        else:
+            model, tok = load_model(str(source), dtype="float32", trust_remote_code=params.models.trust_remote_code)
+            keep = kept_layers(model.config.num_hidden_layers, src.keep_layers)
+            model = prune_layers(model, keep)
+            heal = src.heal and pretrain(model, tok, contexts, src.heal.steps, src.heal.lr, src.heal.batch,
+                                         src.heal.seq_len, params.seed, desc=f"heal {name}")
+            model.save_pretrained(dest, safe_serialization=True)
+        set_chat_template(tok, src.chat_template)
+        tok.save_pretrained(dest)
+        summary["models"][name] = _checkpoint_summary(dest, tok, src.pretrained, keep,
+                                                      count_parameters(model) if model is not None else None)
+        if keep is not None and heal:
+            summary["models"][name].update(heal_loss_first=round(heal[0], 4), heal_loss_last=round(heal[-1], 4))
+    return summary
+
+
+def _checkpoint_summary(path, tok, pretrained: str, keep: list[int] | None, parameters: int | None) -> dict:
+    """Architecture, parameters (counted on the meta device unless given), layers and vocabulary of a checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    if parameters is None:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    out = {"architecture": cfg.architectures[0], "parameters": parameters, "vocab_size": len(tok),
+           "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers, "pretrained": pretrained}
+    if keep is not None:
+        out["kept_layers"] = keep
+    return out
