@@ -266,6 +266,7 @@ class Architecture(Strict):
         return self
 
 
+# Architecture and Train are bounded field lists of one shape: a deliberate duplicate (`duplicates` names the pair).
 class Train(Strict):
     """A profile's training recipe (SFT and KD): epochs, learning rate, batch, accumulation, LoRA r/alpha, lengths."""
     max_length: int = Field(ge=16)

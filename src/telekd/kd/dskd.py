@@ -66,6 +66,8 @@ class StudentSide:
     tgt_emb: Optional[Tensor] = None
 
 
+# StudentSide and TeacherSide list fields of the same shape on purpose: the two sides of one loss (deliberate
+# duplicate, the only pair `duplicates` reports in src/ and stages/).
 @dataclass(frozen=True)
 class TeacherSide:
     """The teacher's side: last hidden states [..., d_t], top-k log-probs and ids [..., k] at the training
