@@ -17,6 +17,7 @@ Writes bench/results/imports.json.
 
 import argparse
 import ast
+import importlib.util
 import os
 import resource
 import subprocess
@@ -29,27 +30,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _line(node, pkg: str | None) -> list[str]:
-    """Source lines of an import node (relative imports inside telekd made absolute)."""
+    """Source lines of an import node; a relative import inside telekd is made absolute against `pkg`, the package
+    of the importing module (telekd.kd for telekd/kd/run.py: `from .loop` is telekd.kd.loop, `from ..io` telekd.io)."""
     if isinstance(node, ast.Import):
         return [f"import {a.name}" for a in node.names]
     if node.module == "__future__":
         return []
-    mod = node.module if node.level == 0 else f"{pkg}{'.' + node.module if node.module else ''}"
+    mod = node.module if node.level == 0 else importlib.util.resolve_name("." * node.level + (node.module or ""), pkg)
     return [f"from {mod} import {', '.join(a.name for a in node.names)}"]
+
+
+def _source(name: str) -> Path | None:
+    """The file of telekd module or package `name` (src/telekd/kd.py or src/telekd/kd/__init__.py), None if none."""
+    base = ROOT / "src" / name.replace(".", "/")
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.exists()), None)
 
 
 class Module:
     """A telekd module's top-level imports and, per function, its imports and the names it uses."""
 
     def __init__(self, name: str):
-        tree = ast.parse((ROOT / "src" / (name.replace(".", "/") + ".py")).read_text())
-        self.top = [ln for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for ln in _line(n, "telekd")]
+        path = _source(name)
+        tree = ast.parse(path.read_text())
+        pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        self.top = [ln for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for ln in _line(n, pkg)]
         self.funcs = {}
         for n in tree.body:
             if isinstance(n, (ast.FunctionDef, ast.ClassDef)):
-                lines = [ln for x in ast.walk(n) if isinstance(x, (ast.Import, ast.ImportFrom)) for ln in _line(x, "telekd")]
+                lines = [ln for x in ast.walk(n) if isinstance(x, (ast.Import, ast.ImportFrom)) for ln in _line(x, pkg)]
                 names = {x.id for x in ast.walk(n) if isinstance(x, ast.Name)}
                 self.funcs[n.name] = (lines, names)
+        # names a package re-exports (`from .scoring import judge_rows` in telekd/judge/__init__.py): followed there
+        self.reexports = {a.asname or a.name: ln.split()[1] for n in tree.body if isinstance(n, ast.ImportFrom)
+                          for ln in _line(n, pkg) if ln.startswith("from telekd") for a in n.names}
 
 
 def work_imports(stage: Path) -> list[str]:
@@ -72,15 +85,17 @@ def work_imports(stage: Path) -> list[str]:
     seen, mods = set(), {}
     while todo:
         mod, fn = todo.pop()
-        if (mod, fn) in seen or not (ROOT / "src" / (mod.replace(".", "/") + ".py")).exists():
+        if (mod, fn) in seen or _source(mod) is None:
             continue
         seen.add((mod, fn))
         m = mods.setdefault(mod, Module(mod))
         lines += m.top
+        if fn in m.reexports and fn not in m.funcs:
+            todo.append((m.reexports[fn], fn))
         if fn in m.funcs:
             f_lines, names = m.funcs[fn]
             lines += f_lines
-            todo += [(mod, n) for n in names if n in m.funcs]
+            todo += [(mod, n) for n in names if n in m.funcs or n in m.reexports]
             for ln in f_lines:
                 if ln.startswith("from telekd."):
                     todo += [(ln.split()[1], x.strip()) for x in ln.split(" import ", 1)[1].split(",")]
@@ -114,7 +129,9 @@ def stage_counts() -> dict:
     scripts = {"generate_ref": ["generate"], "eval_ref": ["eval_ngram", "eval_embed", "eval_llm"]}  # dvc.yaml cmds
     counts: dict[str, int] = {}
     for name in out.stdout.split():
-        for script in scripts.get(name.split("@")[0], [name.split("@")[0]]):
+        stage, _, item = name.partition("@")
+        # kd@<teacher>-<sft>-<sft>-<alg>-<seed> runs stages/<alg>.py (dvc.yaml's cmd)
+        for script in [item.split("-")[-2]] if stage == "kd" else scripts.get(stage, [stage]):
             counts[script] = counts.get(script, 0) + 1
     return counts
 
