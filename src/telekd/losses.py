@@ -375,7 +375,7 @@ def divergence_topk(
     Lower bound (one vocabulary, targets from ``telekd.cache.topk_targets`` on the teacher's logits): both sides
     are the exact tempered distributions merged by the same map, and merging bins never increases an
     f-divergence (data-processing inequality), so for forward/reverse KL, JS, both skewed KLs and TVD
-    the value is at most the dense ``divergence(kind, student_logits, teacher_logits, mask, T)`` at every
+    the value is at most the dense ``divergence(div, student_logits, teacher_logits, mask)`` at every
     temperature, non-decreasing in ``k`` for nested top-k sets, and equal to it at ``k = V``. AKL's
     weights change with the binning: it has no such guarantee.
 
