@@ -3,7 +3,8 @@
 In src/ and stages/: no function over 80 lines and no module over 450 lines; no import cycle among the modules of
 src/telekd (module- and function-level imports alike); no upward import (the library never imports a stage, a
 stage never imports another stage, a module never imports a package above it that imports it back); every public
-module-level function and class has a docstring; no run of 6 or more identical lines stands twice.
+module-level function and class, and every public method of a public class, has a docstring; no run of 6 or
+more identical lines stands twice.
 """
 
 from __future__ import annotations
@@ -85,17 +86,35 @@ def test_no_module_over_450_lines():
 
 
 # ------------------------------------------------------------------------------------------------------ docstrings
+def public_definitions(tree: ast.Module):
+    """(name, node) of the public functions and classes of a module and the public methods of its public classes
+    (name not starting with _; a method as Class.method)."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            yield node.name, node
+            if isinstance(node, ast.ClassDef):
+                for m in node.body:
+                    if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("_"):
+                        yield f"{node.name}.{m.name}", m
+
+
+def test_public_definitions_include_methods():
+    tree = ast.parse("def f(): pass\nasync def g(): pass\nclass C:\n    def m(self): pass\n    async def a(self): pass\n"
+                     "    def _p(self): pass\n    def __init__(self): pass\nclass _D:\n    def m(self): pass\n")
+    assert [name for name, _ in public_definitions(tree)] == ["f", "g", "C", "C.m", "C.a"]
+
+
 def test_every_public_function_and_class_has_a_docstring():
-    """Module level, name not starting with _; the docstring gives shapes, units, errors and the maths' source."""
+    """Module level and public methods of public classes, name not starting with _; the docstring gives shapes, units,
+    errors and the maths' source."""
     bad = []
     for path, tree in trees().items():
         if not checked(path):
             continue
-        for node in tree.body:
-            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                    and not node.name.startswith("_") and not (ast.get_docstring(node) or "").strip()):
-                kind = "class" if isinstance(node, ast.ClassDef) else "function"
-                bad.append(f"{path}:{node.lineno} public {kind} {node.name} has no docstring: "
+        for name, node in public_definitions(tree):
+            if not (ast.get_docstring(node) or "").strip():
+                kind = "class" if isinstance(node, ast.ClassDef) else "method" if "." in name else "function"
+                bad.append(f"{path}:{node.lineno} public {kind} {name} has no docstring: "
                            f"add one (what it returns, shapes, units, errors, source of the maths)")
     assert not bad, "\n".join(bad)
 
@@ -347,8 +366,7 @@ def test_in_flight_is_temporary():
         tree, text = trees()[path], sources()[path]
         long_function = any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
                             and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES for n in ast.walk(tree))
-        undocumented = any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                           and not n.name.startswith("_") and not ast.get_docstring(n) for n in tree.body)
+        undocumented = any(not ast.get_docstring(n) for _, n in public_definitions(tree))
         duplicated = any(path in (r[0], r[3]) for r in runs)
         if not (long_function or undocumented or duplicated or len(text.splitlines()) > MAX_MODULE_LINES):
             bad.append(f"IN_FLIGHT names {path}, which now meets every bound: remove the entry")

@@ -46,12 +46,14 @@ class QARecord:
     is_impossible: bool
 
     def to_dict(self) -> dict:
+        """The record as JSON-ready fields (tuples as lists), as data/prepared/*.jsonl holds it."""
         d = asdict(self)
         d["answers"], d["answer_starts"] = list(self.answers), list(self.answer_starts)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> QARecord:
+        """The record from `to_dict`'s fields (a data/prepared/*.jsonl line)."""
         return cls(**{**d, "answers": tuple(d["answers"]), "answer_starts": tuple(d["answer_starts"])})
 
 

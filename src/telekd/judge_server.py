@@ -94,7 +94,8 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "telekd-judge/0.1"
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, fmt, *args):  # never logs headers; quiet unless --verbose
+    def log_message(self, fmt, *args):
+        """The request line only (never headers), and only with --verbose."""
         if self.server.verbose:
             super().log_message(fmt, *args)
 

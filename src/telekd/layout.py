@@ -47,13 +47,16 @@ class Cell:
 
     @property
     def name(self) -> str:
+        """The run's name: the cell's name with -s<seed> when the seed is set (llama-sft-base-dskd-s0)."""
         return self.study if self.seed is None else f"{self.study}-s{self.seed}"
 
     def run(self, seed: int) -> "Cell":
+        """The same cell at run `seed`."""
         return Cell(self.teacher, self.teacher_sft, self.student_sft, self.alg, seed)
 
     @classmethod
     def parse(cls, name: str) -> "Cell":
+        """The cell named teacher-teacher_sft-student_sft-alg[-s<seed>]; ValueError naming the form otherwise."""
         parts = name.split("-")
         seed = None
         if len(parts) == 5 and parts[4][:1] == "s" and parts[4][1:].isdigit():
@@ -65,12 +68,15 @@ class Cell:
 
     @property
     def teacher_dir(self) -> str:
+        """The teacher's checkpoint folder: models/<teacher_sft>/<teacher>."""
         return model_dir(self.teacher, self.teacher_sft)
 
     @property
     def student_init_dir(self) -> str:
+        """The student the distillation starts from: models/<student_sft>/student."""
         return model_dir("student", self.student_sft)
 
     @property
     def student_dir(self) -> str:
+        """The distilled student this run writes: models/kd/<run name>."""
         return f"{KD}/{self.name}"

@@ -72,6 +72,8 @@ class UnicodeTokenizer:
             self._stemmer = None
 
     def tokenize(self, text: str) -> list[str]:
+        """`text`'s ROUGE tokens: NFC, lower-cased words, numbers and symbols (punctuation separators dropped); with
+        the stemmer, ASCII words longer than 3 characters Porter-stemmed."""
         tokens = [t for t in _TOKEN.findall(nfc(text).lower()) if t not in _SEPARATORS]
         if self._stemmer is None:
             return tokens

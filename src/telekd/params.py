@@ -406,6 +406,7 @@ class Params(Strict):
 
     @property
     def active(self) -> Profile:
+        """The section of the profile in use: profiles[profile]."""
         return self.profiles[self.profile]
 
 
