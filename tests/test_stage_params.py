@@ -27,6 +27,8 @@ ACTIVE = "profiles.${profile}"
 # Reads that are not dependencies under dvc.yaml, each with the reason.
 NOT_UNDER_DVC = {
     ("kd", "seed"): "p.seed only when --cell has no -s<seed>; dvc.yaml always passes the seed",
+    ("teacher_cache", "grid.teachers"): "a guard on --teacher only; dvc.yaml's matrix passes a teacher of "
+                                        "grid.teachers (declared, adding a teacher would rebuild every cache)",
 }
 # Declared sections that are empty today (params.yaml `eval_ngram: {}`): a knob added there is read by the stage.
 EMPTY_SECTIONS = {"eval_ngram"}
