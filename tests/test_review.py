@@ -1,5 +1,5 @@
 """The pull-request review on a temporary git + DVC repository holding a fake reduced study in two commits
-(kd.temperature 2 -> 1; one conclusion changes; one cell leaves its bootstrap CI, another moves within it), and on a
+(vanilla.divergence.temperature 2 -> 1; one conclusion changes; one cell leaves its bootstrap CI, another moves within it), and on a
 commit against a `dvc exp` experiment. Checked against `dvc metrics diff --json` and metrics/stats.json of both sides."""
 
 import json
@@ -18,7 +18,7 @@ DVC_YAML = """stages:
   study:
     cmd: echo fake
     params:
-    - kd.temperature
+    - vanilla.divergence.temperature
     metrics:
     - metrics/stats.json:
         cache: false
@@ -35,7 +35,7 @@ def _stats(k_ht: int) -> dict:
 
 def _write_study(root: Path, temperature: float, moved: dict[tuple[str, str], float], k_ht: int) -> None:
     """Every score 0.5 with CI [0.45, 0.55], except `moved` {(run, metric): mean}."""
-    (root / "params.yaml").write_text(f"kd:\n  temperature: {temperature}\n")
+    (root / "params.yaml").write_text(f"vanilla:\n  divergence:\n    temperature: {temperature}\n")
     (root / "metrics").mkdir(exist_ok=True)
     (root / "metrics/stats.json").write_text(json.dumps(_stats(k_ht)))
     for run in (R1, R2):
@@ -95,7 +95,7 @@ def test_review_of_two_commits(repo, tmp_path):
     assert {"review_loss.png", "review_metrics.png"} <= {p.name for p in tmp_path.iterdir()}
     # params first
     assert md.index("**Params changed**") < md.index("**Conclusions**") < md.index("**Cells outside")
-    assert "| `kd.temperature` | 2.0 | 1.0 |" in md
+    assert "| `vanilla.divergence.temperature` | 2.0 | 1.0 |" in md
     # conclusions: exactly those whose k of m differ between the two metrics/stats.json
     before, after = _stats_at(repo, "HEAD~1"), _stats_at(repo, "HEAD")
     concl = conclusions(before, after)
@@ -141,7 +141,7 @@ def test_review_against_a_dvc_experiment(repo, tmp_path):
     _dvc(repo, "checkout", "-q")
     assert resolve(repo, "t1").sha != resolve(repo, "HEAD").sha
     md = review("HEAD", "t1", tmp_path / "review.md", root=repo)
-    assert "| `kd.temperature` | 1.0 | 0.5 |" in md
+    assert "| `vanilla.divergence.temperature` | 1.0 | 0.5 |" in md
     assert "| H_S | llama | vanilla | 1/14 | 2/14 |" in md and "| H_T |" not in md.split("<details>")[0]
     assert f"| {R2} | cosine | 0.5 | 0.3 | [0.45, 0.55] |" in md and f"| {R1} | bleu1" not in md
     with pytest.raises(ReviewError, match="neither a git revision nor a dvc experiment"):
