@@ -402,7 +402,7 @@ def test_topk_full_vocab_equals_dense(kind, temperature):
     dense = divergence(Divergence(kind, temperature), s, t, m).item()
     assert _cached(kind, s, t, 11, temperature, m).item() == pytest.approx(dense, abs=1e-5)
     # any id order works; at k = V topk_targets leaves nothing over (rest = -inf); a finite rest passed at k = V
-    # is kept (tests/test_break_topk.py), so only -inf or None give the dense value
+    # is kept (tests/test_topk_rest.py), so only -inf or None give the dense value
     lp, ids, rest = topk_targets(t, 11, temperature)
     assert torch.isneginf(rest).all()
     perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
