@@ -16,14 +16,19 @@ def main() -> None:
     g.add_argument("--cell", help="a study cell's run, e.g. llama-sft-base-dskd-s0")
     g.add_argument("--ref", help="a reference model without KD: role-stage, e.g. student-sft")
     a = ap.parse_args()
+    try:
+        cell = Cell.parse(a.cell) if a.cell else None
+    except ValueError as e:
+        ap.error(str(e))
+    if a.ref and len(a.ref.split("-")) != 2:
+        ap.error(f"--ref {a.ref!r} is not role-stage, e.g. student-sft")
     p = load_params()
     from telekd.examples import load_split
     from telekd.generation import generate_answers
     from telekd.models import load_model
 
     seed = p.seed
-    if a.cell:
-        cell = Cell.parse(a.cell)
+    if cell is not None:
         name, model_dir, seed = cell.name, cell.student_dir, p.seed if cell.seed is None else cell.seed
     else:
         role, stage = a.ref.split("-")

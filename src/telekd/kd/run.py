@@ -18,12 +18,15 @@ from ..layout import Cell
 
 
 def cell_arg(doc: str, alg: str) -> Cell:
-    """The --cell argument of an algorithm's stage (teacher-teacher_sft-student_sft-alg-s<seed>); SystemExit when
-    its algorithm is not `alg` (the stage script of another algorithm)."""
+    """The --cell argument of an algorithm's stage (teacher-teacher_sft-student_sft-alg-s<seed>); SystemExit, in one
+    line, when it is not of that form or its algorithm is not `alg` (the stage script of another algorithm)."""
     ap = argparse.ArgumentParser(description=doc)
     ap.add_argument("--cell", required=True, help=f"teacher-teacher_sft-student_sft-{alg}-s<seed>, e.g. llama-sft-base-"
                                                   f"{alg}-s0")
-    cell = Cell.parse(ap.parse_args().cell)
+    try:
+        cell = Cell.parse(ap.parse_args().cell)
+    except ValueError as e:
+        ap.error(str(e))
     if cell.alg != alg:
         raise SystemExit(f"--cell {cell.name}: algorithm {cell.alg}, but this is stages/{alg}.py: run "
                          f"stages/{cell.alg}.py")
