@@ -143,10 +143,8 @@ def run_sft(model, tokenizer, train_examples, val_examples, s: SFTSettings, out_
     import torch
 
     from .checkpoint import Interrupted, SigtermFlag, trainer_resume_point
-    from .shard import state
+    from .shard import check_processes, state
     from .tracking import trainer_callback
-
-    from .kd.loop import check_processes
 
     proc = state()
     check_processes(proc, s.grad_accum, s.batch_size, desc)

@@ -60,3 +60,21 @@ def map_sharded(fn: Callable[[list], list], items: list) -> list:
     from accelerate.utils import gather_object
 
     return gather_object(out)
+
+
+def check_processes(proc, grad_accum: int, batch_size: int, desc: str) -> None:
+    """Refuse, in one line, a launch the loops cannot serve: FSDP (not implemented: every process holds the
+    whole model, as data parallel) and a process count that does not divide grad_accum (the global batch
+    batch_size x grad_accum is split into whole micro-batches, grad_accum / N per process and step)."""
+    from accelerate.utils import DistributedType
+
+    if proc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise SystemExit(f"{desc}: {proc.distributed_type.value} is not supported (the sft and kd loops run data "
+                         "parallel, each process holding the whole model): launch with configs/accelerate/ddp.yaml "
+                         "or torchrun (docs/gpu.md)")
+    world = proc.num_processes
+    if grad_accum % world:
+        raise SystemExit(f"{desc}: {world} processes do not divide profiles.<profile>.train.grad_accum {grad_accum}: "
+                         f"the global batch {batch_size} x {grad_accum} is split into whole micro-batches of "
+                         f"{batch_size}, grad_accum / processes per process; launch a divisor of {grad_accum} processes "
+                         "(--num_processes / --nproc-per-node)")

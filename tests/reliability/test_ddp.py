@@ -218,7 +218,7 @@ class _Proc:
 @pytest.mark.parametrize("n, grad_accum", [(1, 1), (2, 2), (8, 8), (4, 8), (2, 8), (1, 8)])
 def test_any_process_count_that_divides_grad_accum_is_served(n, grad_accum):
     """The paper profile (batch 4 x accumulation 8) on 8, 4, 2 or 1 GPUs: the global batch stays 32."""
-    from telekd.kd.loop import check_processes
+    from telekd.shard import check_processes
 
     check_processes(_Proc("MULTI_GPU" if n > 1 else "NO", n), grad_accum, 4, "kd")
 
@@ -230,7 +230,7 @@ def test_any_process_count_that_divides_grad_accum_is_served(n, grad_accum):
     ("DEEPSPEED", 8, 8, "kd: DEEPSPEED is not supported"),
 ])
 def test_launches_the_loops_cannot_serve_are_refused_in_one_line(kind, n, grad_accum, line):
-    from telekd.kd.loop import check_processes
+    from telekd.shard import check_processes
 
     with pytest.raises(SystemExit) as e:
         check_processes(_Proc(kind, n), grad_accum, 4, "kd")

@@ -78,24 +78,6 @@ def answer_tokens(example) -> int:
     return sum(1 for t in example.labels[1:] if t != -100)
 
 
-def check_processes(proc, grad_accum: int, batch_size: int, desc: str) -> None:
-    """Refuse, in one line, a launch the loops cannot serve: FSDP (not implemented: every process holds the
-    whole model, as data parallel) and a process count that does not divide grad_accum (the global batch
-    batch_size x grad_accum is split into whole micro-batches, grad_accum / N per process and step)."""
-    from accelerate.utils import DistributedType
-
-    if proc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise SystemExit(f"{desc}: {proc.distributed_type.value} is not supported (the sft and kd loops run data "
-                         "parallel, each process holding the whole model): launch with configs/accelerate/ddp.yaml "
-                         "or torchrun (docs/gpu.md)")
-    world = proc.num_processes
-    if grad_accum % world:
-        raise SystemExit(f"{desc}: {world} processes do not divide profiles.<profile>.train.grad_accum {grad_accum}: "
-                         f"the global batch {batch_size} x {grad_accum} is split into whole micro-batches of "
-                         f"{batch_size}, grad_accum / processes per process; launch a divisor of {grad_accum} processes "
-                         "(--num_processes / --nproc-per-node)")
-
-
 @dataclass
 class _Run:
     """One run's mutable state: the models, the optimizer, the batch plan and the log so far."""
@@ -307,7 +289,7 @@ def train_kd(student, examples, s: KDConfig, pad_id: int, term, extra_modules=No
     """
     import torch
 
-    from ..shard import state
+    from ..shard import check_processes, state
 
     proc = state()
     dev = torch.device(device) if device is not None else proc.device
