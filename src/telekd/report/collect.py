@@ -217,13 +217,14 @@ def collect(metrics_dir: str | Path, cells: list[str], refs: list[str], profile:
     summ_runs = summaries(m, sc, run_names) if seeds and len(seeds) > 1 else None
     judged, failures = judge_counts(sc, run_names + refs)
     teachers = list(dict.fromkeys(parse(c)[0] for c in cells if parse(c)))
+    models = ref_models(refs)
     return Study(metrics_dir=m, scores_dir=sc, logs_dir=lg, profile=profile, data_source=data_source, settings=st,
-                 algs=algs, cells=cells, refs=refs, teachers=teachers, models=ref_models(refs),
+                 algs=algs, cells=cells, refs=refs, teachers=teachers, models=models,
                  vocab_match={t: vocab_match(m, t, run_names) for t in teachers}, seeds=seeds, runs=runs,
                  run_names=run_names,
                  prep=read_json(m / "prepare.json") or {}, base_models=read_json(m / "base_models.json") or {},
                  stat_rows=order_rows(stats_doc.get("rows", [])), alpha=stats_doc.get("alpha", st.get("alpha", 0.05)),
                  correction=stats_doc.get("correction", st.get("correction", "holm")),
                  alternative=stats_doc.get("alternative", st.get("alternative", "greater")), summ=summ,
-                 summ_runs=summ_runs, sft_rows=sft_rows(m, lg, ref_models(refs)), kd_rows=kd_rows(m, lg, run_names), judged=judged,
+                 summ_runs=summ_runs, sft_rows=sft_rows(m, lg, models), kd_rows=kd_rows(m, lg, run_names), judged=judged,
                  judge_failures=failures)

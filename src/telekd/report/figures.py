@@ -157,7 +157,8 @@ def fig_loss_sft(logs_dir: Path, metrics_dir: Path, models: list[str], path: Pat
     return True
 
 
-def fig_loss_kd(logs_dir: Path, cells: list[str], path: Path, vocab: dict[str, bool | None] | None = None) -> bool:
+def fig_loss_kd(logs_dir: Path, cells: list[str], path: Path,
+                vocab: dict[str, bool | None] | None = None) -> bool:
     """KD loss curves: columns teacher × algorithm (titled with the teacher's recorded vocabulary match, `vocab`),
     rows total loss and its CE term, one line per SFT setting (DVCLive histories logs/kd/<cell>/plots/metrics/train/*.tsv)."""
     from ..tracking import read_rows
@@ -284,7 +285,8 @@ def draw(s: Study, figures_dir: Path | None, link: str) -> dict[str, str]:
         fig(f"scores_{fam}", lambda p, fam=fam: fig_family(s.summ, s.refs + s.cells, fam, s.algs, p, s.vocab_match))
     lg = s.logs_dir
     if lg is not None:
-        fig("loss_sft", lambda p: fig_loss_sft(lg, s.metrics_dir, [r for r in s.models if (lg / "sft" / r).exists()], p))
+        sft_models = [r for r in s.models if (lg / "sft" / r).exists()]
+        fig("loss_sft", lambda p: fig_loss_sft(lg, s.metrics_dir, sft_models, p))
         fig("loss_kd", lambda p: fig_loss_kd(lg, s.run_names, p, s.vocab_match))
     fig("significance", lambda p: fig_significance(s.stat_rows, s.alpha, s.correction, p))
     return figs
