@@ -239,6 +239,7 @@ def test_small_profile_report_names_its_teachers(small_study):
         "| model", "| smollm2", "| gemma3", "| student"]  # sft.models, in order
     assert "| gemma3-base-base-dskd-s1 | dskd | no |" in md and "| smollm2-base-base-dskd-s1 | dskd | yes |" in md
     assert "Profile **small**" in md and "judge model `models/base/smollm2`" in md
+    assert "the judge checks the plumbing, not answer quality; the 11 other metrics carry the study." in md
 
 
 def _capture(monkeypatch):

@@ -46,7 +46,11 @@ def header(s: Study) -> str:
         f"{_judge_caps(st)}, {s.judged} samples judged over all runs. "
         + ("**With the tiny profile the judge is a tiny model built here: it checks the plumbing, not answer "
            "quality.** Read its scores (if any) as a smoke test, never as a measure of the answers. "
-           if s.profile == "tiny" else "")
+           if s.profile == "tiny" else
+           "**With the small profile's local judge (a model small enough for a CPU; no capable judge ships in a package) "
+           f"the judge checks the plumbing, not answer quality; the {len(METRICS) - len(LLM_METRICS)} other metrics "
+           "carry the study.** "
+           if s.profile == "small" and judge_backend == "local" else "")
         + ("" if any_llm else f"No LLM-judged score was produced ({s.judge_failures} of {s.judged} samples failed), so the "
            "three LLM metrics are empty and left out of the tests (m < 14 below)."), "",
     ]
