@@ -28,21 +28,32 @@ def write(path, obj):
     path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
 
 
-def make_study(root):
-    """What the pipeline leaves behind for the stats and report stages (numbers only)."""
+TINY_BASE_MODELS = {"vocab_overlap_llama_mistral": 0.9, "models": {
+    r: {"architecture": a, "parameters": p, "vocab_size": 400, "tokenizer": r if r != "student" else "llama",
+        "hidden_size": h, "layers": 2} for r, a, p, h in (("llama", "LlamaForCausalLM", 50_000, 48),
+                                                            ("student", "LlamaForCausalLM", 20_000, 32))}}
+
+
+def make_study(root, teachers=("llama",), vocab=None, models=("student",), base_models=None):
+    """What the pipeline leaves behind for the stats and report stages (numbers only): the cells of `teachers`
+    (teacher SFT base/sft, student SFT base, vanilla and dskd, seeds SEEDS), the reference rows and SFT runs of
+    `models`; `vocab`: teacher -> its recorded vocab_match (default: each teacher shares the student's), written to
+    metrics/kd/<run>.json and metrics/teacher_cache/<teacher>-base.json."""
     rng = np.random.default_rng(0)
+    vocab = vocab or {t: True for t in teachers}
+    runs = [f"{t}-{ts}-base-{a}-s{s}" for t in teachers for ts in ("base", "sft") for a in ("vanilla", "dskd") for s in SEEDS]
+    refs = [f"ref-{m}-{x}" for m in models for x in ("base", "sft")]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["grid"] = {"teachers": ["llama"], "teacher_sft": ["base", "sft"], "student_sft": ["base"], "seeds": SEEDS}
-    params["sft"]["models"] = ["student"]
+    params["grid"] = {"teachers": list(teachers), "teacher_sft": ["base", "sft"], "student_sft": ["base"], "seeds": SEEDS}
+    params["sft"]["models"] = list(models)
     params["stats"]["bootstrap_resamples"] = 200
     write(root / "params.yaml", yaml.safe_dump(params, sort_keys=False))
     write(root / "metrics/prepare.json", {"questions": {"train": 40, "validation": 6, "test": N},
                                           "groups": {"train": 3, "validation": 1, "test": 1}, "skipped": 1, "warnings": 0})
-    write(root / "metrics/base_models.json", {"vocab_overlap_llama_mistral": 0.9, "models": {
-        r: {"architecture": a, "parameters": p, "vocab_size": 400, "tokenizer": r if r != "student" else "llama",
-            "hidden_size": h, "layers": 2} for r, a, p, h in (("llama", "LlamaForCausalLM", 50_000, 48),
-                                                                ("student", "LlamaForCausalLM", 20_000, 32))}})
-    for name in RUNS + REFS:
+    write(root / "metrics/base_models.json", base_models or TINY_BASE_MODELS)
+    for t in teachers:
+        write(root / f"metrics/teacher_cache/{t}-base.json", {"vocab_match": vocab[t], "teacher_forward_examples": 40})
+    for name in runs + refs:
         shift = 0.25 * ("sft-base" in name)
         for fam, metrics in FAMS.items():
             rows = []
@@ -65,26 +76,26 @@ def make_study(root):
     def history(path, name, rows):  # a DVCLive metric history (telekd.tracking)
         write(path, f"step\t{name}\n" + "".join(f"{s}\t{v}\n" for s, v in rows))
 
-    for c in RUNS:
-        write(root / f"metrics/kd/{c}.json", {"algorithm": c.split("-")[3], "vocab_match": True, "val_ce_before": 6.0,
-                                             "val_ce_after": 5.5, "aligned_fraction": 1.0, "mapped_mass": 1.0})
+    for c in runs:
+        write(root / f"metrics/kd/{c}.json", {"algorithm": c.split("-")[3], "vocab_match": vocab[c.split("-")[0]],
+                                             "val_ce_before": 6.0, "val_ce_after": 5.5, "aligned_fraction": 1.0,
+                                             "mapped_mass": 1.0})
         write(root / f"logs/timing/kd/{c}.json", {"tokens_per_s": 12345.6, "wall_s": 1.0})
-        off = 0.3 * RUNS.index(c)
+        off = 0.3 * runs.index(c)
         d = root / f"logs/kd/{c}/plots/metrics/train"
         history(d / "loss.tsv", "loss", [(s, 3 + off - s / 10) for s in range(1, 13)])
         history(d / "ce.tsv", "ce", [(s, 4 - off - s / 9) for s in range(1, 13)])
         history(d / "kd.tsv", "kd", [(s, 2.0) for s in range(1, 13)])
-    write(root / "metrics/sft/student.json", {"steps": 12, "train_loss_first": 4.0, "train_loss_last": 3.0,
-                                              "eval_loss_initial": 6.8, "eval_loss_best": 5.9, "best_step": 10})
-    write(root / "logs/timing/sft/student.json", {"tokens_per_s": 9000.0, "wall_s": 1.0})
-    history(root / "logs/sft/student/plots/metrics/train/loss.tsv", "loss", [(s, 4 - s / 12) for s in range(1, 13)])
-    history(root / "logs/sft/student/plots/metrics/eval/loss.tsv", "loss", [(5, 6.0), (10, 5.9)])
+    for m in models:
+        write(root / f"metrics/sft/{m}.json", {"steps": 12, "train_loss_first": 4.0, "train_loss_last": 3.0,
+                                               "eval_loss_initial": 6.8, "eval_loss_best": 5.9, "best_step": 10})
+        write(root / f"logs/timing/sft/{m}.json", {"tokens_per_s": 9000.0, "wall_s": 1.0})
+        history(root / f"logs/sft/{m}/plots/metrics/train/loss.tsv", "loss", [(s, 4 - s / 12) for s in range(1, 13)])
+        history(root / f"logs/sft/{m}/plots/metrics/eval/loss.tsv", "loss", [(5, 6.0), (10, 5.9)])
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    make_study(root)
+def run_stages(root):
+    """Run the stats and report stages in `root` (as dvc repro would)."""
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     try:
@@ -92,6 +103,13 @@ def study(tmp_path_factory):
         runpy.run_path(str(ROOT / "stages/report.py"), run_name="__main__")
     finally:
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    make_study(root)
+    run_stages(root)
     return root
 
 
@@ -180,6 +198,101 @@ def test_scores_json_feeds_dvc_plots(study):
 
 
 # -----------------------------------------------------------------------------
+# the small profile's teachers (issue 15): other names, the different-vocabulary teacher first in the grid
+
+SMALL_BASE_MODELS = {"models": {  # as telekd.zoo.build_pretrained writes it: no overlap, the pretrained checkpoint
+    "smollm2": {"architecture": "LlamaForCausalLM", "parameters": 134515008, "vocab_size": 49152, "hidden_size": 576,
+                "layers": 30, "pretrained": "smollm2-135m-instruct"},
+    "gemma3": {"architecture": "Gemma3ForCausalLM", "parameters": 268098176, "vocab_size": 262144, "hidden_size": 640,
+               "layers": 18, "pretrained": "gemma-3-270m"},
+    "student": {"architecture": "LlamaForCausalLM", "parameters": 51482304, "vocab_size": 49152, "hidden_size": 576,
+                "layers": 8, "pretrained": "smollm2-135m-instruct", "kept_layers": [0, 4, 8, 12, 17, 21, 25, 29]}}}
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    make_study(root, teachers=("gemma3", "smollm2"), vocab={"gemma3": False, "smollm2": True},
+               models=("smollm2", "gemma3", "student"), base_models=SMALL_BASE_MODELS)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profile"] = "small"
+    write(root / "params.yaml", yaml.safe_dump(params, sort_keys=False))
+    run_stages(root)
+    return root
+
+
+def test_small_profile_report_names_its_teachers(small_study):
+    """Every place the tiny report names llama/mistral names the small profile's teachers by their recorded
+    vocabulary match, never by name or grid position."""
+    md = (small_study / "report/README.md").read_text()
+    assert "llama" not in md.replace("LlamaForCausalLM", "") and "mistral" not in md.lower()
+    assert re.search(r"\(Llama-2 teacher\) \| H_T, smollm2 \| vanilla: \d+/11; dskd: \d+/11 \|", md)
+    assert re.search(r"\| … \(for contrast: the different-vocabulary teacher\) \| H_T, gemma3 \| vanilla: \d+/11; "
+                     r"dskd: \d+/11 \|", md)
+    assert re.search(r"\| H_Alg \(dskd vs vanilla\), gemma3, T_base,S_base \| T_base,S_base: \d+/11 \|", md)
+    assert "| H_B, both teachers | gemma3: not in this run's grid; smollm2: not in this run's grid |" in md
+    assert ("Vocabularies: the student shares the smollm2 teacher's tokenizer; the gemma3 teacher's vocabulary "
+            "differs (262,144 tokens against 49,152)") in md
+    assert "| student | LlamaForCausalLM | 51,482,304 | 49152 | smollm2-135m-instruct | 576 | 8 |" in md
+    sft = md.split("## Supervised fine-tuning")[1].split("##")[0]
+    assert [line.split(" | ")[0] for line in sft.split("\n") if line[:2] == "| "] == [
+        "| model", "| smollm2", "| gemma3", "| student"]  # sft.models, in order
+    assert "| gemma3-base-base-dskd-s1 | dskd | no |" in md and "| smollm2-base-base-dskd-s1 | dskd | yes |" in md
+    assert "Profile **small**" in md and "judge model `models/base/smollm2`" in md
+    assert "the judge checks the plumbing, not answer quality; the 11 other metrics carry the study." in md
+
+
+def _capture(monkeypatch):
+    """Keep the figures `telekd.report.figures` draws (instead of writing them) and return the list they go to."""
+    from telekd.report import figures
+
+    kept = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig))
+    return kept
+
+
+def test_figures_colour_by_position_and_label_by_recorded_vocabulary(small_study, monkeypatch):
+    from matplotlib.colors import to_hex
+
+    from telekd.report import figures
+    from telekd.report.collect import collect
+
+    kept = _capture(monkeypatch)
+    runs = [c for c in json.loads((small_study / "report/scores.json").read_text())]
+    cells = [r["name"] for r in runs if not r["name"].startswith("ref-")]
+    s = collect(small_study / "metrics", cells, [r["name"] for r in runs if r["name"].startswith("ref-")], "small",
+                "d", scores_dir=small_study / "scores", logs_dir=small_study / "logs", seeds=SEEDS)
+    assert s.teachers == ["gemma3", "smollm2"] and s.vocab_match == {"gemma3": False, "smollm2": True}
+    assert s.models == ["smollm2", "gemma3", "student"]
+    figs = figures.draw(s, small_study / "unused", "f")
+    assert list(figs) == ["scores_ngram", "scores_embed", "loss_sft", "loss_kd"]
+    ngram, _, sft, kd = kept
+    assert [t.get_text() for t in ngram.legends[0].get_texts()][:2] == [
+        "teacher gemma3 (different vocabulary)", "teacher smollm2 (same vocabulary)"]
+    ax = ngram.axes[0]
+    colours = {to_hex(b.get_facecolor()) for b in ax.patches[6:6 + 4]}  # after 6 reference rows: gemma3's 4 cells
+    assert colours == {figures.TEACHER_COLOURS[0]}  # the grid's first teacher, whatever its name
+    assert {to_hex(b.get_facecolor()) for b in ax.patches[10:14]} == {figures.TEACHER_COLOURS[1]}  # smollm2's
+    assert [a.get_title() for a in sft.axes] == ["SFT of smollm2", "SFT of gemma3", "SFT of student"]
+    titles = [a.get_title() for a in kd.axes if a.get_title()]
+    assert titles == ["vanilla KD, teacher gemma3\n(different vocabulary)", "dskd KD, teacher gemma3\n(different vocabulary)",
+                      "vanilla KD, teacher smollm2\n(same vocabulary)", "dskd KD, teacher smollm2\n(same vocabulary)"]
+
+
+def test_vocab_match_is_read_from_the_teacher_cache_then_the_kd_runs(tmp_path):
+    from telekd.report.collect import ref_models, vocab_match
+
+    m = tmp_path / "metrics"
+    assert vocab_match(m, "gemma3", ["gemma3-base-base-dskd-s0"]) is None  # nothing recorded yet
+    write(m / "kd/gemma3-base-base-dskd-s0.json", {"vocab_match": False})
+    assert vocab_match(m, "gemma3", ["gemma3-base-base-dskd-s0"]) is False
+    assert vocab_match(m, "smollm2", ["gemma3-base-base-dskd-s0"]) is None  # another teacher's run says nothing
+    write(m / "teacher_cache/gemma3-sft.json", {"vocab_match": True})
+    assert vocab_match(m, "gemma3", ["gemma3-base-base-dskd-s0"]) is True  # the teacher cache first
+    assert ref_models(["ref-smollm2-base", "ref-smollm2-sft", "ref-student-base"]) == ["smollm2", "student"]
+
+
+# -----------------------------------------------------------------------------
 # one section at a time, from a Study built by hand (telekd.report.sections; right values stated below)
 
 def _study(**over):
@@ -189,7 +302,8 @@ def _study(**over):
 
     summ = {n: {m: {"mean": None} for m in NGRAM_METRICS + EMBED_METRICS + LLM_METRICS} for n in ("a", "b")}
     base = dict(metrics_dir=Path("m"), scores_dir=None, logs_dir=None, profile="paper", data_source="d.json",
-                settings={}, algs=["vanilla", "dskd"], cells=[], refs=[], seeds=None, runs={}, run_names=[], prep={},
+                settings={}, algs=["vanilla", "dskd"], cells=[], refs=[], teachers=[], models=[], vocab_match={},
+                seeds=None, runs={}, run_names=[], prep={},
                 base_models={}, stat_rows=[], alpha=0.05, correction="holm", alternative="greater", summ=summ,
                 summ_runs=None, sft_rows=[], kd_rows=[], judged=0, judge_failures=0)
     return Study(**{**base, **over})
@@ -239,15 +353,45 @@ def test_conclusions_count_k_of_m_and_name_the_best_cell():
     for m in LLM_METRICS:
         summ["llama-sft-sft-vanilla"][m] = summ["llama-base-base-vanilla"][m] = {"mean": None}
     rows = [_row("bleu1", 0.01, True, 0.5, 10), _row("bleu2", 0.3, False, 0.1, 10), _row("faithfulness", None, False, None, 0)]
-    md = sections.conclusions(_study(cells=list(summ), summ=summ, stat_rows=rows))
-    assert "| … (for contrast: the different-vocabulary teacher) | H_T, mistral | not in this run's grid |" in md
+    md = sections.conclusions(_study(cells=list(summ), summ=summ, stat_rows=rows, teachers=["llama"],
+                                     vocab_match={"llama": True}))
+    assert ("| … (for contrast: the different-vocabulary teacher) | H_T, different-vocabulary teacher | "
+            "not in this run's grid |") in md
     assert "| Teacher SFT helps when teacher and student share the vocabulary (Llama-2 teacher) | H_T, llama | vanilla: 1/2 |" in md
     assert "a T_sft,S_sft cell is best on 11 of 11 metrics" in md
     assert "| BLEU-1 | `llama-sft-sft-vanilla` | T_sft,S_sft | 0.200 |" in md
-    assert "| H_Alg (dskd vs vanilla), mistral, T_base,S_base | not in this run's grid |" in md
+    assert "| H_Alg (dskd vs vanilla), different-vocabulary teacher, T_base,S_base | not in this run's grid |" in md
+    assert "| H_B, each teacher | llama: not in this run's grid |" in md
     one = sections.conclusions(_study(algs=["vanilla"]))
-    assert "H_Alg (needs two algorithms), mistral, T_base,S_base | not in this run (one algorithm) |" in one
+    assert ("H_Alg (needs two algorithms), different-vocabulary teacher, T_base,S_base | not in this run (one "
+            "algorithm) |") in one
+    assert "| H_B, each teacher | not in this run's grid |" in one
     assert "No scores yet." in one
+
+
+def test_conclusions_pick_teachers_by_recorded_vocabulary_not_by_name():
+    """Whatever the names and the grid order, H_T of the same-vocabulary teacher is the paper's first row and the
+    different-vocabulary teacher carries H_T's contrast and H_Alg; H_B lists every teacher in grid order."""
+    from telekd.report import sections
+
+    rows = [_row("bleu1", 0.01, True, 0.5, 10, teacher="smollm2"), _row("bleu1", 0.5, False, 0.1, 10, teacher="gemma3"),
+            _row("bleu1", 0.5, False, 0.1, 10, hyp="H_Alg", teacher="gemma3", setting="T_base,S_base"),
+            _row("bleu1", 0.01, True, 0.5, 10, hyp="H_B", teacher="gemma3"),
+            _row("bleu1", 0.5, False, 0.1, 10, hyp="H_B", teacher="smollm2")]
+    md = sections.conclusions(_study(stat_rows=rows, teachers=["gemma3", "smollm2"],
+                                     vocab_match={"gemma3": False, "smollm2": True}))
+    assert "(Llama-2 teacher) | H_T, smollm2 | vanilla: 1/1 |" in md
+    assert "| … (for contrast: the different-vocabulary teacher) | H_T, gemma3 | vanilla: 0/1 |" in md
+    assert "| H_Alg (dskd vs vanilla), gemma3, T_base,S_base | T_base,S_base: 0/1 |" in md
+    assert "| H_B, both teachers | gemma3: vanilla: 1/1; smollm2: vanilla: 0/1 |" in md
+    swapped = sections.conclusions(_study(stat_rows=rows, teachers=["gemma3", "smollm2"],
+                                          vocab_match={"gemma3": True, "smollm2": False}))
+    assert "(Llama-2 teacher) | H_T, gemma3 | vanilla: 0/1 |" in swapped
+    assert "| H_Alg (dskd vs vanilla), smollm2, T_base,S_base | not in this run's grid |" in swapped
+    unknown = sections.conclusions(_study(stat_rows=rows, teachers=["gemma3", "smollm2"],
+                                          vocab_match={"gemma3": None, "smollm2": True}))
+    assert ("| H_T, different-vocabulary teacher | not recorded which teacher shares the student's vocabulary "
+            "(metrics/teacher_cache/, metrics/kd/) |") in unknown
 
 
 def test_data_section_states_counts_and_split():
@@ -265,11 +409,33 @@ def test_data_section_states_counts_and_split():
 def test_models_section():
     from telekd.report import sections
 
+    tiny = dict(teachers=["llama", "mistral"], vocab_match={"llama": True, "mistral": False})
     md = sections.models(_study(base_models={"vocab_overlap_llama_mistral": 0.5, "models": {"llama": {
-        "architecture": "LlamaForCausalLM", "parameters": 1234567, "vocab_size": 400, "hidden_size": 48, "layers": 2}}}))
+        "architecture": "LlamaForCausalLM", "parameters": 1234567, "vocab_size": 400, "hidden_size": 48, "layers": 2}}},
+        **tiny))
     assert "| llama | LlamaForCausalLM | 1,234,567 | 400 | – | 48 | 2 |" in md
-    assert "shares 50.0% of its token strings with llama's" in md
+    assert ("Vocabularies: the student shares the llama teacher's tokenizer; the mistral teacher's vocabulary shares "
+            "50.0% of its token strings with llama's (other merges), so KD with it needs alignment (vanilla) or "
+            "cross-model attention (DSKD).") in md
     assert "Vocabularies" not in sections.models(_study())
+    assert "Vocabularies" not in sections.models(_study(teachers=["llama"], vocab_match={"llama": True}))
+
+
+def test_models_section_small_profile():
+    """The small profile's base_models.json (telekd.zoo.build_pretrained) records no overlap and the pretrained
+    checkpoint instead of a tokenizer name: the sentence states the vocabulary sizes, the table the checkpoint."""
+    from telekd.report import sections
+
+    bm = {"models": {"smollm2": {"architecture": "LlamaForCausalLM", "parameters": 134515008, "vocab_size": 49152,
+                                 "hidden_size": 576, "layers": 30, "pretrained": "smollm2-135m-instruct"},
+                     "gemma3": {"architecture": "Gemma3ForCausalLM", "parameters": 268098176, "vocab_size": 262144,
+                                "hidden_size": 640, "layers": 18, "pretrained": "gemma-3-270m"}}}
+    md = sections.models(_study(base_models=bm, teachers=["smollm2", "gemma3"],
+                                vocab_match={"smollm2": True, "gemma3": False}))
+    assert "| gemma3 | Gemma3ForCausalLM | 268,098,176 | 262144 | gemma-3-270m | 640 | 18 |" in md
+    assert ("Vocabularies: the student shares the smollm2 teacher's tokenizer; the gemma3 teacher's vocabulary "
+            "differs (262,144 tokens against 49,152), so KD with it needs alignment (vanilla) or cross-model "
+            "attention (DSKD).") in md
 
 
 def test_sft_section_is_empty_without_runs_or_curves():

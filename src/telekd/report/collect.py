@@ -105,11 +105,34 @@ def k_of_m(summary: dict, h: str, teacher: str, setting_: str) -> str | None:
     return None if s is None else f"{s['k']}/{s['m']}"
 
 
-def sft_rows(metrics_dir: Path, logs_dir: Path | None) -> list[list]:
-    """Rows [model, steps, train loss first/last, val loss before/best, best step, tokens/s] of the SFT runs
-    (metrics/sft/<model>.json; tokens/s from logs/timing/sft/, apart from the tracked metrics)."""
+def ref_models(refs: list[str]) -> list[str]:
+    """The models of the reference rows `ref-<model>-<sft>`, in order, once each (the stage's sft.models)."""
+    return list(dict.fromkeys(r[len("ref-"):].rsplit("-", 1)[0] for r in refs if r.startswith("ref-")))
+
+
+def vocab_match(metrics_dir: Path, teacher: str, run_names: list[str]) -> bool | None:
+    """Whether `teacher` has the student's vocabulary, as recorded by the pipeline (telekd.align.same_vocab):
+    the field `vocab_match` of metrics/teacher_cache/<teacher>-{base,sft}.json, else of the first of the teacher's
+    runs in metrics/kd/<run>.json; None when none of them records it (a study not yet run)."""
+    docs = [metrics_dir / "teacher_cache" / f"{teacher}-{ts}.json" for ts in ("base", "sft")]
+    docs += [metrics_dir / "kd" / f"{r}.json" for r in run_names if parse(r) and parse(r)[0] == teacher]
+    for d in docs:
+        v = (read_json(d) or {}).get("vocab_match")
+        if isinstance(v, bool):
+            return v
+    return None
+
+
+def vocab_label(match: bool | None) -> str:
+    """How the report names a teacher's recorded vocabulary match (`vocab_match`)."""
+    return {True: "same vocabulary", False: "different vocabulary"}.get(match, "vocabulary not recorded")
+
+
+def sft_rows(metrics_dir: Path, logs_dir: Path | None, models: list[str]) -> list[list]:
+    """Rows [model, steps, train loss first/last, val loss before/best, best step, tokens/s] of the SFT runs of
+    `models` that have one (metrics/sft/<model>.json; tokens/s from logs/timing/sft/, apart from the tracked metrics)."""
     rows = []
-    for r in ("llama", "mistral", "student"):
+    for r in models:
         s = read_json(metrics_dir / "sft" / f"{r}.json")
         if s:
             s = {**s, **((read_json(logs_dir / "timing" / "sft" / f"{r}.json") if logs_dir else None) or {})}
@@ -139,7 +162,10 @@ def judge_counts(scores_dir: Path | None, names: list[str]) -> tuple[int, int]:
 @dataclass
 class Study:
     """Everything the report states, read once: paths, the run's settings, data and model facts, the stats
-    rows (ordered by `order_rows`) with their test settings, and the score summaries (`summaries`)."""
+    rows (ordered by `order_rows`) with their test settings, and the score summaries (`summaries`).
+
+    `teachers`: the cells' teachers in grid order; `models`: the reference rows' models (sft.models);
+    `vocab_match`: teacher -> whether it has the student's vocabulary (`vocab_match`; None: not recorded)."""
 
     metrics_dir: Path
     scores_dir: Path | None
@@ -150,6 +176,9 @@ class Study:
     algs: list[str]
     cells: list[str]
     refs: list[str]
+    teachers: list[str]
+    models: list[str]
+    vocab_match: dict[str, bool | None]
     seeds: list[int] | None
     runs: dict[str, list[str]]
     run_names: list[str]
@@ -165,6 +194,10 @@ class Study:
     kd_rows: list[list]
     judged: int
     judge_failures: int
+
+    def vocab_teacher(self, same: bool) -> str | None:
+        """The first teacher (grid order) whose recorded vocabulary match is `same`; None when there is none."""
+        return next((t for t in self.teachers if self.vocab_match.get(t) is same), None)
 
 
 def collect(metrics_dir: str | Path, cells: list[str], refs: list[str], profile: str, data_source: str, *,
@@ -183,11 +216,15 @@ def collect(metrics_dir: str | Path, cells: list[str], refs: list[str], profile:
     summ = summaries(m, sc, cells + refs, runs, resamples=st.get("resamples", 2000), seed=st.get("seed", 0))
     summ_runs = summaries(m, sc, run_names) if seeds and len(seeds) > 1 else None
     judged, failures = judge_counts(sc, run_names + refs)
+    teachers = list(dict.fromkeys(parse(c)[0] for c in cells if parse(c)))
+    models = ref_models(refs)
     return Study(metrics_dir=m, scores_dir=sc, logs_dir=lg, profile=profile, data_source=data_source, settings=st,
-                 algs=algs, cells=cells, refs=refs, seeds=seeds, runs=runs, run_names=run_names,
+                 algs=algs, cells=cells, refs=refs, teachers=teachers, models=models,
+                 vocab_match={t: vocab_match(m, t, run_names) for t in teachers}, seeds=seeds, runs=runs,
+                 run_names=run_names,
                  prep=read_json(m / "prepare.json") or {}, base_models=read_json(m / "base_models.json") or {},
                  stat_rows=order_rows(stats_doc.get("rows", [])), alpha=stats_doc.get("alpha", st.get("alpha", 0.05)),
                  correction=stats_doc.get("correction", st.get("correction", "holm")),
                  alternative=stats_doc.get("alternative", st.get("alternative", "greater")), summ=summ,
-                 summ_runs=summ_runs, sft_rows=sft_rows(m, lg), kd_rows=kd_rows(m, lg, run_names), judged=judged,
+                 summ_runs=summ_runs, sft_rows=sft_rows(m, lg, models), kd_rows=kd_rows(m, lg, run_names), judged=judged,
                  judge_failures=failures)

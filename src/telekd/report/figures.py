@@ -11,9 +11,10 @@ import math
 from pathlib import Path
 
 from ..metric_names import EMBED_METRICS, FAMILIES, FAMILY_TITLE, METRIC_LABEL, METRICS, NGRAM_METRICS
-from .collect import Study, is_num, parse, read_json, setting
+from .collect import Study, is_num, parse, read_json, setting, vocab_label
 
-TEACHER_COLOUR = {"llama": "#1f77b4", "mistral": "#d95f02", "student": "#7f7f7f"}
+TEACHER_COLOURS = ("#1f77b4", "#d95f02", "#1b9e77", "#7570b3")  # the grid's first, second, ... teacher
+OTHER_COLOUR = "#7f7f7f"   # a teacher beyond the palette
 SETTING_COLOUR = {"T_base,S_base": "#7f7f7f", "T_sft,S_base": "#1b9e77", "T_base,S_sft": "#7570b3",
                   "T_sft,S_sft": "#e7298a"}
 
@@ -50,8 +51,15 @@ def _smooth(y: list[float], w: int) -> list[float]:
     return out
 
 
-def fig_family(summ: dict, names: list[str], fam: str, algs: list[str], path: Path) -> bool:
-    """Horizontal bars (mean, 95% CI) of each metric of `fam` across cells and reference rows."""
+def teacher_colours(teachers: list[str]) -> dict[str, str]:
+    """teacher -> bar colour by its position in `teachers` (grid order), whatever its name."""
+    return {t: TEACHER_COLOURS[i] if i < len(TEACHER_COLOURS) else OTHER_COLOUR for i, t in enumerate(teachers)}
+
+
+def fig_family(summ: dict, names: list[str], fam: str, algs: list[str], path: Path,
+               vocab: dict[str, bool | None] | None = None) -> bool:
+    """Horizontal bars (mean, 95% CI) of each metric of `fam` across cells and reference rows; a cell's colour is
+    its teacher's (by position), the legend names each teacher's recorded vocabulary match (`vocab`)."""
     metrics = [m for m in FAMILIES[fam] if any(summ[n][m].get("mean") is not None for n in names)]
     if not metrics:
         return False
@@ -64,6 +72,8 @@ def fig_family(summ: dict, names: list[str], fam: str, algs: list[str], path: Pa
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 2.2, height * nrows + 0.8), squeeze=False,
                              sharey=True)
     ys = list(range(len(names)))
+    teachers = list(dict.fromkeys(parse(n)[0] for n in names if parse(n)))
+    colours = teacher_colours(teachers)
     for i, m in enumerate(metrics):
         ax = axes[i // ncols][i % ncols]
         for y, name in zip(ys, names):
@@ -73,7 +83,7 @@ def fig_family(summ: dict, names: list[str], fam: str, algs: list[str], path: Pa
                 if s.get("mean") is None:
                     continue
             cell = parse(name)
-            colour = TEACHER_COLOUR.get(cell[0], "#7f7f7f") if cell else "#b0b0b0"
+            colour = colours[cell[0]] if cell else "#b0b0b0"
             hatch = "///" if cell and len(algs) > 1 and cell[3] == algs[1] else None
             err = None
             if s.get("ci_low") is not None and s.get("ci_high") is not None:
@@ -96,9 +106,7 @@ def fig_family(summ: dict, names: list[str], fam: str, algs: list[str], path: Pa
     axes[0][0].invert_yaxis()
     for r in range(nrows):
         axes[r][0].tick_params(axis="y", labelleft=True)
-    teachers = list(dict.fromkeys(parse(n)[0] for n in names if parse(n)))
-    vocab = {"llama": "same vocabulary", "mistral": "different vocabulary"}
-    handles = [Patch(color=TEACHER_COLOUR.get(t, "#7f7f7f"), label=f"teacher {t} ({vocab.get(t, '')})")
+    handles = [Patch(color=colours[t], label=f"teacher {t} ({vocab_label((vocab or {}).get(t))})")
                for t in teachers]
     if n_refs:
         handles.append(Patch(color="#b0b0b0", label="reference row (no KD)"))
@@ -149,9 +157,10 @@ def fig_loss_sft(logs_dir: Path, metrics_dir: Path, models: list[str], path: Pat
     return True
 
 
-def fig_loss_kd(logs_dir: Path, cells: list[str], path: Path) -> bool:
-    """KD loss curves: columns teacher × algorithm, rows total loss and its CE term, one line per SFT setting
-    (DVCLive histories logs/kd/<cell>/plots/metrics/train/*.tsv)."""
+def fig_loss_kd(logs_dir: Path, cells: list[str], path: Path,
+                vocab: dict[str, bool | None] | None = None) -> bool:
+    """KD loss curves: columns teacher × algorithm (titled with the teacher's recorded vocabulary match, `vocab`),
+    rows total loss and its CE term, one line per SFT setting (DVCLive histories logs/kd/<cell>/plots/metrics/train/*.tsv)."""
     from ..tracking import read_rows
 
     logs = {c: read_rows(logs_dir / "kd" / c, "train") for c in cells}
@@ -180,9 +189,8 @@ def fig_loss_kd(logs_dir: Path, cells: list[str], path: Path) -> bool:
                 if w > 1:
                     ax.plot(x, y, color=colour, alpha=0.2, linewidth=0.8)
                 ax.plot(x, _smooth(list(y), w), color=colour, linewidth=1.6, label=setting(c))
-            vocab = "same vocabulary" if teacher == "llama" else "different vocabulary"
             if i == 0:
-                ax.set_title(f"{alg} KD, teacher {teacher}\n({vocab})")
+                ax.set_title(f"{alg} KD, teacher {teacher}\n({vocab_label((vocab or {}).get(teacher))})")
             if j == 0:
                 ax.set_ylabel(ylabel[q])
             if i == len(quantities) - 1:
@@ -274,11 +282,11 @@ def draw(s: Study, figures_dir: Path | None, link: str) -> dict[str, str]:
             figs[name] = f"{link}/{name}.png"
 
     for fam in FAMILIES:
-        fig(f"scores_{fam}", lambda p, fam=fam: fig_family(s.summ, s.refs + s.cells, fam, s.algs, p))
+        fig(f"scores_{fam}", lambda p, fam=fam: fig_family(s.summ, s.refs + s.cells, fam, s.algs, p, s.vocab_match))
     lg = s.logs_dir
     if lg is not None:
-        fig("loss_sft", lambda p: fig_loss_sft(lg, s.metrics_dir, [r for r in ("llama", "mistral", "student")
-                                                                    if (lg / "sft" / r).exists()], p))
-        fig("loss_kd", lambda p: fig_loss_kd(lg, s.run_names, p))
+        sft_models = [r for r in s.models if (lg / "sft" / r).exists()]
+        fig("loss_sft", lambda p: fig_loss_sft(lg, s.metrics_dir, sft_models, p))
+        fig("loss_kd", lambda p: fig_loss_kd(lg, s.run_names, p, s.vocab_match))
     fig("significance", lambda p: fig_significance(s.stat_rows, s.alpha, s.correction, p))
     return figs

@@ -46,7 +46,11 @@ def header(s: Study) -> str:
         f"{_judge_caps(st)}, {s.judged} samples judged over all runs. "
         + ("**With the tiny profile the judge is a tiny model built here: it checks the plumbing, not answer "
            "quality.** Read its scores (if any) as a smoke test, never as a measure of the answers. "
-           if s.profile == "tiny" else "")
+           if s.profile == "tiny" else
+           "**With the small profile's local judge (a model small enough for a CPU; no capable judge ships in a package) "
+           f"the judge checks the plumbing, not answer quality; the {len(METRICS) - len(LLM_METRICS)} other metrics "
+           "carry the study.** "
+           if s.profile == "small" and judge_backend == "local" else "")
         + ("" if any_llm else f"No LLM-judged score was produced ({s.judge_failures} of {s.judged} samples failed), so the "
            "three LLM metrics are empty and left out of the tests (m < 14 below)."), "",
     ]
@@ -68,15 +72,22 @@ def conclusions(s: Study) -> str:
         return "; ".join(vals) if vals else "not in this run's grid"
 
     versus_txt = f"{algs[1]} vs {algs[0]}" if len(algs) == 2 else None
+    same, diff = s.vocab_teacher(True), s.vocab_teacher(False)
+    same_txt, diff_txt = same or "same-vocabulary teacher", diff or "different-vocabulary teacher"
+    absent = ("not in this run's grid" if all(v is not None for v in s.vocab_match.values()) else
+              "not recorded which teacher shares the student's vocabulary (metrics/teacher_cache/, metrics/kd/)")
     concl = [
         ["Teacher SFT helps when teacher and student share the vocabulary (Llama-2 teacher)",
-         "H_T, llama", ks_line("H_T", "llama", algs)],
-        ["… (for contrast: the different-vocabulary teacher)", "H_T, mistral", ks_line("H_T", "mistral", algs)],
+         f"H_T, {same_txt}", ks_line("H_T", same, algs) if same else absent],
+        ["… (for contrast: the different-vocabulary teacher)", f"H_T, {diff_txt}",
+         ks_line("H_T", diff, algs) if diff else absent],
         ["DSKD helps with a different vocabulary when neither model is fine-tuned",
-         f"H_Alg ({versus_txt or 'needs two algorithms'}), mistral, T_base,S_base",
-         ks_line("H_Alg", "mistral", ["T_base,S_base"]) if versus_txt else "not in this run (one algorithm)"],
-        ["SFT of both teacher and student is best overall", "H_B, both teachers",
-         "; ".join(f"{t}: {ks_line('H_B', t, algs)}" for t in ("llama", "mistral"))],
+         f"H_Alg ({versus_txt or 'needs two algorithms'}), {diff_txt}, T_base,S_base",
+         "not in this run (one algorithm)" if not versus_txt else
+         ks_line("H_Alg", diff, ["T_base,S_base"]) if diff else absent],
+        ["SFT of both teacher and student is best overall",
+         "H_B, both teachers" if len(s.teachers) == 2 else "H_B, each teacher",
+         "; ".join(f"{t}: {ks_line('H_B', t, algs)}" for t in s.teachers) or "not in this run's grid"],
     ]
     best = best_cells(s.summ, s.cells)
     n_both = sum(1 for r in best if r[2] == "T_sft,S_sft")
@@ -104,18 +115,33 @@ def data(s: Study) -> str:
     ])
 
 
+def _vocabularies(s: Study) -> str:
+    """Which teacher shares the student's vocabulary (recorded `vocab_match`) and, where base_models recorded it
+    (the tiny profile: `vocab_overlap_<same>_<different>`), the share of token strings the two teachers have in
+    common, else the two vocabularies' sizes; "" unless both a same- and a different-vocabulary teacher are known."""
+    same, diff = s.vocab_teacher(True), s.vocab_teacher(False)
+    if not (same and diff):
+        return ""
+    overlap = s.base_models.get(f"vocab_overlap_{same}_{diff}")
+    how = "so KD with it needs alignment (vanilla) or cross-model attention (DSKD)."
+    if is_num(overlap):
+        return (f"Vocabularies: the student shares the {same} teacher's tokenizer; the {diff} teacher's vocabulary "
+                f"shares {overlap:.1%} of its token strings with {same}'s (other merges), {how}")
+    sizes = [(s.base_models.get("models", {}).get(t) or {}).get("vocab_size") for t in (diff, same)]
+    of = f" ({sizes[0]:,} tokens against {sizes[1]:,})" if all(isinstance(n, int) for n in sizes) else ""
+    return f"Vocabularies: the student shares the {same} teacher's tokenizer; the {diff} teacher's vocabulary differs{of}, {how}"
+
+
 def models(s: Study) -> str:
-    """The teachers and the student (architecture, size, vocabulary) and the teachers' vocabulary overlap."""
-    overlap = s.base_models.get("vocab_overlap_llama_mistral")
+    """The teachers and the student (architecture, size, vocabulary; the tokenizer, or the pretrained checkpoint
+    whose tokenizer it is) and which teacher shares the student's vocabulary (`_vocabularies`)."""
     return "\n".join([
         "## Models", "",
         table(["role", "architecture", "parameters", "vocabulary", "tokenizer", "hidden", "layers"],
-              [[r, d.get("architecture"), f"{d.get('parameters', 0):,}", d.get("vocab_size"), d.get("tokenizer", "–"),
-                d.get("hidden_size"), d.get("layers")] for r, d in s.base_models.get("models", {}).items()]),
-        "",
-        (f"Vocabularies: the student shares the llama teacher's tokenizer; the mistral teacher's vocabulary shares "
-         f"{overlap:.1%} of its token strings with llama's (other merges), so KD with it needs alignment "
-         "(vanilla) or cross-model attention (DSKD)." if is_num(overlap) else ""), "",
+              [[r, d.get("architecture"), f"{d.get('parameters', 0):,}", d.get("vocab_size"),
+                d.get("tokenizer", d.get("pretrained", "–")), d.get("hidden_size"), d.get("layers")]
+               for r, d in s.base_models.get("models", {}).items()]),
+        "", _vocabularies(s), "",
     ])
 
 
