@@ -345,6 +345,24 @@ def test_header_states_profile_data_and_judge():
     assert "split counts unknown" in paper and "checks the plumbing" not in paper and paper.endswith("m < 14 below).\n")
 
 
+def test_best_cell_ties_favour_no_cell():
+    """Two cells sharing the highest mean: the row says so and the tie counts for no setting (max of (mean, name)
+    handed every tie to the name sorting last, sft-sft)."""
+    from telekd.report import sections
+    from telekd.report.tables import best_cells
+
+    summ = {"llama-sft-sft-vanilla": {m: {"mean": 0.0} for m in NGRAM_METRICS + EMBED_METRICS + LLM_METRICS},
+            "llama-base-base-vanilla": {m: {"mean": 0.0} for m in NGRAM_METRICS + EMBED_METRICS + LLM_METRICS}}
+    summ["llama-sft-sft-vanilla"]["bleu1"] = {"mean": 0.3}
+    rows = best_cells(summ, list(summ))
+    assert rows[0] == ["BLEU-1", "`llama-sft-sft-vanilla`", "T_sft,S_sft", 0.3]
+    assert rows[1] == ["BLEU-2", "tie: 2 cells", "tie", 0.0] and sum(r[2] == "tie" for r in rows) == 13
+    md = sections.conclusions(_study(cells=list(summ), summ=summ, stat_rows=[], teachers=["llama"],
+                                     vocab_match={"llama": True}))
+    assert ("a T_sft,S_sft cell is best on 1 of 14 metrics (13 are ties: several cells share the highest mean, "
+            "which counts for none):") in md
+
+
 def test_conclusions_count_k_of_m_and_name_the_best_cell():
     from telekd.report import sections
 

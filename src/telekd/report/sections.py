@@ -91,6 +91,7 @@ def conclusions(s: Study) -> str:
     ]
     best = best_cells(s.summ, s.cells)
     n_both = sum(1 for r in best if r[2] == "T_sft,S_sft")
+    n_tie = sum(1 for r in best if r[2] == "tie")
     return "\n".join([
         "## The paper's conclusions and this run", "",
         f"The paper's published conclusions, beside this run's tests: H0 rejected in **k of m** metrics "
@@ -98,7 +99,8 @@ def conclusions(s: Study) -> str:
         "the metrics with scores). A row of 0/m on the tiny profile is expected and is no evidence against the paper.", "",
         table(["paper's conclusion", "test here", "this run: k/m per setting"], concl), "",
         f"Best distilled cell per metric (highest mean); a T_sft,S_sft cell is best on {n_both} of {len(best)} "
-        "metrics:", "",
+        f"metrics{f' ({n_tie} are ties: several cells share the highest mean, which counts for none)' if n_tie else ''}:",
+        "",
         table(["metric", "best cell", "setting", "mean"], best) if best else "No scores yet.", "",
     ])
 

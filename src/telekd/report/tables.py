@@ -67,13 +67,17 @@ def seed_spread(summ_runs: dict[str, dict[str, dict]], runs: dict[str, list[str]
 
 
 def best_cells(summ: dict, cells: list[str]) -> list[list]:
-    """Rows [metric, best cell, its setting, its mean]: the distilled cell with the highest mean per metric."""
+    """Rows [metric, best cell, its setting, its mean]: the distilled cell with the highest mean per metric. When
+    several cells share the highest mean the row reads `tie: n cells` with setting "tie" (a tie favours no cell;
+    taking the max of (mean, name) would hand it to the name that sorts last)."""
     rows = []
     for m in METRICS:
-        scored = [(summ[c][m]["mean"], c) for c in cells if summ[c][m].get("mean") is not None]
+        scored = {c: summ[c][m]["mean"] for c in cells if summ[c][m].get("mean") is not None}
         if scored:
-            v, c = max(scored)
-            rows.append([METRIC_LABEL[m], f"`{c}`", setting(c), v])
+            v = max(scored.values())
+            top = [c for c, x in scored.items() if x == v]
+            rows.append([METRIC_LABEL[m], f"`{top[0]}`", setting(top[0]), v] if len(top) == 1 else
+                        [METRIC_LABEL[m], f"tie: {len(top)} cells", "tie", v])
     return rows
 
 
