@@ -24,7 +24,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as work:
                 for name in names:
                     try:
-                        summary[name] = gguf.convert(name, out / name, work)
+                        summary[name] = gguf.convert(name, out / name, work,
+                                                     trust_remote_code=p.models.trust_remote_code)
                     except gguf.GGUFError as e:   # a missing package or a changed file: its one line, no traceback
                         raise SystemExit(f"pretrained: {e}") from None
                     print(f"pretrained: {name}: {summary[name]['parameters']:,} parameters, vocabulary "

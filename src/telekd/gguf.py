@@ -131,10 +131,11 @@ def gguf_file(name: str, workdir: str | Path) -> Path:
     return paths[0] if out is None else out
 
 
-def convert(name: str, out_dir: str | Path, workdir: str | Path) -> dict:
+def convert(name: str, out_dir: str | Path, workdir: str | Path, *, trust_remote_code: bool = False) -> dict:
     """Convert model `name` to a float32 safetensors checkpoint in `out_dir` (config, weights, tokenizer).
 
-    `workdir` holds the joined GGUF of a multi-part model (the caller deletes it). Returns a summary:
+    `workdir` holds the joined GGUF of a multi-part model (the caller deletes it); `trust_remote_code` is
+    models.trust_remote_code (a GGUF file is read by the gguf package: tensors, no pickle). Returns a summary:
     architecture, parameters, layers, hidden size, vocabulary, the GGUF's sha256, licence, seconds.
     """
     import time
@@ -147,8 +148,9 @@ def convert(name: str, out_dir: str | Path, workdir: str | Path) -> dict:
     start = time.perf_counter()
     spec = model_spec(name)
     path = gguf_file(name, workdir)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
     _drop_gguf_marker(model, spec.file)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

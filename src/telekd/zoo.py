@@ -297,18 +297,20 @@ def build_pretrained(params, pretrained_dir, out_dir, contexts: list[str]) -> di
         set_chat_template(tok, src.chat_template)
         tok.save_pretrained(dest)
         summary["models"][name] = _checkpoint_summary(dest, tok, src.pretrained, keep,
-                                                      count_parameters(model) if model is not None else None)
+                                                      count_parameters(model) if model is not None else None,
+                                                      trust_remote_code=params.models.trust_remote_code)
         if keep is not None and heal:
             summary["models"][name].update(heal_loss_first=round(heal[0], 4), heal_loss_last=round(heal[-1], 4))
     return summary
 
 
-def _checkpoint_summary(path, tok, pretrained: str, keep: list[int] | None, parameters: int | None) -> dict:
+def _checkpoint_summary(path, tok, pretrained: str, keep: list[int] | None, parameters: int | None, *,
+                        trust_remote_code: bool = False) -> dict:
     """Architecture, parameters (counted on the meta device unless given), layers and vocabulary of a checkpoint."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if parameters is None:
         with torch.device("meta"):
             parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
