@@ -286,3 +286,17 @@ def test_embeddings_tell_answers_that_differ_only_in_a_symbol(minilm):
     preds, refs = ["x ≠ 5", "x \uf074 y"], [["x = 5"], ["x \uf02e y"]]  # each pair: identical WordPiece tokens
     assert all(c < 0.999 for c in M.cosine_scores(preds, refs))
     assert all(b["bertscore_f1"] < 0.999 for b in M.bertscore_scores(preds, refs))
+
+
+def test_eval_embed_runs_with_a_fixed_hash_seed(tmp_path):
+    """bert-score batches the set of texts, whose order follows the hash seed: the stage re-runs itself with
+    PYTHONHASHSEED=0, so whatever seed it starts with, string hashing (hence batches and scores) is the same."""
+    from pathlib import Path
+
+    script = tmp_path / "stage.py"
+    script.write_text("import os\nfrom telekd.evaluation import fixed_hash_seed\nfixed_hash_seed()\n"
+                      "print(os.environ['PYTHONHASHSEED'], hash('a batch of answers'))\n")
+    out = {subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True,
+                          text=True, check=True).stdout for seed in ("1", "2", "random")}
+    assert len(out) == 1 and out.pop().startswith("0 ")
+    assert "fixed_hash_seed()" in (Path(__file__).resolve().parents[1] / "stages/eval_embed.py").read_text()
