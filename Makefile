@@ -49,8 +49,14 @@ setup: $(VENV)/.installed
 repro: setup
 	dvc repro
 
+# The junit report is written when the session ends: its absence (a process that replaced pytest, e.g. by exec)
+# or a count of 0 fails the target even when the exit status says 0.
 test: setup
-	pytest
+	rm -f .pytest_cache/junit.xml
+	pytest --junitxml=.pytest_cache/junit.xml
+	python -c "import xml.etree.ElementTree as E; s = E.parse('.pytest_cache/junit.xml').getroot().find('testsuite'); \
+	n, bad = int(s.get('tests')), int(s.get('failures')) + int(s.get('errors')); \
+	assert n > 0 and bad == 0, f'pytest: {n} tests, {bad} failed or errored'; print(f'make test: {n} tests reported')"
 
 # The benchmark suite (bench/*.py, results in bench/results/*.json, each with its commit and command).
 # kd_cache and generation read the study's models, hence `repro` first; study.py clones the repository

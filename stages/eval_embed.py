@@ -5,7 +5,7 @@ from telekd.evaluation import fixed_hash_seed, stage_args
 
 def main() -> None:
     """Score predictions/<name>.jsonl with embedding cosine and BERTScore; write scores/<name>/embed.*."""
-    fixed_hash_seed()  # bert-score's batches follow a set's order: reproducible only with a fixed hash seed
+    fixed_hash_seed(__file__)  # bert-score's batches follow a set's order: reproducible with a fixed hash seed
     name, p = stage_args(__doc__)
     from telekd import shard
     from telekd.evaluation import load_predictions, publish_scores

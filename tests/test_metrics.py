@@ -293,10 +293,20 @@ def test_eval_embed_runs_with_a_fixed_hash_seed(tmp_path):
     PYTHONHASHSEED=0, so whatever seed it starts with, string hashing (hence batches and scores) is the same."""
     from pathlib import Path
 
+    import runpy
+
     script = tmp_path / "stage.py"
-    script.write_text("import os\nfrom telekd.evaluation import fixed_hash_seed\nfixed_hash_seed()\n"
-                      "print(os.environ['PYTHONHASHSEED'], hash('a batch of answers'))\n")
-    out = {subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True,
-                          text=True, check=True).stdout for seed in ("1", "2", "random")}
+    script.write_text("import os\nfrom telekd.evaluation import fixed_hash_seed\nfixed_hash_seed(__file__)\n"
+                      "print(os.environ.get('PYTHONHASHSEED'), hash('a batch of answers'))\n")
+    out = {subprocess.run([sys.executable, str(script), "--name", "x"], env={**os.environ, "PYTHONHASHSEED": seed},
+                          capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "random")}
     assert len(out) == 1 and out.pop().startswith("0 ")
-    assert "fixed_hash_seed()" in (Path(__file__).resolve().parents[1] / "stages/eval_embed.py").read_text()
+    # run inside another program (as tests run stages, through runpy): never replaces that program's process
+    argv, seed = sys.argv, os.environ.get("PYTHONHASHSEED")
+    try:
+        sys.argv = [str(script), "--name", "x"]
+        runpy.run_path(str(script), run_name="__main__")     # would not return if it exec'd
+    finally:
+        sys.argv = argv
+    assert os.environ.get("PYTHONHASHSEED") == seed
+    assert "fixed_hash_seed(__file__)" in (Path(__file__).resolve().parents[1] / "stages/eval_embed.py").read_text()

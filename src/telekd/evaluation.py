@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from pathlib import Path
 
 from . import layout
 from .io import read_jsonl, write_json, write_jsonl
@@ -23,15 +24,21 @@ def stage_args(doc: str):
     return ap.parse_args().name, load_params()
 
 
-def fixed_hash_seed() -> None:
-    """Re-run this process with PYTHONHASHSEED=0 unless it already has it; call it first in a stage.
+def fixed_hash_seed(script: str) -> None:
+    """Re-run this process with PYTHONHASHSEED=0 unless it already has it; a stage calls it first, with __file__.
 
     bert-score 0.3.13 embeds the *set* of a call's texts in batches (bert_cos_score_idf:
     sorted(set(texts), key=word count)), and a set's order follows Python's per-process string hashing, so
     batches, their padding and the last float32 bits of BERTScore changed from run to run on the same
-    predictions (up to 1.3e-7 measured on the tiny study). With the seed fixed, a rerun is bit-identical."""
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
+    predictions (up to 1.3e-7 measured on the tiny study). With the seed fixed, a rerun is bit-identical.
+    Only a process started as `python <script> ...` (sys.orig_argv, which runpy leaves alone) is re-run, with
+    its original command line; a caller running the stage inside another program (a test, through runpy) is
+    never replaced, and keeps its own seed."""
+    if os.environ.get("PYTHONHASHSEED") == "0":
+        return
+    target = Path(script).resolve()
+    if any(not a.startswith("-") and Path(a).resolve() == target for a in sys.orig_argv[1:]):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "PYTHONHASHSEED": "0"})
 
 
 def load_predictions(name: str) -> list[dict]:
