@@ -99,12 +99,29 @@ def test_adjust_holm_by_hand_and_none():
         st.adjust([0.1], "sidak-ish")
 
 
+def test_sd_and_cohen_dz_by_hand():
+    """Differences 0.1, 0.3, -0.1, 0.5: mean 0.2, squared deviations 0.01 + 0.01 + 0.09 + 0.09 = 0.2, SD (ddof 1)
+    sqrt(0.2 / 3) = 0.258199, d_z = 0.2 / 0.258199 = sqrt(0.6) = 0.774597."""
+    r = st.compare([0.4, 0.5, 0.2, 0.9], [0.3, 0.2, 0.3, 0.4], resamples=200)
+    assert r["sd_difference"] == pytest.approx(0.258199, abs=1e-6)
+    assert r["cohen_dz"] == pytest.approx(math.sqrt(0.6), abs=1e-9)
+    neg = st.compare([0.3, 0.2, 0.3, 0.4], [0.4, 0.5, 0.2, 0.9], resamples=200)
+    assert neg["cohen_dz"] == pytest.approx(-math.sqrt(0.6), abs=1e-9)  # sign follows treatment - control
+    tt, cc = clean()
+    r = st.compare(*st.paired(TREAT, CTRL), resamples=200)
+    assert r["sd_difference"] == pytest.approx(np.std(tt - cc, ddof=1))
+    assert r["cohen_dz"] == pytest.approx((tt - cc).mean() / np.std(tt - cc, ddof=1))
+    assert st.effect_dz([0.1, 0.1 + 1e-12, 0.1]) == (0.0, None)  # no variation at DECIMALS: d_z undefined
+    assert st.effect_dz([0.3]) == (None, None) and st.effect_dz([]) == (None, None)
+
+
 def test_all_zero_differences_do_not_crash():
     r = st.compare([0.2, 0.5, 0.0], [0.2, 0.5, 0.0], resamples=200)
     assert r["p"] == 1.0 and r["p_two_sided"] == 1.0 and r["w_statistic"] == 0.0
     assert r["reason"] == "all differences are zero"
     assert r["rank_biserial"] is None and r["t_p"] is None and "variation" in r["t_reason"]
     assert (r["ci_low"], r["ci_high"]) == (0.0, 0.0) and r["mean_difference"] == 0.0
+    assert r["sd_difference"] == 0.0 and r["cohen_dz"] is None
     big = st.wilcoxon_test(np.zeros(60))  # > 50 pairs: scipy would return NaN here
     assert big["p"] == 1.0
 
@@ -121,6 +138,7 @@ def test_fewer_than_two_pairs_reports_null_with_reason(n):
     r = st.compare([0.5] * n, [0.1] * n, resamples=200)
     assert r["n"] == n and r["p"] is None and r["p_two_sided"] is None and r["t_p"] is None
     assert r["ci_low"] is None and "< 2" in r["reason"]
+    assert r["sd_difference"] is None and r["cohen_dz"] is None
     assert (r["mean_difference"] is None) == (n == 0)
 
 
@@ -172,6 +190,9 @@ def test_analyse_and_summary():
     assert len(tested) == 11  # the LLM metrics have no scores
     ref_rej, ref_adj, _, _ = multipletests([r["p"] for r in tested], alpha=0.05, method="holm")
     assert [r["p_adj"] for r in tested] == pytest.approx(list(ref_adj))
+    _, ref_adj2, _, _ = multipletests([r["p_two_sided"] for r in tested], alpha=0.05, method="holm")
+    assert [r["p_adj_two_sided"] for r in tested] == pytest.approx(list(ref_adj2))
+    assert all(r["p_adj_two_sided"] is None for r in rows if r["p"] is None)
     assert all(r["n_dropped"] == 30 and r["reason"] for r in rows if r["metric"] == "faithfulness")
     s = st.summary(rows, alpha=0.05, alternative="greater", correction="holm")
     assert s["rejected"]["H_T"]["llama"]["vanilla"] == {"k": int(sum(ref_rej)), "m": 11}

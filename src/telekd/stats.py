@@ -32,6 +32,9 @@ score drops that question from that comparison only, and the n used is reported)
   r = (R+ − R−) / (R+ + R−), R± the sums of the ranks of |d| (average ranks for ties) over the
   positive / negative differences, zeros dropped as in the test. r ∈ [−1, 1], positive when the
   treatment scores higher; null when every difference is zero.
+- Standardised effect (for power, telekd.power): Cohen's d_z = mean difference / SD of the differences
+  (ddof 1), null when the differences have no variation. `p_adj_two_sided` adjusts the two-sided
+  p-values across the same family, for the report's test of the opposite direction.
 - Uncertainty: percentile bootstrap 95% CI of the mean difference (`scipy.stats.bootstrap` on the
   paired differences, `stats.bootstrap_resamples` resamples, seeded with the study's seed; the
   same method as the per-cell CIs of the eval stages).
@@ -222,6 +225,21 @@ def bootstrap_ci(diff, resamples: int = 2000, seed: int = 0, confidence: float =
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def effect_dz(diff) -> tuple[float | None, float | None]:
+    """(SD of the paired differences with ddof 1, Cohen's d_z = mean / SD) in the metric's units and unitless
+    (Cohen 1988 ch. 2; Lakens 2013 eq. 6); (None, None) for n < 2; SD 0.0 and d_z None when the differences have no
+    variation at DECIMALS places (d_z undefined, as the t statistic)."""
+    import numpy as np
+
+    d = np.asarray(diff, dtype=float)
+    if d.size < 2:
+        return None, None
+    if np.ptp(np.round(d, DECIMALS)) == 0:
+        return 0.0, None
+    sd = float(np.std(d, ddof=1))
+    return sd, float(d.mean()) / sd
+
+
 def compare(treatment: list[float], control: list[float], alternative: str = "greater", resamples: int = 2000,
             seed: int = 0) -> dict:
     """Every statistic of one paired comparison (treatment − control); p_adj/reject are added by `adjust`."""
@@ -234,12 +252,13 @@ def compare(treatment: list[float], control: list[float], alternative: str = "gr
     t = ttest(treatment, control, alternative)
     lo, hi = bootstrap_ci(d, resamples, seed)
     rp, rm, nz = signed_rank_sums(dr)
+    sd, dz = effect_dz(d)
     return {
         "n": n, "n_nonzero": nz,
         "mean_treatment": float(np.mean(treatment)) if n else None,
         "mean_control": float(np.mean(control)) if n else None,
         "mean_difference": float(d.mean()) if n else None,
-        "ci_low": lo, "ci_high": hi,
+        "ci_low": lo, "ci_high": hi, "sd_difference": sd, "cohen_dz": dz,
         "w_statistic": w["statistic"], "p": w["p"], "p_two_sided": w["p_two_sided"],
         "r_plus": rp, "r_minus": rm, "rank_biserial": rank_biserial(dr),
         "t_statistic": t["statistic"], "t_p": t["p"], "t_p_two_sided": t["p_two_sided"],
@@ -295,8 +314,9 @@ def analyse(comparisons: list[dict], scores: dict[str, dict], *, metrics=METRICS
                    "n_dropped": len(set(tm) | set(cm)) - len(t)}
             family.append(row)
         p_adj, reject = adjust([r["p"] for r in family], correction, alpha)
-        for r, pa, rj in zip(family, p_adj, reject):
-            r["p_adj"], r["reject"] = pa, rj
+        p_adj2, _ = adjust([r["p_two_sided"] for r in family], correction, alpha)
+        for r, pa, rj, pa2 in zip(family, p_adj, reject, p_adj2):
+            r["p_adj"], r["reject"], r["p_adj_two_sided"] = pa, rj, pa2
         rows += family
     return rows
 
@@ -330,6 +350,10 @@ def table(rows: list[dict], *, alpha: float, alternative: str, correction: str, 
             "p_two_sided": "Wilcoxon signed-rank p, two-sided",
             "p_adj": f"p adjusted with {correction} across the metrics of one hypothesis x teacher x setting",
             "reject": f"p_adj <= {alpha}",
+            "p_adj_two_sided": f"p_two_sided adjusted with {correction} across the same metrics (the report's test of "
+                               "the direction opposite to the hypothesis)",
+            "sd_difference": "sample SD (ddof 1) of the paired differences, in the metric's units",
+            "cohen_dz": "Cohen's d_z = mean_difference / sd_difference (null without variation)",
             "w_statistic": "scipy's Wilcoxon statistic for `alternative` (R+ for one-sided, min(R+, R-) two-sided)",
             "t_statistic, t_p, t_p_two_sided": "paired t-test (secondary)",
             "rank_biserial": "(R+ - R-)/(R+ + R-), zeros dropped (Kerby)",
