@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import runpy
 import statistics
@@ -10,6 +11,7 @@ import statistics
 import numpy as np
 import pytest
 import yaml
+from scipy.stats import norm
 
 from conftest import ROOT
 from telekd.metric_names import EMBED_METRICS, LLM_METRICS, NGRAM_METRICS
@@ -226,11 +228,24 @@ def test_small_profile_report_names_its_teachers(small_study):
     vocabulary match, never by name or grid position."""
     md = (small_study / "report/README.md").read_text()
     assert "llama" not in md.replace("LlamaForCausalLM", "") and "mistral" not in md.lower()
-    assert re.search(r"\(Llama-2 teacher\) \| H_T, smollm2 \| vanilla: \d+/11; dskd: \d+/11 \|", md)
-    assert re.search(r"\| … \(for contrast: the different-vocabulary teacher\) \| H_T, gemma3 \| vanilla: \d+/11; "
-                     r"dskd: \d+/11 \|", md)
-    assert re.search(r"\| H_Alg \(dskd vs vanilla\), gemma3, T_base,S_base \| T_base,S_base: \d+/11 \|", md)
-    assert "| H_B, both teachers | gemma3: not in this run's grid; smollm2: not in this run's grid |" in md
+    assert "student share the vocabulary (the paper's Llama-2 teacher): H_T, smollm2.\n" in md
+    assert "2. … and, for contrast, the same with the different-vocabulary teacher: H_T, gemma3.\n" in md
+    assert "neither model is fine-tuned: H_Alg (dskd vs vanilla), gemma3, T_base,S_base.\n" in md
+    assert "4. SFT of both teacher and student is best overall: H_B, both teachers (not in this run's grid).\n" in md
+    # the teacher SFT cells score 0.25 higher (make_study): H_T supported on every metric with scores, either teacher
+    for claim, teacher in (("1", "smollm2"), ("2", "gemma3")):
+        for alg in ("vanilla", "dskd"):
+            assert re.search(rf"\| {claim} \| {teacher} \| {alg} \| 11/11 \| \+[01]\.\d\d \[\+0\.\d\d, \+1\.00\] \| "
+                             r"\+0\.\d{3} \[\+0\.\d{3}, \+0\.\d{3}\] \| \+0\.\d{3} \[\+0\.\d{3}, \+0\.\d{3}\] \| "
+                             r"\*\*supports\*\* \| – \|", md), (claim, alg)
+    assert re.search(r"\| 3 \| gemma3 \| T_base,S_base \| \d+/11 \|", md)
+    assert "- 1: smollm2 vanilla, smollm2 dskd supports: treatment better on all 11 metrics.\n" in md
+    assert ("**Size gap** (the paper's open question; ROUGE-L / BERTScore F1, parameters in brackets): teacher "
+            "gemma3 (268.1M) base ") in md  # the teachers in grid order, then the student
+    assert re.search(r"; teacher smollm2 \(134\.5M\) base 0\.\d{3} / 0\.\d{3}, SFT 0\.\d{3} / 0\.\d{3}; student "
+                     r"\(51\.5M\) base 0\.\d{3} / 0\.\d{3}, SFT 0\.\d{3} / 0\.\d{3}; best distilled student \(by ROUGE-L\) "
+                     r"`(smollm2|gemma3)-sft-base-(vanilla|dskd)` 0\.\d{3} / 0\.\d{3}\.\n", md)
+    assert "A row of 0/m on the tiny profile" not in md
     assert ("Vocabularies: the student shares the smollm2 teacher's tokenizer; the gemma3 teacher's vocabulary "
             "differs (262,144 tokens against 49,152)") in md
     assert "| student | LlamaForCausalLM | 51,482,304 | 49152 | smollm2-135m-instruct | 576 | 8 |" in md
@@ -309,9 +324,14 @@ def _study(**over):
     return Study(**{**base, **over})
 
 
-def _row(metric, p_adj, reject, effect, n, hyp="H_T", teacher="llama", setting="vanilla"):
+def _row(metric, p_adj, reject, effect, n, hyp="H_T", teacher="llama", setting="vanilla", p2=None, dz=None,
+         md=None, ci=(None, None), nz=None):
+    """One stats row (telekd.stats.analyse's keys the report reads); p2: p_adj_two_sided (default: p_adj), dz:
+    cohen_dz, md: mean_difference, nz: n_nonzero (default n)."""
     return {"hypothesis": hyp, "teacher": teacher, "setting": setting, "metric": metric, "p_adj": p_adj,
-            "reject": reject, "rank_biserial": effect, "n": n, "treatment": "t-cell", "control": "c-cell"}
+            "reject": reject, "rank_biserial": effect, "n": n, "treatment": "t-cell", "control": "c-cell",
+            "p_adj_two_sided": p_adj if p2 is None else p2, "cohen_dz": dz, "mean_difference": md,
+            "ci_low": ci[0], "ci_high": ci[1], "n_nonzero": n if nz is None else nz}
 
 
 def test_fmt_and_table():
@@ -370,21 +390,26 @@ def test_conclusions_count_k_of_m_and_name_the_best_cell():
             "llama-base-base-vanilla": {m: {"mean": 0.1} for m in NGRAM_METRICS + EMBED_METRICS + LLM_METRICS}}
     for m in LLM_METRICS:
         summ["llama-sft-sft-vanilla"][m] = summ["llama-base-base-vanilla"][m] = {"mean": None}
-    rows = [_row("bleu1", 0.01, True, 0.5, 10), _row("bleu2", 0.3, False, 0.1, 10), _row("faithfulness", None, False, None, 0)]
+    rows = [_row("bleu1", 0.01, True, 0.5, 10, dz=0.9), _row("rougeL", 0.3, False, 0.1, 10, md=0.0125, ci=(-0.005, 0.03)),
+            _row("faithfulness", None, False, None, 0)]
     md = sections.conclusions(_study(cells=list(summ), summ=summ, stat_rows=rows, teachers=["llama"],
                                      vocab_match={"llama": True}))
-    assert ("| … (for contrast: the different-vocabulary teacher) | H_T, different-vocabulary teacher | "
-            "not in this run's grid |") in md
-    assert "| Teacher SFT helps when teacher and student share the vocabulary (Llama-2 teacher) | H_T, llama | vanilla: 1/2 |" in md
+    assert "2. … and, for contrast, the same with the different-vocabulary teacher: H_T, different-vocabulary teacher " \
+           "(not in this run's grid).\n" in md
+    assert "| 1 | llama | vanilla | 1/2 | +0.30 [+0.10, +0.50] | +0.013 [-0.005, +0.030] | – | **supports** | – |" in md
+    assert "- 1: llama vanilla supports: treatment better on BLEU-1.\n" in md
     assert "a T_sft,S_sft cell is best on 11 of 11 metrics" in md
     assert "| BLEU-1 | `llama-sft-sft-vanilla` | T_sft,S_sft | 0.200 |" in md
-    assert "| H_Alg (dskd vs vanilla), different-vocabulary teacher, T_base,S_base | not in this run's grid |" in md
-    assert "| H_B, each teacher | llama: not in this run's grid |" in md
+    assert "H_Alg (dskd vs vanilla), different-vocabulary teacher, T_base,S_base (not in this run's grid).\n" in md
+    assert "4. SFT of both teacher and student is best overall: H_B, each teacher (not in this run's grid).\n" in md
+    assert "predates the verdict columns" not in md and "Size gap" not in md  # no reference rows
     one = sections.conclusions(_study(algs=["vanilla"]))
-    assert ("H_Alg (needs two algorithms), different-vocabulary teacher, T_base,S_base | not in this run (one "
-            "algorithm) |") in one
-    assert "| H_B, each teacher | not in this run's grid |" in one
-    assert "No scores yet." in one
+    assert "H_Alg (needs two algorithms), different-vocabulary teacher, T_base,S_base (not in this run (one " \
+           "algorithm)).\n" in one
+    assert "| claim |" not in one and "No scores yet." in one
+    stale = sections.conclusions(_study(stat_rows=[{k: v for k, v in r.items() if k != "cohen_dz"} for r in rows],
+                                        teachers=["llama"], vocab_match={"llama": True}))
+    assert "The stats table predates the verdict columns (p_adj_two_sided, cohen_dz): rerun" in stale
 
 
 def test_conclusions_pick_teachers_by_recorded_vocabulary_not_by_name():
@@ -398,18 +423,95 @@ def test_conclusions_pick_teachers_by_recorded_vocabulary_not_by_name():
             _row("bleu1", 0.5, False, 0.1, 10, hyp="H_B", teacher="smollm2")]
     md = sections.conclusions(_study(stat_rows=rows, teachers=["gemma3", "smollm2"],
                                      vocab_match={"gemma3": False, "smollm2": True}))
-    assert "(Llama-2 teacher) | H_T, smollm2 | vanilla: 1/1 |" in md
-    assert "| … (for contrast: the different-vocabulary teacher) | H_T, gemma3 | vanilla: 0/1 |" in md
-    assert "| H_Alg (dskd vs vanilla), gemma3, T_base,S_base | T_base,S_base: 0/1 |" in md
-    assert "| H_B, both teachers | gemma3: vanilla: 1/1; smollm2: vanilla: 0/1 |" in md
+    assert "(the paper's Llama-2 teacher): H_T, smollm2.\n" in md and "| 1 | smollm2 | vanilla | 1/1 |" in md
+    assert "different-vocabulary teacher: H_T, gemma3.\n" in md and "| 2 | gemma3 | vanilla | 0/1 |" in md
+    assert "H_Alg (dskd vs vanilla), gemma3, T_base,S_base.\n" in md and "| 3 | gemma3 | T_base,S_base | 0/1 |" in md
+    assert "H_B, both teachers.\n" in md
+    assert md.index("| 4 | gemma3 | vanilla | 1/1 |") < md.index("| 4 | smollm2 | vanilla | 0/1 |")
     swapped = sections.conclusions(_study(stat_rows=rows, teachers=["gemma3", "smollm2"],
                                           vocab_match={"gemma3": True, "smollm2": False}))
-    assert "(Llama-2 teacher) | H_T, gemma3 | vanilla: 0/1 |" in swapped
-    assert "| H_Alg (dskd vs vanilla), smollm2, T_base,S_base | not in this run's grid |" in swapped
+    assert "| 1 | gemma3 | vanilla | 0/1 |" in swapped and "| 2 | smollm2 | vanilla | 1/1 |" in swapped
+    assert "H_Alg (dskd vs vanilla), smollm2, T_base,S_base (not in this run's grid).\n" in swapped
     unknown = sections.conclusions(_study(stat_rows=rows, teachers=["gemma3", "smollm2"],
                                           vocab_match={"gemma3": None, "smollm2": True}))
-    assert ("| H_T, different-vocabulary teacher | not recorded which teacher shares the student's vocabulary "
-            "(metrics/teacher_cache/, metrics/kd/) |") in unknown
+    assert ("H_T, different-vocabulary teacher (not recorded which teacher shares the student's vocabulary "
+            "(metrics/teacher_cache/, metrics/kd/)).\n") in unknown
+
+
+def test_verdict_rule_one_of_each():
+    """supports: rejected (one-sided, corrected) with the treatment ranked higher, nothing against; contradicts: a
+    corrected two-sided p <= alpha with the control ranked higher, nothing for; mixed: both; cannot decide: neither
+    (a two-sided p <= alpha in the claim's direction that the one-sided test did not reject supports nothing)."""
+    from telekd.report.verdicts import sides, verdict
+
+    pro = _row("bleu1", 0.01, True, 0.6, 50, p2=0.02)
+    con = _row("rougeL", 0.99, False, -0.5, 50, p2=0.03)
+    weak_con = _row("rouge1", 0.99, False, -0.3, 50, p2=0.2)
+    two_only = _row("cosine", 0.06, False, 0.4, 50, p2=0.04)
+    untested = _row("faithfulness", None, None, None, 1, p2=None)
+    assert verdict([pro, weak_con, untested], 0.05) == "supports"
+    assert verdict([con, two_only, untested], 0.05) == "contradicts"
+    assert verdict([pro, con], 0.05) == "mixed" and sides([pro, con, weak_con], 0.05) == (["bleu1"], ["rougeL"])
+    assert verdict([two_only, weak_con, untested], 0.05) == "cannot decide"
+    assert verdict([con], 0.01) == "cannot decide"  # alpha is the study's
+
+
+def test_power_column_and_why_line_for_an_undecided_row():
+    """n 100, m 11 tested metrics (a 12th untested): α/m = 0.05/11. The largest |d_z| of the metrics scored on at
+    least half the questions is BERTScore F1's -0.25 (answer correctness's 3.0 on 2 judged pairs is left out); a
+    d_z against the claim is tested two-sided. Right value by Guenther's formula: z = Φ⁻¹(1 - 0.05/22) = 2.8376,
+    n_t = ((2.8376 + 0.8416) / 0.25)^2 + 2.8376²/2 = 220.61, / (3/π) = 231.02 -> 232 questions (statsmodels:
+    231.03)."""
+    from telekd.report import verdicts
+
+    rows = [_row(m, 0.5, False, 0.1, 100, dz=0.1) for m in NGRAM_METRICS + ("cosine", "bertscore_p", "bertscore_r")]
+    rows += [_row("bertscore_f1", 0.5, False, -0.2, 100, dz=-0.25, nz=30), _row("answer_correctness", 0.5, False, 1.0, 2,
+                                                                                  dz=3.0),
+             _row("faithfulness", None, None, None, 0)]
+    assert len(verdicts.tested(rows)) == 12  # faithfulness untested
+    p = verdicts.power(rows[:11] + rows[12:], 0.05)  # m = 11: drop answer correctness from the family
+    z = norm.ppf(1 - 0.05 / 22)
+    assert p["metric"] == "bertscore_f1" and p["m"] == 11 and p["n"] == 100
+    assert p["needed"] == 232 == math.ceil((((z + norm.ppf(0.8)) / 0.25) ** 2 + z ** 2 / 2) * math.pi / 3)
+    assert p["detectable"] == pytest.approx(0.3596, abs=1e-3)  # tests/test_power.py, by hand
+    cell = verdicts.power_cell(p, "cannot decide")
+    assert cell == "d_z -0.25 (BERTScore F1): 232" and verdicts.power_cell(p, "supports") == "–"
+    assert verdicts.power(rows, 0.05)["metric"] == "bertscore_f1"  # the 2-pair judge metric is not `powered`
+    why = verdicts.why([("H_T", "llama", "vanilla")], rows[:11] + rows[12:], 0.05)
+    assert why == ("cannot decide (llama vanilla): the largest effect, d_z -0.25 (BERTScore F1), is below the |d_z| "
+                   "0.36 that n = 100 detects with 80% power at α/m = 0.0045; detecting it needs ≈ 232 questions")
+    # 14 metrics on 53 questions, at most 6 non-zero differences each: α/m = 0.05/14 = 0.0036 < 2^-6 = 0.0156, the
+    # smallest one-sided Wilcoxon p on 6 differences (all positive); Guenther: ((2.6901 + 0.8416) / 0.15)^2 +
+    # 2.6901²/2 = 558.0, / (3/π) = 584.3 -> 585; detectable at n_t = 53 × 3/π: 0.515
+    few = [_row(m, 1.0, False, 0.5, 53, dz=0.15 if m == "bleu1" else 0.05, nz=6 if m == "bleu1" else 3)
+           for m in NGRAM_METRICS + EMBED_METRICS + LLM_METRICS]
+    assert verdicts.why([("H_T", "llama", "vanilla")], few, 0.05) == (
+        "cannot decide (llama vanilla): the largest effect, d_z +0.15 (BLEU-1), is below the |d_z| 0.52 that n = 53 "
+        "detects with 80% power at α/m = 0.0036; detecting it needs ≈ 585 questions; no metric differs on more than "
+        "6 of 53 questions, and on 6 differences a Wilcoxon p is at least 2^-6 = 0.016 > α/m")
+    zeros = [_row(m, 1.0, False, None, 100, nz=0) for m in NGRAM_METRICS]
+    assert verdicts.power_cell(verdicts.power(zeros, 0.05), "cannot decide") == "n/a (no difference varies)"
+    assert verdicts.why([("H_T", "llama", "vanilla")], zeros, 0.05) == (
+        "cannot decide (llama vanilla): the two cells score identically on every question")
+
+
+def test_size_gap_line_names_the_reference_rows_and_the_best_cell():
+    from telekd.report.verdicts import size_gap
+
+    def means(r, b):
+        return {m: {"mean": None} for m in NGRAM_METRICS + EMBED_METRICS} | {"rougeL": {"mean": r},
+                                                                            "bertscore_f1": {"mean": b}}
+
+    summ = {"ref-smollm2-base": means(0.2, 0.8), "ref-smollm2-sft": means(0.3, 0.85), "ref-gemma3-base": means(0.1, 0.7),
+            "ref-gemma3-sft": means(0.25, None), "ref-student-base": means(0.05, 0.6), "ref-student-sft": means(0.15, 0.75),
+            "smollm2-sft-sft-dskd": means(0.22, 0.81), "gemma3-sft-sft-dskd": means(0.18, 0.9)}
+    line = size_gap(summ, ["gemma3-sft-sft-dskd", "smollm2-sft-sft-dskd"], [n for n in summ if n.startswith("ref-")],
+                    ["gemma3", "smollm2"], ["smollm2", "gemma3", "student"], SMALL_BASE_MODELS)
+    assert line == ("**Size gap** (the paper's open question; ROUGE-L / BERTScore F1, parameters in brackets): "
+                    "teacher gemma3 (268.1M) base 0.100 / 0.700, SFT 0.250 / –; teacher smollm2 (134.5M) base 0.200 / "
+                    "0.800, SFT 0.300 / 0.850; student (51.5M) base 0.050 / 0.600, SFT 0.150 / 0.750; best distilled "
+                    "student (by ROUGE-L) `smollm2-sft-sft-dskd` 0.220 / 0.810.")  # not gemma3's, best on BERTScore
+    assert size_gap(summ, [], [], ["gemma3"], ["gemma3"], {}) == ""
 
 
 def test_data_section_states_counts_and_split():

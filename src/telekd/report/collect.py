@@ -88,23 +88,6 @@ def order_rows(rows: list[dict]) -> list[dict]:
                                        settings.index(r["setting"])))
 
 
-def k_summary(rows: list[dict]) -> dict:
-    """hypothesis -> teacher -> setting -> {k: H0 rejected, m: metrics tested} over the stats rows."""
-    out: dict = {}
-    for r in rows:
-        s = out.setdefault(r["hypothesis"], {}).setdefault(r["teacher"], {}).setdefault(r["setting"], {"k": 0, "m": 0})
-        if r.get("p_adj") is not None:
-            s["m"] += 1
-            s["k"] += int(bool(r.get("reject")))
-    return out
-
-
-def k_of_m(summary: dict, h: str, teacher: str, setting_: str) -> str | None:
-    """"k/m" of one hypothesis × teacher × setting in a `k_summary`, or None when it was not tested."""
-    s = summary.get(h, {}).get(teacher, {}).get(setting_)
-    return None if s is None else f"{s['k']}/{s['m']}"
-
-
 def ref_models(refs: list[str]) -> list[str]:
     """The models of the reference rows `ref-<model>-<sft>`, in order, once each (the stage's sft.models)."""
     return list(dict.fromkeys(r[len("ref-"):].rsplit("-", 1)[0] for r in refs if r.startswith("ref-")))

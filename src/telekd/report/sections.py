@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from ..metric_names import FAMILIES, FAMILY_TITLE, LLM_METRICS, METRIC_LABEL, METRICS
 from ..metrics import NGRAM_TOKENIZATION
-from .collect import Study, is_num, k_of_m, k_summary
+from . import verdicts
+from .collect import Study, is_num
 from .tables import best_cells, family_table, figure, hypothesis_rows, seed_spread, table
 
 PAPER = "arXiv 2504.20000"
@@ -61,43 +62,85 @@ def header(s: Study) -> str:
     return "\n".join(parts)
 
 
-def conclusions(s: Study) -> str:
-    """The paper's published conclusions beside this run's tests (H0 rejected in k of m metrics), and the best
-    distilled cell per metric."""
-    ks = k_summary(s.stat_rows)
+def _claims(s: Study) -> list[tuple[str, str, list[tuple[str, str, str]], str]]:
+    """The paper's conclusions as (claim, test here, the (hypothesis, teacher, setting) rows testing it, why there is
+    no row when there is none); teachers picked by their recorded vocabulary match, never by name."""
     algs = s.algs
-
-    def ks_line(h, teacher, settings_):
-        vals = [f"{x}: {k_of_m(ks, h, teacher, x)}" for x in settings_ if k_of_m(ks, h, teacher, x)]
-        return "; ".join(vals) if vals else "not in this run's grid"
-
-    versus_txt = f"{algs[1]} vs {algs[0]}" if len(algs) == 2 else None
+    versus = f"{algs[1]} vs {algs[0]}" if len(algs) == 2 else None
     same, diff = s.vocab_teacher(True), s.vocab_teacher(False)
     same_txt, diff_txt = same or "same-vocabulary teacher", diff or "different-vocabulary teacher"
     absent = ("not in this run's grid" if all(v is not None for v in s.vocab_match.values()) else
               "not recorded which teacher shares the student's vocabulary (metrics/teacher_cache/, metrics/kd/)")
-    concl = [
-        ["Teacher SFT helps when teacher and student share the vocabulary (Llama-2 teacher)",
-         f"H_T, {same_txt}", ks_line("H_T", same, algs) if same else absent],
-        ["… (for contrast: the different-vocabulary teacher)", f"H_T, {diff_txt}",
-         ks_line("H_T", diff, algs) if diff else absent],
-        ["DSKD helps with a different vocabulary when neither model is fine-tuned",
-         f"H_Alg ({versus_txt or 'needs two algorithms'}), {diff_txt}, T_base,S_base",
-         "not in this run (one algorithm)" if not versus_txt else
-         ks_line("H_Alg", diff, ["T_base,S_base"]) if diff else absent],
-        ["SFT of both teacher and student is best overall",
+    return [
+        ("Teacher SFT helps when teacher and student share the vocabulary (the paper's Llama-2 teacher)",
+         f"H_T, {same_txt}", [("H_T", same, a) for a in algs] if same else [], absent),
+        ("… and, for contrast, the same with the different-vocabulary teacher", f"H_T, {diff_txt}",
+         [("H_T", diff, a) for a in algs] if diff else [], absent),
+        ("DSKD helps with a different vocabulary when neither model is fine-tuned",
+         f"H_Alg ({versus or 'needs two algorithms'}), {diff_txt}, T_base,S_base",
+         [("H_Alg", diff, "T_base,S_base")] if diff and versus else [],
+         absent if versus else "not in this run (one algorithm)"),
+        ("SFT of both teacher and student is best overall",
          "H_B, both teachers" if len(s.teachers) == 2 else "H_B, each teacher",
-         "; ".join(f"{t}: {ks_line('H_B', t, algs)}" for t in s.teachers) or "not in this run's grid"],
+         [("H_B", t, a) for t in s.teachers for a in algs], "not in this run's grid"),
     ]
+
+
+def _detectable(s: Study, keys: list) -> str:
+    """"At n = 100 questions and m = 11 metrics the test detects |d_z| ≥ 0.36 …" over the rows' distinct (n, m)."""
+    ps = [p for k in keys if (p := verdicts.power(verdicts.family(s.stat_rows, *k), s.alpha, s.alternative))]
+    seen = dict.fromkeys((p["n"], p["m"], p["detectable"]) for p in ps if p["detectable"] is not None)
+    return "; ".join(f"at n = {n} questions and m = {m} metrics it detects |d_z| ≥ {d:.2f}" for n, m, d in seen)
+
+
+def conclusions(s: Study) -> str:
+    """The paper's published conclusions beside this run's tests: per claim × teacher × setting, H0 rejected in k of
+    m metrics, the effect sizes, the headline mean differences with CIs, a verdict by a stated rule
+    (telekd.report.verdicts) and, where undecided, the test questions its effect would need; why, per claim; the
+    teacher–student size gap in one line; and the best distilled cell per metric."""
+    claims = _claims(s)
+    listed, rows, whys, keys = [], [], [], []
+    for i, (text, test, ks, absent) in enumerate(claims, 1):
+        got = verdicts.claim_rows(ks, str(i), s.stat_rows, s.alpha, s.alternative)
+        listed.append(f"{i}. {text}: {test}" + ("." if got else f" ({absent})."))
+        rows += got
+        keys += ks
+        if got:
+            whys.append(f"- {i}: " + verdicts.why(ks, s.stat_rows, s.alpha, s.alternative, s.correction) + ".")
+    stale = any("cohen_dz" not in r for r in s.stat_rows)
+    c = s.correction
+    parts = ["## The paper's conclusions and this run", "",
+             "The paper's published conclusions and the test of each here (treatment − control, same test questions):", "",
+             *listed, ""]
+    if rows:
+        parts += [
+            f"k/m: H0 rejected in k of m metrics (Wilcoxon signed-rank, {s.alternative}, {c} across the row's metrics, "
+            f"α = {s.alpha}; m counts the metrics with scores). Effect: matched-pairs rank-biserial, median over the m "
+            f"metrics [min, max]. Δ: mean difference [bootstrap 95% CI] on the headline metrics, {verdicts.HEADLINE_WHY}.",
+            "", table(["claim", "teacher", "setting", "k/m", "rank-biserial", *[f"Δ {METRIC_LABEL[m]}" for m in
+                                                                                 verdicts.HEADLINE],
+                       "verdict", "questions for 80% power"], rows), "",
+            f"**Verdict rule.** *supports*: H0 rejected on ≥ 1 metric and none significant the other way. *contradicts*: "
+            f"≥ 1 metric significant the other way (two-sided Wilcoxon p, {c} across the row's metrics, ≤ {s.alpha}, "
+            "control ranked higher: rank-biserial < 0) and none supporting. *mixed*: both. *cannot decide*: neither.", "",
+            "**Power** (undecided rows): the metric with the largest |d_z| (mean difference / SD of the paired "
+            "differences) and the test questions a Wilcoxon test needs to detect it with 80% power at α/m (Holm's "
+            "first step), one-sided (two-sided for an effect against the claim): the paired t-test's n (statsmodels) "
+            "divided by the Wilcoxon test's efficiency 3/π (normal differences; src/telekd/power.py). Metrics scored "
+            "on under half the row's questions (the judge's cap) are left out of it"
+            + (f"; {d}." if (d := _detectable(s, keys)) else "."), "",
+            "Why, per claim:", "", *whys, ""]
+        if stale:
+            parts += ["The stats table predates the verdict columns (p_adj_two_sided, cohen_dz): rerun "
+                      "`python stages/stats.py`; until then no row can contradict and power reads n/a.", ""]
+    gap = verdicts.size_gap(s.summ, s.cells, s.refs, s.teachers, s.models, s.base_models)
+    parts += [gap, ""] if gap else []
+    if s.profile == "tiny":
+        parts += ["A row of 0/m on the tiny profile is expected and is no evidence against the paper.", ""]
     best = best_cells(s.summ, s.cells)
     n_both = sum(1 for r in best if r[2] == "T_sft,S_sft")
     n_tie = sum(1 for r in best if r[2] == "tie")
-    return "\n".join([
-        "## The paper's conclusions and this run", "",
-        f"The paper's published conclusions, beside this run's tests: H0 rejected in **k of m** metrics "
-        f"(Wilcoxon signed-rank, {s.alternative}, {s.correction} across the metrics of each row, α = {s.alpha}; m counts "
-        "the metrics with scores). A row of 0/m on the tiny profile is expected and is no evidence against the paper.", "",
-        table(["paper's conclusion", "test here", "this run: k/m per setting"], concl), "",
+    return "\n".join(parts + [
         f"Best distilled cell per metric (highest mean); a T_sft,S_sft cell is best on {n_both} of {len(best)} "
         f"metrics{f' ({n_tie} are ties: several cells share the highest mean, which counts for none)' if n_tie else ''}:",
         "",
