@@ -264,7 +264,8 @@ def statistics(s: Study, figs: dict[str, str]) -> str:
              "differences dropped (Wilcoxon's rule); the 14 p-values of a row are adjusted with "
              f"{'no correction' if correction == 'none' else correction} and H0 is rejected where the adjusted "
              f"p ≤ {alpha}. Also reported in `report/stats_table.json`: two-sided p, a paired t-test, the "
-             "matched-pairs rank-biserial effect (R+ − R−)/(R+ + R−) and a bootstrap 95% CI of the mean difference. "
+             "matched-pairs rank-biserial effect (R+ − R−)/(R+ + R−), Cohen's d_z (mean difference / SD of the differences) "
+             "and a bootstrap 95% CI of the mean difference. "
              "A question with a missing score is dropped from that comparison only.", ""]
     if not s.stat_rows:
         return "\n".join(parts + ["No comparison could be made (the grid has no pair of cells for any hypothesis).", ""])

@@ -20,11 +20,11 @@ import statistics
 from ..metric_names import METRIC_LABEL
 from ..power import POWER, WILCOXON_ARE, detectable_dz, questions_needed
 
-# ROUGE-L F1 (n-gram family) and BERTScore F1 (embedding family): one metric per family that every question gets
-# (no judge), each the F-measure its family's paper recommends, so one lexical and one semantic view of the answer.
+# The headline metrics of the conclusions table: one lexical and one semantic view of an answer (HEADLINE_WHY).
 HEADLINE = ("rougeL", "bertscore_f1")
-HEADLINE_WHY = ("ROUGE-L F1 and BERTScore F1, one per metric family, both scored on every question without a "
-                "judge: ROUGE-L is word overlap in order, BERTScore F1 meaning-level similarity")
+HEADLINE_WHY = ("ROUGE-L F1 and BERTScore F1, one per metric family that scores every question without a judge: "
+                "ROUGE-L (longest common subsequence) is the word-overlap metric not tied to one n-gram length, "
+                "BERTScore F1 balances the precision and recall of meaning-level similarity")
 
 
 def _label(metric: str) -> str:
