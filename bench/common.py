@@ -15,13 +15,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 _STARTED: dict | None = None  # provenance at start-up (add_output_args)
+# Tracked files the pipeline's stages write (dvc.yaml outs with cache: false, the lock, the report): data, not code
+PIPELINE_OUTPUTS = ("dvc.lock", "logs", "metrics", "report")
 
 
 def provenance(argv: list[str] | None = None) -> dict:
     """The commit a benchmark ran on and the exact command line that ran it.
 
     Returns {"commit": `git rev-parse HEAD`, "dirty": uncommitted changes to tracked files outside
-    bench/results/ (a result file written earlier in the same `make bench` is not code), "dirty_paths":
+    bench/results/ (a result file written earlier in the same `make bench` is not code) and outside the
+    study's own outputs (PIPELINE_OUTPUTS: `make bench` runs `dvc repro` first, which rewrites the wall times
+    in logs/timing/, metrics/generate/, report/README.md and dvc.lock of a fresh clone), "dirty_paths":
     the first 20 of them, "command": `python <script> <args>` as invoked}. Outside a git checkout
     commit is None. Raises nothing.
     """
@@ -35,7 +39,8 @@ def provenance(argv: list[str] | None = None) -> dict:
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0:
         return {"commit": None, "dirty": None, "dirty_paths": [], "command": shlex.join(["python", str(script), *argv[1:]])}
-    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
+                             *(f":!{p}" for p in PIPELINE_OUTPUTS)],
                             capture_output=True, text=True, check=True).stdout.splitlines()
     return {"commit": head.stdout.strip(), "dirty": bool(status), "dirty_paths": [ln[3:] for ln in status[:20]],
             "command": shlex.join(["python", str(script), *argv[1:]])}
