@@ -307,6 +307,27 @@ def test_vocab_match_is_read_from_the_teacher_cache_then_the_kd_runs(tmp_path):
     assert ref_models(["ref-smollm2-base", "ref-smollm2-sft", "ref-student-base"]) == ["smollm2", "student"]
 
 
+def test_empty_answers_are_read_and_stated(tmp_path):
+    """metrics/generate/<run>.json's empty_answers reach the report: each run that left answers empty with k/n,
+    largest first; a run without the file is left out; "none" when every answer has text."""
+    from telekd.report import sections
+    from telekd.report.collect import empty_answers
+    from telekd.report.tables import empty_line
+
+    m = tmp_path / "metrics"
+    write(m / "generate/a-s0.json", {"answers": 64, "answers_per_s": 1.2, "empty_answers": 35})
+    write(m / "generate/b-s0.json", {"answers": 64, "answers_per_s": 1.1, "empty_answers": 58})
+    write(m / "generate/c-s0.json", {"answers": 64, "answers_per_s": 1.0, "empty_answers": 0})
+    got = empty_answers(m, ["a-s0", "b-s0", "c-s0", "missing-s0"])
+    assert got == {"a-s0": (35, 64), "b-s0": (58, 64), "c-s0": (0, 64)}
+    line = empty_line(got, ["a-s0", "b-s0", "c-s0", "missing-s0"])
+    assert line.endswith("`b-s0` 58/64, `a-s0` 35/64; the other 1 runs none.")
+    assert empty_line(got, ["c-s0"]).endswith("none in 1 runs.")
+    assert empty_line(got, ["missing-s0"]) == ""
+    md = sections.students(_study(run_names=["a-s0", "c-s0"], empty=got))
+    assert "`a-s0` 35/64; the other 1 runs none." in md
+
+
 # -----------------------------------------------------------------------------
 # one section at a time, from a Study built by hand (telekd.report.sections; right values stated below)
 
@@ -320,7 +341,7 @@ def _study(**over):
                 settings={}, algs=["vanilla", "dskd"], cells=[], refs=[], teachers=[], models=[], vocab_match={},
                 seeds=None, runs={}, run_names=[], prep={},
                 base_models={}, stat_rows=[], alpha=0.05, correction="holm", alternative="greater", summ=summ,
-                summ_runs=None, sft_rows=[], kd_rows=[], judged=0, judge_failures=0)
+                summ_runs=None, sft_rows=[], kd_rows=[], judged=0, judge_failures=0, empty={})
     return Study(**{**base, **over})
 
 

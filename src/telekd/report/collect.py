@@ -136,6 +136,17 @@ def kd_rows(metrics_dir: Path, logs_dir: Path | None, run_names: list[str]) -> l
     return rows
 
 
+def empty_answers(metrics_dir: Path, names: list[str]) -> dict[str, tuple[int, int]]:
+    """run -> (empty answers, answers) from the generate stage's metrics/generate/<run>.json (an answer is empty
+    when nothing is left after stripping); runs without the file are left out."""
+    out = {}
+    for name in names:
+        d = read_json(metrics_dir / "generate" / f"{name}.json")
+        if d and is_num(d.get("empty_answers")) and is_num(d.get("answers")):
+            out[name] = (int(d["empty_answers"]), int(d["answers"]))
+    return out
+
+
 def judge_counts(scores_dir: Path | None, names: list[str]) -> tuple[int, int]:
     """(samples judged, judge failures) summed over the runs' scores/<run>/llm.summary.json."""
     heads = [read_json(scores_dir / c / "llm.summary.json") or {} for c in names] if scores_dir else []
@@ -177,6 +188,7 @@ class Study:
     kd_rows: list[list]
     judged: int
     judge_failures: int
+    empty: dict[str, tuple[int, int]]
 
     def vocab_teacher(self, same: bool) -> str | None:
         """The first teacher (grid order) whose recorded vocabulary match is `same`; None when there is none."""
@@ -210,4 +222,4 @@ def collect(metrics_dir: str | Path, cells: list[str], refs: list[str], profile:
                  correction=stats_doc.get("correction", st.get("correction", "holm")),
                  alternative=stats_doc.get("alternative", st.get("alternative", "greater")), summ=summ,
                  summ_runs=summ_runs, sft_rows=sft_rows(m, lg, models), kd_rows=kd_rows(m, lg, run_names), judged=judged,
-                 judge_failures=failures)
+                 judge_failures=failures, empty=empty_answers(m, run_names + refs))

@@ -8,7 +8,7 @@ from ..metric_names import FAMILIES, FAMILY_TITLE, LLM_METRICS, METRIC_LABEL, ME
 from ..metrics import NGRAM_TOKENIZATION
 from . import verdicts
 from .collect import Study, is_num
-from .tables import best_cells, family_table, figure, hypothesis_rows, seed_spread, table
+from .tables import best_cells, empty_line, family_table, figure, hypothesis_rows, seed_spread, table
 
 PAPER = "arXiv 2504.20000"
 
@@ -214,6 +214,8 @@ def students(s: Study) -> str:
     parts = ["## Distilled students (mean over test questions)", "",
              "Mean per-question score with its 95% percentile-bootstrap CI in brackets, n = questions scored "
              f"(scores/<run>/<family>.summary.json). {pooled_txt}", ""]
+    if empty := empty_line(s.empty, s.run_names):
+        parts += [empty, ""]
     for fam in FAMILIES:
         parts += [f"### {FAMILY_TITLE[fam]}", "", family_table(s.summ, s.cells, fam), ""]
     if s.summ_runs is not None:
@@ -229,6 +231,8 @@ def references(s: Study, figs: dict[str, str]) -> str:
     """The reference rows' (each model without KD) mean scores, then the score figures of cells and rows."""
     parts = ["## Reference rows (no KD)", "",
              "Each model without distillation, base and after SFT, on the same test questions.", ""]
+    if empty := empty_line(s.empty, s.refs):
+        parts += [empty, ""]
     for fam in FAMILIES:
         parts += [f"### {FAMILY_TITLE[fam]}", "", family_table(s.summ, s.refs, fam), ""]
     parts += ["### Figures", ""]

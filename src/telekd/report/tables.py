@@ -96,3 +96,17 @@ def hypothesis_rows(stat_rows: list[dict]) -> list[list]:
                      f"{min(ns)}–{max(ns)}" if ns and min(ns) != max(ns) else (ns[0] if ns else 0),
                      f"**{len(rej)}/{len(tested)}**", med, ", ".join(rej) or "–"])
     return rows
+
+
+def empty_line(empty: dict[str, tuple[int, int]], names: list[str]) -> str:
+    """One sentence on the runs among `names` that left answers empty (metrics/generate/<run>.json): "" when no
+    count is recorded, "none" when every answer has text, else each such run with k/n, largest first."""
+    known = [n for n in names if n in empty]
+    if not known:
+        return ""
+    bad = sorted((n for n in known if empty[n][0]), key=lambda n: (-empty[n][0], names.index(n)))
+    head = "Empty answers (nothing left after stripping; metrics/generate/<run>.json): "
+    if not bad:
+        return head + f"none in {len(known)} runs."
+    return head + ", ".join(f"`{n}` {empty[n][0]}/{empty[n][1]}" for n in bad) + (
+        f"; the other {len(known) - len(bad)} runs none." if len(bad) < len(known) else ".")
