@@ -180,3 +180,51 @@ def test_map_sharded_one_process():
     assert shard.map_sharded(lambda share: [1], []) == []
     with pytest.raises(ValueError, match="gave 1 results for 2 items"):
         shard.map_sharded(lambda share: [0], [1, 2])
+
+
+# A non-main process leaves after the last collective while the main one still works (it writes the outputs).
+LEAVER = """
+import sys, time
+from accelerate.utils import gather_object
+from telekd import shard
+s = shard.state()
+gather_object([s.process_index])
+if s.is_main_process:
+    time.sleep(1)
+"""
+
+
+def test_a_process_that_leaves_first_exits_cleanly(tmp_path):
+    """Without the exit hook in shard.state() such a launch died in gloo's teardown ("terminate called without
+    an active exception", SIGABRT) in 2 of 10 runs (and once in CI); with it, 0 of 20. Six launches: a run
+    of six clean exits without the hook has probability 0.8**6 = 0.26."""
+    (tmp_path / "leaver.py").write_text(LEAVER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for _ in range(6):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(tmp_path / "leaver.py")]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_the_exit_hook_destroys_the_process_group(monkeypatch):
+    """The hook registered once per process destroys the default group if one is still up, and only then."""
+    import atexit
+
+    import torch.distributed as dist
+
+    hooks, destroyed = [], []
+    monkeypatch.setattr(atexit, "register", hooks.append)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True))
+    shard._leave_group_at_exit.cache_clear()
+    shard._leave_group_at_exit()
+    shard._leave_group_at_exit()
+    assert len(hooks) == 1
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    hooks[0]()
+    assert destroyed == []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    hooks[0]()
+    assert destroyed == [True]
+    shard._leave_group_at_exit.cache_clear()

