@@ -85,7 +85,8 @@ def meta_model(role: str, dtype, layers: int | None = None):
 
 def load_data(p, n_examples: int, source: str | None = None):
     """Train/test records of real TeleQuAD split as params say; the train records sorted longest context first."""
-    from telekd.data import load_records, split_by_group
+    from telekd.data import load_records
+    from telekd.split import split_by_group
 
     loaded = load_records(source or TELEQUAD, on_invalid=p.data.on_invalid, impossible=p.data.impossible,
                           no_answer_text=p.data.no_answer_text)

@@ -63,7 +63,8 @@ def main() -> None:
                         "when it is not imported (the result says which)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from telekd.data import load_records, split_by_group
+    from telekd.data import load_records
+    from telekd.split import split_by_group
     from telekd.params import load_params
 
     limit = a.limit or (SMOKE_LIMIT if a.smoke else 600)

@@ -1,9 +1,10 @@
 """Stage prepare: load TeleQuAD-schema data (or a CSV/JSONL question table), validate it, split it by document group."""
 
 from telekd import layout
-from telekd.data import load_records, split_by_group
+from telekd.data import load_records
 from telekd.io import write_json, write_jsonl
 from telekd.params import load_params
+from telekd.split import cap_by_group, split_by_group
 
 
 def main() -> None:
@@ -14,8 +15,8 @@ def main() -> None:
     splits = split_by_group(loaded.records, dict(p.split.fractions), seed=p.split.seed, group_by=p.split.group_by)
     caps = {"train": p.data.max_train, "test": p.data.max_test}
     for name, recs in splits.items():
-        if caps.get(name):
-            splits[name] = recs[: caps[name]]  # a prefix of a fixed, seeded order: stable across runs
+        if caps.get(name):  # spread over the split's documents, the same on every run
+            splits[name] = cap_by_group(recs, caps[name], seed=p.split.seed, group_by=p.split.group_by)
         write_jsonl(layout.split_file(name), (r.to_dict() for r in splits[name]))
     write_jsonl(f"{layout.PREPARED}/skipped.jsonl", loaded.skipped)
     write_jsonl(f"{layout.PREPARED}/warnings.jsonl", loaded.warnings)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from telekd.data import DataValidationError, LoadResult, Problem, QARecord, load_telequad, split_by_group
+from telekd.data import DataValidationError, LoadResult, Problem, QARecord, load_telequad
+from telekd.split import cap_by_group, split_by_group
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared/data/telequad/TeleQuAD-v4-full.json"
@@ -334,7 +335,8 @@ def test_split_does_not_depend_on_pythonhashseed(tmp_path):
     path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records), encoding="utf-8")
     code = (
         "import json, sys\n"
-        "from telekd.data import QARecord, split_by_group\n"
+        "from telekd.data import QARecord\n"
+        "from telekd.split import split_by_group\n"
         "recs = [QARecord.from_dict(json.loads(l)) for l in open(sys.argv[1])]\n"
         f"s = split_by_group(recs, {FRACTIONS!r}, seed=5)\n"
         "print(json.dumps({k: [r.id for r in v] for k, v in s.items()}))\n"
@@ -389,6 +391,30 @@ def test_real_telequad():
     assert len(res.warnings) == 2
     splits = split_by_group(res.records, FRACTIONS, seed=0, group_by="source")
     assert_valid_split(res.records, splits, key=lambda r: r.source)
+    capped = cap_by_group(splits["train"], 32, seed=0)   # the small reference study's cap: 32 documents, not 2
+    assert len(capped) == 32 and len({r.source for r in capped}) == 32
+
+
+def test_a_cap_takes_one_question_per_group_in_turn():
+    # groups of 1, 2, 3, 5, 8 questions (make_records(5)); the seeded group order by hand: random.Random(0)
+    # shuffles the sorted keys ["doc_id:d0", "source:spec-1" ... "source:spec-4"]
+    import random
+
+    records = make_records(5)
+    keys = ["doc_id:d0", "source:spec-1", "source:spec-2", "source:spec-3", "source:spec-4"]
+    random.Random(0).shuffle(keys)
+    size = {"doc_id:d0": 1, "source:spec-1": 2, "source:spec-2": 3, "source:spec-3": 5, "source:spec-4": 8}
+    first = [f"q{k.split('-')[-1] if 'spec' in k else 0}-0" for k in keys]
+    assert sorted(r.id for r in cap_by_group(records, 3, seed=0)) == sorted(first[:3])   # 3 groups, one each
+    assert len({group_of(r) for r in cap_by_group(records, 5, seed=0)}) == 5
+    seconds = [f"q{k.split('-')[-1]}-1" for k in keys if size[k] >= 2]
+    assert sorted(r.id for r in cap_by_group(records, 7, seed=0)) == sorted(first + seconds[:2])
+    eleven = cap_by_group(records, 11, seed=0)   # depths 0, 1, 2 cover 5 + 4 + 3 = 12: the last round is cut
+    assert len(eleven) == 11 and [r.id for r in eleven] == [r.id for r in records if r in eleven]   # file order
+    assert cap_by_group(records, 100, seed=0) == records
+    assert cap_by_group(records, 3, seed=0) == cap_by_group(list(records), 3, seed=0)
+    with pytest.raises(ValueError, match="cap 0: must be at least 1"):
+        cap_by_group(records, 0, seed=0)
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason=f"{SAMPLE} is absent")

@@ -73,6 +73,46 @@ def test_pretraining_lowers_the_loss(tokenizers, sample_records):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 
 
+def test_healing_by_distillation_is_the_forward_kl_to_the_teacher(tokenizers, sample_records):
+    """heal.objective kd: step 1's loss is KL(teacher || model) of the first window batch by hand (sum over the
+    vocabulary, mean over positions); 0 for a copy of the teacher; it falls as the model learns the teacher."""
+    import copy
+    import random
+
+    import torch
+    from conftest import tiny_model
+    from telekd.zoo import pretrain
+
+    tok = tokenizers["llama"]
+    teacher, model = tiny_model("llama", len(tok)), tiny_model("llama", len(tok), seed=1)
+    contexts = list(dict.fromkeys(r.context for r in sample_records))[:10]
+    assert pretrain(copy.deepcopy(teacher), tok, contexts, steps=1, lr=1e-9, batch=2, seq_len=32, seed=0,
+                    teacher=teacher) == [pytest.approx(0.0, abs=1e-6)]
+
+    stream = []
+    for t in contexts:
+        stream += [tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    rng = random.Random(0)
+    x = torch.stack([torch.tensor(stream[s: s + 32]) for s in [rng.randrange(len(stream) - 33) for _ in range(2)]])
+    with torch.no_grad():
+        p = torch.softmax(teacher(input_ids=x).logits.double(), -1)
+        q = torch.softmax(model(input_ids=x).logits.double(), -1)
+    by_hand = (p * (p.log() - q.log())).sum(-1).mean().item()
+    losses = pretrain(model, tok, contexts, steps=30, lr=3e-3, batch=2, seq_len=32, seed=0, teacher=teacher)
+    assert losses[0] == pytest.approx(by_hand, rel=1e-5)
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+
+
+def test_healing_refuses_a_teacher_on_another_vocabulary(tokenizers, sample_records):
+    from conftest import tiny_model
+    from telekd.zoo import pretrain
+
+    tok = tokenizers["llama"]
+    with pytest.raises(ValueError, match=r"heal teacher's vocabulary \(\d+\) differs from the model's"):
+        pretrain(tiny_model("llama", len(tok)), tok, [r.context for r in sample_records[:4]], steps=1, lr=1e-3,
+                 batch=2, seq_len=32, seed=0, teacher=tiny_model("llama", len(tok) + 8))
+
+
 def test_trust_remote_code_is_off_by_default(saved_models, monkeypatch):
     import transformers
 

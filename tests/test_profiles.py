@@ -150,21 +150,28 @@ def test_pruned_student_holds_the_kept_layers_and_computes_as_them():
         prune_layers(pruned, [0, 0])
 
 
-def test_build_pretrained_copies_teachers_and_prunes_then_heals_the_student(tmp_path, tokenizers, sample_records):
-    """base_models for the small profile on a 3-layer stand-in for the converted SmolLM2 checkpoint."""
+@pytest.mark.parametrize("objective", ["kd", "lm"])
+def test_build_pretrained_copies_teachers_and_prunes_then_heals_the_student(tmp_path, tokenizers, sample_records,
+                                                                            objective, monkeypatch):
+    """base_models for the small profile on a 3-layer stand-in for the converted SmolLM2 checkpoint; the heal
+    distils from the unpruned model (objective kd, the default) or trains on the text alone (lm)."""
     from types import SimpleNamespace as NS
 
     import torch
     from safetensors.torch import load_file
 
     from conftest import tiny_model
+    from telekd import zoo
     from telekd.params import Heal, ModelSource
     from telekd.zoo import build_pretrained
 
     src = tmp_path / "pretrained" / "smollm2-135m-instruct"
     tiny_model("llama", len(tokenizers["llama"]), layers=3).save_pretrained(src, safe_serialization=True)
     tokenizers["llama"].save_pretrained(src)
-    heal = Heal(steps=2, lr=1e-3, batch=2, seq_len=16)
+    teachers, real = [], zoo.pretrain
+    monkeypatch.setattr(zoo, "pretrain", lambda *a, teacher=None, **k: teachers.append(teacher) or real(
+        *a, teacher=teacher, **k))
+    heal = Heal(steps=2, lr=1e-3, batch=2, seq_len=16, **({} if objective == "kd" else {"objective": "lm"}))
     models = {"smollm2": ModelSource(pretrained="smollm2-135m-instruct", chat_template="own"),
               "student": ModelSource(pretrained="smollm2-135m-instruct", keep_layers=2, heal=heal, chat_template="mistral")}
     params = NS(active=NS(models=models), models=NS(trust_remote_code=False), base_models=NS(threads=1), seed=0)
@@ -176,6 +183,10 @@ def test_build_pretrained_copies_teachers_and_prunes_then_heals_the_student(tmp_
     s = summary["student"]
     assert (s["layers"], s["kept_layers"], s["pretrained"]) == (2, [0, 2], "smollm2-135m-instruct")
     assert s["heal_loss_first"] != s["heal_loss_last"]
+    if objective == "kd":   # the teacher is the whole source model
+        assert [t.config.num_hidden_layers for t in teachers] == [3]
+    else:
+        assert teachers == [None]
     before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "base/student/model.safetensors")
     assert set(after) == {k for k in before if not k.startswith("model.layers.2.")}   # layers 0, 2 -> 0, 1
     assert not torch.equal(after["model.layers.1.mlp.up_proj.weight"], before["model.layers.2.mlp.up_proj.weight"])  # healed

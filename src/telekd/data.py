@@ -1,4 +1,4 @@
-"""TeleQuAD loading, validation and group-aware splitting (no torch here: stage start-up stays fast).
+"""TeleQuAD loading and validation (no torch here: stage start-up stays fast; splitting: telekd.split).
 
 Besides TeleQuAD JSON, `load_records` reads a table of questions (`.csv`, or `.jsonl` with one object per
 line) with `question` and `answer` (or, in JSONL, `answers`: a list) columns and optional `id`, `context`,
@@ -12,14 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ON_INVALID = ("error", "skip")
 IMPOSSIBLE = ("drop", "keep")
-GROUP_BY = ("source", "doc_id")
 FIX_RECORDS = "fix the records, or set data.on_invalid: skip to drop them (they are listed in the skipped file)"
 FIX_FILE = "fix or replace the file (data.on_invalid: skip cannot drop a whole file)"
 EXPECTED = 'expected TeleQuAD JSON: {"version": ..., "data": [{"docid", "title", "source", "paragraphs": [...]}]}'
@@ -390,46 +388,3 @@ def _collect(items, on_invalid: str, impossible: str, no_answer_text: str) -> Lo
     if problems and on_invalid == "error":
         raise DataValidationError(problems)
     return LoadResult(records, skipped, warnings)
-
-
-def _group_key(record: QARecord, group_by: str) -> str:
-    if group_by == "source" and record.source:
-        return "source:" + record.source
-    return "doc_id:" + record.doc_id
-
-
-def split_by_group(records, fractions: dict[str, float], seed: int, group_by: str = "source") -> dict[str, list[QARecord]]:
-    """Split whole groups (by source, or doc_id when a record's source is ""; or by doc_id) to approach fractions.
-
-    Deterministic for a seed across processes: groups are sorted, shuffled by random.Random(seed), then each goes
-    to the split furthest below its target question count (ties: order of fractions). Records keep file order.
-    """
-    _check_choice("group_by", group_by, GROUP_BY)
-    names = list(fractions)
-    bad = {k: v for k, v in fractions.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0}
-    if not names or bad:
-        raise ValueError(f"split fractions must be positive numbers, got {fractions}: fix split.fractions")
-    if abs(sum(fractions.values()) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions sum to {sum(fractions.values())}, not 1: fix split.fractions {fractions}")
-    records = list(records)
-    sizes: dict[str, int] = {}
-    for r in records:
-        key = _group_key(r, group_by)
-        sizes[key] = sizes.get(key, 0) + 1
-    if len(sizes) < len(names):
-        raise ValueError(f"{len(sizes)} groups by {group_by}; need at least {len(names)}: use group_by doc_id or more data")
-    keys = sorted(sizes)
-    random.Random(seed).shuffle(keys)
-    target = {s: fractions[s] * len(records) for s in names}
-    count = {s: 0 for s in names}
-    where = {}
-    for i, key in enumerate(keys):
-        empty = [s for s in names if count[s] == 0]
-        candidates = empty if len(keys) - i <= len(empty) else names  # keep enough groups to fill every split
-        split = max(candidates, key=lambda s: (target[s] - count[s], -names.index(s)))
-        where[key] = split
-        count[split] += sizes[key]
-    out = {s: [] for s in names}
-    for r in records:
-        out[where[_group_key(r, group_by)]].append(r)
-    return out

@@ -214,9 +214,12 @@ class Stats(Strict):
 
 
 class Heal(Strict):
-    """Causal-LM retraining of a layer-pruned model on the training contexts (telekd.zoo.pretrain), as pruned models
-    are retrained before use (Minitron, Muralidharan et al. 2024): AdamW, warm-up then cosine, full weights."""
+    """Retraining of a layer-pruned model on the training contexts (telekd.zoo.pretrain), as pruned models are
+    retrained before use (Minitron, Muralidharan et al. 2024): AdamW, warm-up then cosine, full weights.
+    objective kd: distilled from the unpruned model (forward KL to its next-token distribution, Minitron's
+    choice); lm: the causal-LM loss of the text alone."""
 
+    objective: Literal["kd", "lm"] = "kd"
     steps: int = Field(ge=1)
     lr: float = Field(gt=0)
     batch: int = Field(ge=1)

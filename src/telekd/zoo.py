@@ -60,12 +60,26 @@ def make_config(family: str, arch, vocab_size: int, max_positions: int):
 
 
 def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: int, seq_len: int, seed: int,
-             desc: str = "pretrain") -> list[float]:
-    """Causal-LM training on random windows of the concatenated texts; returns the loss per step."""
+             desc: str = "pretrain", teacher=None) -> list[float]:
+    """Train `model` on random windows (seq_len tokens, `batch` per step) of the concatenated texts; returns the
+    loss per step (nats per token).
+
+    Without `teacher` the loss is the causal-LM cross-entropy of the text. With `teacher` (a frozen causal LM on
+    the same vocabulary, e.g. the unpruned model a pruned one came from) it is the forward KL from the teacher's
+    next-token distribution to the model's, T = 1, summed over the vocabulary and averaged over every position
+    (torch's kl_div): the logit distillation Minitron retrains pruned models with (Muralidharan et al. 2024,
+    "Compact Language Models via Pruning and Knowledge Distillation", section 3). AdamW, warm-up then cosine, the
+    gradient clipped to norm 1. Errors: ValueError when the texts are shorter than one window or the teacher's
+    vocabulary differs from the model's.
+    """
     import torch
     from tqdm import tqdm
 
     from .checkpoint import check_finite
+
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"heal teacher's vocabulary ({teacher.config.vocab_size}) differs from the model's "
+                         f"({model.config.vocab_size}): distil from the model the pruned one came from")
 
     stream: list[int] = []
     for t in texts:
@@ -84,7 +98,13 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float, batch: i
     for _ in (bar := tqdm(range(steps), desc=desc, mininterval=2)):
         starts = [rng.randrange(len(data) - seq_len - 1) for _ in range(batch)]
         x = torch.stack([data[s: s + seq_len] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
+        if teacher is None:
+            loss = model(input_ids=x, labels=x).loss
+        else:
+            with torch.no_grad():
+                target = torch.log_softmax(teacher(input_ids=x).logits.float(), -1)
+            log_q = torch.log_softmax(model(input_ids=x).logits.float(), -1)
+            loss = torch.nn.functional.kl_div(log_q, target, reduction="none", log_target=True).sum(-1).mean()
         check_finite(loss.item(), "the loss", desc, f"step {len(losses) + 1}/{steps}")  # before it reaches the weights
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -265,10 +285,10 @@ def build_pretrained(params, pretrained_dir, out_dir, contexts: list[str]) -> di
     """Small profile: every model of the profile into out_dir/<name> from the converted checkpoints; a summary.
 
     A model with `keep_layers` is a layer-pruned copy (`kept_layers`, `prune_layers`) of its pretrained model,
-    retrained as a causal LM on `contexts` (the training split's) when it has `heal` (`pretrain`, with
-    base_models.threads torch threads and params.seed); the others are copied as they are. Each gets its chat
-    template (params: chat_template). Reads pretrained_dir/<pretrained name> (the pretrained stage's output);
-    ModelLoadError when one is missing.
+    retrained on `contexts` (the training split's) when it has `heal` (`pretrain`: distilled from the unpruned model
+    with heal.objective kd, as a causal LM with lm; base_models.threads torch threads, params.seed); the others are
+    copied as they are. Each gets its chat template (params: chat_template). Reads pretrained_dir/<pretrained name>
+    (the pretrained stage's output); ModelLoadError when one is missing.
     """
     import shutil
     from pathlib import Path
@@ -290,9 +310,12 @@ def build_pretrained(params, pretrained_dir, out_dir, contexts: list[str]) -> di
         else:
             model, tok = load_model(str(source), dtype="float32", trust_remote_code=params.models.trust_remote_code)
             keep = kept_layers(model.config.num_hidden_layers, src.keep_layers)
+            source_model = model
             model = prune_layers(model, keep)
             heal = src.heal and pretrain(model, tok, contexts, src.heal.steps, src.heal.lr, src.heal.batch,
-                                         src.heal.seq_len, params.seed, desc=f"heal {name}")
+                                         src.heal.seq_len, params.seed, desc=f"heal {name}",
+                                         teacher=source_model if src.heal.objective == "kd" else None)
+            del source_model
             model.save_pretrained(dest, safe_serialization=True)
         set_chat_template(tok, src.chat_template)
         tok.save_pretrained(dest)

@@ -115,7 +115,7 @@ def telequad_with_impossible(tmp_path):
 
 def test_unanswerable_question_end_to_end(tmp_path, tokenizers, saved_models):
     """data.impossible: keep -> the no-answer reply is the training target and the evaluation reference."""
-    from telekd.data import split_by_group
+    from telekd.split import split_by_group
     from telekd.examples import tokenized
     from telekd.generation import generate_answers
     from telekd.metrics import ngram_batch
