@@ -125,7 +125,9 @@ def top_packages(importtime: str, k: int = 6) -> list[tuple[str, float]]:
 
 
 def stage_counts() -> dict:
-    out = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=ROOT, capture_output=True, text=True)
+    # this Python's dvc: `.venv/bin/python bench/imports.py` works without the venv on PATH
+    out = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
     scripts = {"generate_ref": ["generate"], "eval_ref": ["eval_ngram", "eval_embed", "eval_llm"]}  # dvc.yaml cmds
     counts: dict[str, int] = {}
     for name in out.stdout.split():
