@@ -19,8 +19,13 @@ sys.path.insert(0, str(BENCH))
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    """As the README runs a benchmark, `.venv/bin/python bench/<name>.py`: this Python's bin/ is not on PATH (a
+    bare `dvc` or `python` in a benchmark would find another one, or none)."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if d.rstrip("/") != venv_bin)
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "TRL_EXPERIMENTAL_SILENCE": "1"}
 
 
 def _results_digest() -> dict:
