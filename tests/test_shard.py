@@ -105,6 +105,9 @@ def close(a, b, tol: float = 1e-6) -> bool:
     return a == b
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,10 +135,20 @@ def runs(saved_models, sample_records, tmp_path_factory):
     # --multi_gpu is accelerate's torchrun path: on a machine without CUDA, two CPU processes over gloo.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(tmp / "driver.py"), str(ROOT), str(log), str(extra), json.dumps(STAGES)]
-    res = subprocess.run(cmd, cwd=two, env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),
+               str(tmp / "driver.py"), str(ROOT), str(log), str(extra), json.dumps(STAGES)]
+        res = subprocess.run(cmd, cwd=two, env=env, capture_output=True, text=True, timeout=300)
+        if res.returncode == 0 or TEARDOWN_ABORT not in res.stderr:
+            break
+        # Known, not yet fixed: after its last collective a process can still abort in gloo's teardown at exit
+        # (seen in 2 CI runs of this launch, with models loaded; the bare launch of
+        # test_a_process_that_leaves_first_exits_cleanly no longer does). Only that failure is retried, afresh.
+        for p in (log, extra):
+            p.unlink(missing_ok=True)
+        two = make_study(tmp / f"two-retry{attempt + 1}", saved_models["student"], sample_records)
     assert res.returncode == 0, res.stderr[-3000:]
     writes = log.read_text().splitlines() if log.exists() else []
     return outputs(one), outputs(two), writes, json.loads(extra.read_text()), one_sampled
