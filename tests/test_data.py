@@ -413,8 +413,9 @@ def test_a_cap_takes_one_question_per_group_in_turn():
     assert len(eleven) == 11 and [r.id for r in eleven] == [r.id for r in records if r in eleven]   # file order
     assert cap_by_group(records, 100, seed=0) == records
     assert cap_by_group(records, 3, seed=0) == cap_by_group(list(records), 3, seed=0)
-    with pytest.raises(ValueError, match="cap 0: must be at least 1"):
-        cap_by_group(records, 0, seed=0)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"cap {bad!r}: must be an integer of at least 1"):
+            cap_by_group(records, bad, seed=0)
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason=f"{SAMPLE} is absent")

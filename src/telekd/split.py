@@ -65,10 +65,10 @@ def cap_by_group(records, n: int, seed: int, group_by: str = "source") -> list[Q
     """At most n of `records`, taken one group at a time in turn (a question from each group, then a second from
     each, ...; groups in a seeded order: sorted keys shuffled by random.Random(seed); each group's questions in
     file order), so a capped split covers min(n, groups) documents rather than the first few. Records keep file
-    order. Errors: ValueError when n < 1.
+    order. Errors: ValueError unless n is an int >= 1.
     """
-    if n < 1:
-        raise ValueError(f"cap {n}: must be at least 1 (data.max_train / data.max_test; null = no cap)")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"cap {n!r}: must be an integer of at least 1 (data.max_train / data.max_test; null = no cap)")
     records = list(records)
     groups = _seeded_groups(records, group_by, seed)
     picked: list[int] = []
