@@ -84,8 +84,9 @@ def test_small_profile_loads_with_its_grid(tmp_path):
                                         "sft.models": ["smollm2", "gemma3", "student"]}))
     m = p.active.models
     assert (m["smollm2"].pretrained, m["gemma3"].pretrained) == ("smollm2-135m-instruct", "gemma-3-270m")
-    assert (m["student"].pretrained, m["student"].keep_layers) == ("smollm2-135m-instruct", 8)
-    assert (m["student"].heal.steps, m["student"].heal.lr) == (40, 3.0e-4)
+    assert (m["student"].pretrained, m["student"].keep_layers) == ("smollm2-135m-instruct", 24)
+    assert (m["student"].heal.steps, m["student"].heal.lr, m["student"].heal.objective) == (60, 3.0e-4, "kd")
+    assert not p.active.student_kd.lora   # full-weight KD: LoRA r 16 leaves the student empty-handed (params.yaml)
     assert set(p.active.pretrained) == {"smollm2-135m-instruct", "gemma-3-270m"}
     assert load_params("params.yaml").active.pretrained == []   # tiny converts nothing
 
