@@ -114,8 +114,10 @@ def test_kept_layers_evenly_spaced_first_and_last():
 
     # round(i * 29 / 9) for i = 0..9: 0, 3.22, 6.44, 9.67, 12.89, 16.11, 19.33, 22.56, 25.78, 29
     assert kept_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
-    # round(i * 29 / 7): 0, 4.14, 8.29, 12.43, 16.57, 20.71, 24.86, 29 (the small profile's student)
+    # round(i * 29 / 7): 0, 4.14, 8.29, 12.43, 16.57, 20.71, 24.86, 29
     assert kept_layers(30, 8) == [0, 4, 8, 12, 17, 21, 25, 29]
+    # round(i * 29 / 23) for i = 0..23 (the small profile's student): 2, 7, 12, 17, 22, 27 dropped (README's list)
+    assert sorted(set(range(30)) - set(kept_layers(30, 24))) == [2, 7, 12, 17, 22, 27]
     assert kept_layers(4, 4) == [0, 1, 2, 3] and kept_layers(5, 3) == [0, 2, 4]   # 2 / 2 = 1 exactly: no rounding
     with pytest.raises(ValueError, match=r"keep_layers 31: must be in \[2, 30\]"):
         kept_layers(30, 31)

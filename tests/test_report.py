@@ -207,8 +207,9 @@ SMALL_BASE_MODELS = {"models": {  # as telekd.zoo.build_pretrained writes it: no
                 "layers": 30, "pretrained": "smollm2-135m-instruct"},
     "gemma3": {"architecture": "Gemma3ForCausalLM", "parameters": 268098176, "vocab_size": 262144, "hidden_size": 640,
                "layers": 18, "pretrained": "gemma-3-270m"},
-    "student": {"architecture": "LlamaForCausalLM", "parameters": 51482304, "vocab_size": 49152, "hidden_size": 576,
-                "layers": 8, "pretrained": "smollm2-135m-instruct", "kept_layers": [0, 4, 8, 12, 17, 21, 25, 29]}}}
+    "student": {"architecture": "LlamaForCausalLM", "parameters": 113274432, "vocab_size": 49152, "hidden_size": 576,
+                "layers": 24, "pretrained": "smollm2-135m-instruct",
+                "kept_layers": [0, 1, 3, 4, 5, 6, 8, 9, 10, 11, 13, 14, 15, 16, 18, 19, 20, 21, 23, 24, 25, 26, 28, 29]}}}
 
 
 @pytest.fixture(scope="module")
@@ -243,12 +244,12 @@ def test_small_profile_report_names_its_teachers(small_study):
     assert ("**Size gap** (the paper's open question; ROUGE-L / BERTScore F1, parameters in brackets): teacher "
             "gemma3 (268.1M) base ") in md  # the teachers in grid order, then the student
     assert re.search(r"; teacher smollm2 \(134\.5M\) base 0\.\d{3} / 0\.\d{3}, SFT 0\.\d{3} / 0\.\d{3}; student "
-                     r"\(51\.5M\) base 0\.\d{3} / 0\.\d{3}, SFT 0\.\d{3} / 0\.\d{3}; best distilled student \(by ROUGE-L\) "
+                     r"\(113\.3M\) base 0\.\d{3} / 0\.\d{3}, SFT 0\.\d{3} / 0\.\d{3}; best distilled student \(by ROUGE-L\) "
                      r"`(smollm2|gemma3)-sft-base-(vanilla|dskd)` 0\.\d{3} / 0\.\d{3}\.\n", md)
     assert "A row of 0/m on the tiny profile" not in md
     assert ("Vocabularies: the student shares the smollm2 teacher's tokenizer; the gemma3 teacher's vocabulary "
             "differs (262,144 tokens against 49,152)") in md
-    assert "| student | LlamaForCausalLM | 51,482,304 | 49152 | smollm2-135m-instruct | 576 | 8 |" in md
+    assert "| student | LlamaForCausalLM | 113,274,432 | 49152 | smollm2-135m-instruct | 576 | 24 |" in md
     sft = md.split("## Supervised fine-tuning")[1].split("##")[0]
     assert [line.split(" | ")[0] for line in sft.split("\n") if line[:2] == "| "] == [
         "| model", "| smollm2", "| gemma3", "| student"]  # sft.models, in order
@@ -530,7 +531,7 @@ def test_size_gap_line_names_the_reference_rows_and_the_best_cell():
                     ["gemma3", "smollm2"], ["smollm2", "gemma3", "student"], SMALL_BASE_MODELS)
     assert line == ("**Size gap** (the paper's open question; ROUGE-L / BERTScore F1, parameters in brackets): "
                     "teacher gemma3 (268.1M) base 0.100 / 0.700, SFT 0.250 / –; teacher smollm2 (134.5M) base 0.200 / "
-                    "0.800, SFT 0.300 / 0.850; student (51.5M) base 0.050 / 0.600, SFT 0.150 / 0.750; best distilled "
+                    "0.800, SFT 0.300 / 0.850; student (113.3M) base 0.050 / 0.600, SFT 0.150 / 0.750; best distilled "
                     "student (by ROUGE-L) `smollm2-sft-sft-dskd` 0.220 / 0.810.")  # not gemma3's, best on BERTScore
     assert size_gap(summ, [], [], ["gemma3"], ["gemma3"], {}) == ""
 
