@@ -6,9 +6,12 @@ is streamed and time-stamped, and each "Running stage 'x':" line opens a stage t
 DVC's own hashing and lock-file work.
 
 By default the clone reuses this interpreter's virtual environment (--venv) and runs what
-`make repro` runs after `make setup`; --fresh-venv runs the real `make repro`, pip install included.
+`make repro` runs after `make setup` (`python -m telekd.forkserver dvc repro`: every stage a fork of one
+process that imported the libraries once); --plain runs `dvc repro` alone, a fresh interpreter per stage;
+--fresh-venv runs the real `make repro`, pip install included. --compare DIR compares every per-sample
+score of the run with those of another study folder (telekd.score_diff, exact).
 
-    python bench/study.py                      # the full tiny study (~20 min): bench/results/study.json
+    python bench/study.py --compare .          # the full tiny study against this checkout's: bench/results/study.json
     python bench/study.py --target prepare --out-dir /tmp/study-check   # one real stage in a clone: a minute
     python bench/study.py --smoke              # no clone, no DVC: see below
     python bench/study.py --reduced --keep --skip-exp --out-dir /tmp/reduced   # the tests' reduced study
@@ -96,10 +99,12 @@ def fixture_cmd(key: str) -> list[str]:
                                   "    time.sleep(0.05)"]
 
 
-def plan(target: list[str]) -> dict:
-    """The DVC commands the benchmark times, by result key."""
-    return {"make_repro": ["dvc", "repro", *target], "noop_repro": ["dvc", "repro", *target],
-            "exp_run_dskd": ["dvc", "exp", "run", "-S", "kd.alg=dskd", *target]}
+def plan(target: list[str], plain: bool = False) -> dict:
+    """The DVC commands the benchmark times, by result key: the study as `make repro` runs it (under the fork
+    server, src/telekd/forkserver.py), or with `plain` as `dvc repro` alone (a fresh interpreter per stage)."""
+    server = [] if plain else ["python", "-m", "telekd.forkserver"]
+    return {"make_repro": [*server, "dvc", "repro", *target], "noop_repro": ["dvc", "repro", *target],
+            "exp_run_dskd": [*server, "dvc", "exp", "run", "-S", "kd.alg=dskd", *target]}
 
 
 def smoke(a) -> None:
@@ -128,6 +133,9 @@ def main() -> None:
     ap.add_argument("--reduced", action="store_true",
                     help="the tests' reduced study (tests/conftest.py: reduce_study) committed in the clone")
     ap.add_argument("--keep", action="store_true", help="keep the clone")
+    ap.add_argument("--plain", action="store_true", help="time plain `dvc repro`, without the fork server")
+    ap.add_argument("--compare", metavar="DIR", help="a study folder with an earlier run's scores/ (e.g. this "
+                    "checkout): every per-sample score compared with the clone's (telekd.score_diff)")
     add_output_args(ap, "no clone and no DVC: the plan's commands replaced by fixture output (see above)")
     a = ap.parse_args()
     if a.smoke:
@@ -163,13 +171,19 @@ def main() -> None:
             env["PATH"] = f"{Path(a.venv) / 'bin'}:{env['PATH']}"
             for key in ("core.analytics false", "core.check_update false"):
                 subprocess.run(["dvc", "config", *key.split()], cwd=clone, env=env, check=True)
-            result["make_repro"] = timed(plan(target)["make_repro"], clone, env, log)
+            result["make_repro"] = timed(plan(target, a.plain)["make_repro"], clone, env, log)
             result["make_repro"]["note"] = f"make setup skipped: venv {a.venv} reused"
-        result["noop_repro"] = timed(plan(target)["noop_repro"], clone, env, log)
+        result["noop_repro"] = timed(plan(target, a.plain)["noop_repro"], clone, env, log)
         if not a.skip_exp:
-            result["exp_run_dskd"] = timed(plan(target)["exp_run_dskd"], clone, env, log)
+            result["exp_run_dskd"] = timed(plan(target, a.plain)["exp_run_dskd"], clone, env, log)
     full = result["make_repro"]
     result["families"] = by_family(full["stage_s"])
+    if a.compare:   # telekd.score_diff: every per-sample value of every run, exactly (==)
+        from telekd.score_diff import STRICT, compare
+
+        families = compare(a.compare, clone)
+        result["per_sample_scores_vs"] = {"reference": a.compare, "strict_families": list(STRICT),
+                                          "families": families}
     result["slowest_stages"] = dict(sorted(full["stage_s"].items(), key=lambda kv: -kv[1])[:10])
     result["goals"] = {"make_repro_s": "<= 600", "noop_repro_s": "<= 5"}
     result["summary_s"] = {"make_repro": full["wall_s"], "noop_repro": result["noop_repro"]["wall_s"],

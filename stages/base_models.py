@@ -5,6 +5,7 @@ import os
 
 from telekd import layout
 from telekd.data import QARecord
+from telekd.forkserver import run_stage
 from telekd.io import atomic_path, read_jsonl, write_json
 from telekd.params import load_params
 
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -5,6 +5,7 @@ come from the cache entry cache/teacher/<teacher>-<sft>/dskd (or live); only the
 are loaded, never its blocks. Flow shared with vanilla/uld: telekd.kd.run.
 """
 
+from telekd.forkserver import run_stage
 from telekd.kd.run import cell_arg
 from telekd.params import load_params
 
@@ -41,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,6 +1,7 @@
 """Stage eval_embed: embedding cosine and BERTScore P/R/F1 of one model's predictions."""
 
 from telekd.evaluation import fixed_hash_seed, stage_args
+from telekd.forkserver import run_stage
 
 
 def main() -> None:
@@ -28,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

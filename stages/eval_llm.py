@@ -3,6 +3,7 @@
 import sys
 
 from telekd.evaluation import stage_args
+from telekd.forkserver import run_stage
 
 
 def main() -> None:
@@ -31,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,6 +1,7 @@
 """Stage eval_ngram: BLEU-1..4 and ROUGE-1/2/L F1 of one model's predictions, per sample and mean with CI."""
 
 from telekd.evaluation import stage_args
+from telekd.forkserver import run_stage
 
 
 def main() -> None:
@@ -18,4 +19,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

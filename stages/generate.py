@@ -4,6 +4,7 @@ Under `accelerate launch` each process answers its share of the batches; the mai
 import argparse
 
 from telekd import layout, shard
+from telekd.forkserver import run_stage
 from telekd.io import write_json, write_jsonl
 from telekd.layout import Cell
 from telekd.params import load_params
@@ -50,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

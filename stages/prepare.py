@@ -2,6 +2,7 @@
 
 from telekd import layout
 from telekd.data import load_records
+from telekd.forkserver import run_stage
 from telekd.io import write_json, write_jsonl
 from telekd.params import load_params
 from telekd.split import cap_by_group, split_by_group
@@ -32,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

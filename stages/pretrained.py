@@ -7,6 +7,7 @@ profiles list none: their folder holds only its manifest (one process start, no 
 import tempfile
 
 from telekd import layout
+from telekd.forkserver import run_stage
 from telekd.io import atomic_path, write_json
 from telekd.params import load_params
 
@@ -35,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

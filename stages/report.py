@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from telekd import layout
+from telekd.forkserver import run_stage
 from telekd.io import atomic_path, write_text
 from telekd.layout import Cell
 from telekd.params import load_params
@@ -29,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

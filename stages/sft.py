@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from telekd import layout
+from telekd.forkserver import run_stage
 from telekd.io import atomic_path, write_json
 from telekd.params import load_params
 
@@ -51,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -6,6 +6,7 @@ effect, CI, n, decision) to report/stats_table.json.
 """
 
 from telekd import layout
+from telekd.forkserver import run_stage
 from telekd.io import write_json
 from telekd.params import load_params
 
@@ -34,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

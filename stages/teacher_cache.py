@@ -8,6 +8,7 @@ leaves the other entries byte-identical (telekd.cache)."""
 import argparse
 
 from telekd import layout
+from telekd.forkserver import run_stage
 from telekd.io import atomic_path, write_json
 from telekd.params import load_params
 
@@ -44,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -4,6 +4,7 @@ ULD reads uld.weight only (no temperature); the teacher's top-k at T = 1 comes f
 cache/teacher/<teacher>-<sft>/uld (or live). Flow shared with vanilla/dskd: telekd.kd.run.
 """
 
+from telekd.forkserver import run_stage
 from telekd.kd.run import cell_arg
 from telekd.params import load_params
 
@@ -20,4 +21,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

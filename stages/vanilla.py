@@ -4,6 +4,7 @@ The divergence and its knobs are params vanilla.divergence; the teacher's target
 cache/teacher/<teacher>-<sft>/vanilla (or live). Flow shared with dskd/uld: telekd.kd.run.
 """
 
+from telekd.forkserver import run_stage
 from telekd.kd.run import cell_arg
 from telekd.params import load_params
 
@@ -28,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

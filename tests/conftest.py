@@ -123,13 +123,16 @@ def reduce_study(params: dict) -> dict:
     return params
 
 
-def run_study(root: Path) -> dict:
-    """Copy the repository into `root`, reduce params.yaml, `dvc repro` with the network cut off.
+def run_study(root: Path, forkserver: bool = True) -> dict:
+    """Copy the repository into `root`, reduce params.yaml, `dvc repro` with the network cut off: under the fork
+    server as `make repro` runs it (`python -m telekd.forkserver dvc repro`), or with `forkserver=False` as plain
+    `dvc repro`, every stage its own interpreter.
 
     Returns {"dir", "netlog", "seconds", "snapshot"}: the snapshot (see `study_snapshot`) is taken right after
     the run, before any test changes the copy.
     """
     import shutil
+    import sys
     import time
 
     import yaml
@@ -147,7 +150,8 @@ def run_study(root: Path) -> dict:
     t0 = time.perf_counter()
     # a dummy judge key in the environment, as a user's real one would be: tests/reliability/test_security.py
     # greps every file of the run (outputs, logs, metrics, dvc.lock) for it
-    out = run_cmd(["dvc", "repro"], root, env={**study_env(netlog), "TELEKD_JUDGE_API_KEY": STUDY_KEY})
+    cmd = [sys.executable, "-m", "telekd.forkserver", "dvc", "repro"] if forkserver else ["dvc", "repro"]
+    out = run_cmd(cmd, root, env={**study_env(netlog), "TELEKD_JUDGE_API_KEY": STUDY_KEY})
     seconds = time.perf_counter() - t0
     return {"dir": root, "netlog": netlog, "seconds": seconds, "output": out, "snapshot": study_snapshot(root)}
 
@@ -192,15 +196,16 @@ SECOND_STUDY_TEST = "test_two_runs_from_scratch_give_identical_results"  # tests
 @pytest.fixture(scope="session")
 def _studies(request, tmp_path_factory) -> dict:
     """The session's reduced-study runs, started together: the study, and, when the session collected the
-    determinism test that needs one, a second run from scratch in its own copy. Each `dvc repro` is one stage
-    process at a time, so on 2 cores the pair takes about the time of one. Neither run shares files with the other."""
+    determinism test that needs one, a second run from scratch in its own copy, as plain `dvc repro` (the first runs
+    under the fork server). Each `dvc repro` is one stage process at a time, so on 2 cores the pair takes about the
+    time of the slower one. Neither run shares files with the other."""
     from concurrent.futures import ThreadPoolExecutor
 
     roots = {"study": tmp_path_factory.mktemp("study") / "repo"}
     if any(item.originalname == SECOND_STUDY_TEST for item in request.session.items):
         roots["second"] = tmp_path_factory.mktemp("study2") / "repo"
     with ThreadPoolExecutor(max_workers=len(roots)) as pool:  # threads: each only waits on its `dvc repro`
-        futures = {name: pool.submit(run_study, root) for name, root in roots.items()}
+        futures = {name: pool.submit(run_study, root, forkserver=name == "study") for name, root in roots.items()}
         yield {name: f.result() for name, f in futures.items()}
 
 

@@ -68,7 +68,8 @@ def test_base_models_in_parallel_processes_are_bitwise_the_sequential_ones(seque
 
 @pytest.mark.slow
 def test_two_runs_from_scratch_give_identical_results(study, second_study):
-    """`dvc repro` twice from scratch (separate copies, no shared DVC cache or run-cache): every per-sample score,
+    """The study twice from scratch (separate copies, no shared DVC cache or run-cache), once under the fork server
+    as `make repro` runs it and once as plain `dvc repro` (a fresh interpreter per stage): every per-sample score,
     prediction, metric (without wall times / throughputs), log, model and cache file is identical."""
     a, b = study["snapshot"], second_study["snapshot"]
     assert sorted(a) == sorted(b)

@@ -1,0 +1,317 @@
+"""Fork server: import the stages' libraries once, then run every stage process as a fork of that importer.
+
+A study starts about a hundred stage processes (`python stages/<x>.py`) and most of them spend more time importing
+torch, transformers, peft, ragas and sentence-transformers (2-9 s each, `bench/results/imports.json`) than working.
+Under `python -m telekd.forkserver <command>` a server process imports PRELOAD once; a stage script whose
+`__main__` calls `run_stage(main)` then sends its argv, working directory, environment and standard streams (the
+descriptors themselves, SCM_RIGHTS) over a Unix socket to the server, which forks; the fork runs the script as
+`python <script>` would (runpy, `__name__ == "__main__"`) and its exit status becomes the stage process's. Without
+TELEKD_FORKSERVER in the environment `run_stage(main)` is `main()`: the scripts stay standalone.
+
+    python -m telekd.forkserver dvc repro                      # what `make repro` runs
+    python -m telekd.forkserver dvc exp run -S kd.alg=dskd
+
+A fork is the same computation as a fresh process (`tests/test_forkserver.py`; `bench/study.py` compares every
+per-sample score of a whole study), because:
+- the server imports third-party libraries only (no telekd module but this one, so each stage reads the source on
+  disk) and computes nothing (a fork of a process whose OpenMP pool had started inherits a dead pool);
+- the environment must be the server's (libraries read some of it at import, e.g. HF_HUB_OFFLINE), up to the
+  variables DVC and the shell set per command (SAME_ENV_EXCEPT): a differing variable is an error that names it;
+- `random` and numpy's global generator are reseeded from the OS as a fresh process seeds them; Python's hash seed
+  is the server's for every fork (a fresh process draws its own; no output may depend on it either way).
+A stage under a distributed launcher (WORLD_SIZE > 1) is refused: its processes need their own interpreters.
+When the client process dies (Ctrl-C, DVC killing the stage) the server kills the fork and its process group.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+ENV = "TELEKD_FORKSERVER"     # the server's socket path, set by `python -m telekd.forkserver` for its command
+# What the stages import (measured with `python -X importtime stages/<x>.py`): the packages and the lazily loaded
+# submodules that cost time. A module missing here only costs its import in each fork.
+PRELOAD = (
+    "numpy", "torch", "transformers", "transformers.models.llama.modeling_llama",
+    "transformers.models.mistral.modeling_mistral", "transformers.generation.utils", "safetensors.torch",
+    "accelerate", "peft", "trl", "datasets", "dvclive", "sentence_transformers", "bert_score", "ragas",
+    "ragas.metrics", "xgrammar", "nltk", "rouge_score.rouge_scorer", "scipy.stats", "statsmodels.stats.multitest",
+)
+# Set per command by DVC (DVC_ROOT, DVC_STAGE, DVC_EXP_*) or by the shell it runs the command in; PATH only
+# locates executables (pyenv's shims are rewritten by DVC's fix_env).
+SAME_ENV_EXCEPT = ("PWD", "OLDPWD", "SHLVL", "_", "PATH")
+# The process counts a multi-process launcher sets (telekd.shard.WORLD_SIZE_ENV; not imported from there, which
+# would make every stage depend on shard.py)
+_LAUNCHER_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+_MAX_REQUEST = 1 << 20
+_in_fork = False              # True in a fork the server made for a stage
+
+
+def run_stage(main) -> None:
+    """Run a stage script's main(): in the fork server named by $TELEKD_FORKSERVER if set, else in this process.
+
+    Exits with the fork's exit status (SystemExit) when it delegates. Raises SystemExit with a one-line reason when
+    the server is unreachable, refuses the request, or the stage runs under a distributed launcher.
+    """
+    path = os.environ.get(ENV)
+    if not path or _in_fork:
+        main()
+        return
+    launcher = [k for k in _LAUNCHER_ENV if os.environ.get(k, "1") != "1"]
+    if launcher:
+        raise SystemExit(f"{ENV} is set under a distributed launcher ({launcher[0]}={os.environ[launcher[0]]}): "
+                         f"unset {ENV} for launcher runs")
+    sys.exit(_delegate(path))
+
+
+def _delegate(path: str) -> int:
+    """Hand this process's argv, cwd, environment and fds 0-2 to the server at path; return the fork's exit code.
+
+    Until the fork exits, the signals a user or scheduler sends to this process (FORWARDED) go to the fork, so a
+    training stage still checkpoints on SIGTERM and a Ctrl-C still interrupts it.
+    """
+    fds = [fd if _is_open(fd) else os.open(os.devnull, os.O_RDWR) for fd in (0, 1, 2)]
+    request = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise SystemExit(f"{ENV}={path}: no fork server there ({e.strerror}); unset {ENV} or run the command "
+                             "under `python -m telekd.forkserver`") from None
+        socket.send_fds(s, [request], fds)
+        while True:
+            reply = s.recv(_MAX_REQUEST)
+            if not reply:
+                raise SystemExit(f"the fork server at {path} closed the connection without an exit status (did it "
+                                 "die? its error is above)")
+            r = json.loads(reply)
+            if "pid" in r:
+                for sig in FORWARDED:
+                    signal.signal(sig, lambda signum, _, pid=r["pid"]: os.kill(pid, signum))
+            elif "error" in r:
+                print(f"fork server: {r['error']}", file=sys.stderr)
+                return 2
+            else:
+                return r["exit"]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def env_difference(server: dict, client: dict) -> list[str]:
+    """Names of the variables that differ between two environments, but for DVC_* and SAME_ENV_EXCEPT; sorted."""
+    names = set(server) | set(client)
+    return sorted(n for n in names if server.get(n) != client.get(n)
+                  and not n.startswith("DVC_") and n not in SAME_ENV_EXCEPT)
+
+
+class _Fork(Exception):
+    """Raised in the forked child to leave the server loop: the child runs the stage instead."""
+
+    def __init__(self, request: dict, fds: list[int]):
+        super().__init__("fork")
+        self.request, self.fds = request, fds
+
+
+def serve(listener: socket.socket, preload=PRELOAD) -> None:
+    """Import `preload`, then serve stage requests on `listener` until SIGTERM; each runs in a fork.
+
+    In the fork this raises `_Fork` (the caller runs `run_fork`); the server itself never returns but by SIGTERM,
+    which kills the stages still running.
+    """
+    env = dict(os.environ)                     # what the clients must match (before the imports add to it)
+    for name in preload:
+        importlib.import_module(name)
+    # what the imports set (torch: KMP_DUPLICATE_LIB_OK, TORCHINDUCTOR_CACHE_DIR), as a fresh process would get it
+    added = {k: v for k, v in os.environ.items() if env.get(k) != v}
+    # The imported objects move to a generation the collector never scans: a fork's collections would otherwise
+    # touch (and so copy) every page of them (CPython's gc.freeze, meant for exactly this)
+    gc.collect()
+    gc.freeze()
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, ("listener", 0))
+    clients: dict[int, socket.socket] = {}    # pid of a running fork -> its client's connection
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a Ctrl-C reaches each stage through its client, not from here
+    try:
+        while True:
+            for key, _ in sel.select():
+                what, pid = key.data
+                if what == "listener":
+                    request, fds, conn = _receive(listener, env)
+                    if request is None:
+                        continue
+                    pid = os.fork()
+                    if pid == 0:                   # the child: leave the loop without touching the others
+                        request["env"] = {**added, **request["env"]}
+                        clients.clear()
+                        for k in list(sel.get_map().values()):   # the listener, other stages' connections, pidfds
+                            if isinstance(k.fileobj, int):
+                                os.close(k.fileobj)
+                            else:
+                                k.fileobj.close()
+                        sel.close()
+                        conn.close()
+                        raise _Fork(request, fds)
+                    for fd in fds:
+                        os.close(fd)
+                    _send(conn, {"pid": pid})         # the client forwards its signals to it
+                    clients[pid] = conn
+                    sel.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exited", pid))
+                    sel.register(conn, selectors.EVENT_READ, ("client", pid))
+                elif what == "exited":
+                    sel.unregister(key.fileobj)
+                    os.close(key.fileobj)
+                    _, status = os.waitpid(pid, 0)
+                    _reply(clients.pop(pid), sel, {"exit": _exit_code(status)})
+                else:                              # EOF from the client: it died, so the stage must too
+                    sel.unregister(key.fileobj)
+                    _kill_group(pid)
+    finally:
+        for pid in clients:
+            _kill_group(pid)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a fork and whatever it started (its process group, see run_fork's setsid)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:   # it has exited already; its exit is reaped and reported as usual
+        pass
+
+
+def _receive(listener, env: dict):
+    """Accept one connection: (request, its three fds, connection), or Nones after refusing it."""
+    conn, _ = listener.accept()
+    msg, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
+    request = json.loads(msg)
+    differ = env_difference(env, request["env"])
+    if len(fds) == 3 and not differ:
+        return request, fds, conn
+    for fd in fds:
+        os.close(fd)
+    why = (f"environment variable(s) {', '.join(differ)} differ from the server's (libraries read some at "
+           "import): run the command under a server started with them" if differ else "expected fds 0, 1 and 2")
+    _reply(conn, None, {"error": why})
+    return None, None, None
+
+
+def _reply(conn: socket.socket, sel, reply: dict) -> None:
+    """Send the last message of a request and close its connection."""
+    if sel is not None and conn in (k.fileobj for k in sel.get_map().values()):
+        sel.unregister(conn)
+    _send(conn, reply)
+    conn.close()
+
+
+def _send(conn: socket.socket, message: dict) -> None:
+    try:
+        conn.send(json.dumps(message).encode())
+    except OSError:        # the client is gone (which is why its stage was killed)
+        pass
+
+
+def _exit_code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + the signal that killed the process."""
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def run_fork(request: dict, fds: list[int]) -> int:
+    """In the forked child: become the stage process `request` describes and run its script; its exit code."""
+    import random
+    import runpy
+
+    global _in_fork
+    _in_fork = True
+    os.setsid()                              # its own process group: the server kills the group if the client dies
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)          # as in a fresh interpreter
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for target, fd in zip((0, 1, 2), fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    sys.stdout.reconfigure(line_buffering=unbuffered or os.isatty(1))
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    script = request["argv"][0]
+    sys.argv = list(request["argv"])
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_with_server(cmd: list[str], preload=PRELOAD) -> int:
+    """Run cmd with a fork server for its stages (TELEKD_FORKSERVER in its environment); cmd's exit code.
+
+    The socket listens before the server has imported anything: the first stages queue while it imports `preload`.
+    """
+    with tempfile.TemporaryDirectory(prefix="telekd-forkserver-") as d:
+        path = os.path.join(d, "socket")
+        env = {**os.environ, ENV: path}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+            listener.bind(path)
+            listener.listen(64)
+            server = subprocess.Popen([sys.executable, "-m", "telekd.forkserver", "--serve", str(listener.fileno()),
+                                       "--preload", ",".join(preload)], pass_fds=[listener.fileno()], env=env)
+        # A Ctrl-C is the command's to handle (DVC stops its stage, whose client forwards it to the fork): this
+        # process only waits for the command to end (a handler, not SIG_IGN, which the command would inherit)
+        previous = signal.signal(signal.SIGINT, lambda *_: None)
+        try:
+            return subprocess.call(cmd, env=env)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            server.terminate()
+            server.wait()
+
+
+def main(argv: list[str]) -> int:
+    """`python -m telekd.forkserver <command...>`: run the command with a fork server for its stages."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m telekd.forkserver", description=__doc__.split("\n\n")[0],
+                                 epilog="e.g. python -m telekd.forkserver dvc repro")
+    ap.add_argument("--preload", default=",".join(PRELOAD), help="modules the server imports (comma-separated)")
+    ap.add_argument("--serve", type=int, metavar="FD", help=argparse.SUPPRESS)   # the server, run_with_server's child
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, e.g. dvc repro")
+    a = ap.parse_args(argv)
+    preload = [m for m in a.preload.split(",") if m]
+    if a.serve is not None:
+        try:
+            serve(socket.socket(fileno=a.serve), preload)
+        except _Fork as f:
+            return run_fork(f.request, f.fds)
+        return 0
+    if not a.command:
+        ap.error("give the command to run, e.g. dvc repro")
+    return run_with_server(a.command, preload)
+
+
+if __name__ == "__main__":      # run as telekd.forkserver, not __main__: the forks must see that module's _in_fork
+    from telekd.forkserver import main as _main
+
+    sys.exit(_main(sys.argv[1:]))
