@@ -173,17 +173,16 @@ def main() -> None:
                 subprocess.run(["dvc", "config", *key.split()], cwd=clone, env=env, check=True)
             result["make_repro"] = timed(plan(target, a.plain)["make_repro"], clone, env, log)
             result["make_repro"]["note"] = f"make setup skipped: venv {a.venv} reused"
+        if a.compare:   # telekd.score_diff, before `dvc exp run` changes the workspace: every value, exactly (==)
+            from telekd.score_diff import STRICT, compare
+
+            result["per_sample_scores_vs"] = {"reference": a.compare, "strict_families": list(STRICT),
+                                              "families": compare(a.compare, clone)}
         result["noop_repro"] = timed(plan(target, a.plain)["noop_repro"], clone, env, log)
         if not a.skip_exp:
             result["exp_run_dskd"] = timed(plan(target, a.plain)["exp_run_dskd"], clone, env, log)
     full = result["make_repro"]
     result["families"] = by_family(full["stage_s"])
-    if a.compare:   # telekd.score_diff: every per-sample value of every run, exactly (==)
-        from telekd.score_diff import STRICT, compare
-
-        families = compare(a.compare, clone)
-        result["per_sample_scores_vs"] = {"reference": a.compare, "strict_families": list(STRICT),
-                                          "families": families}
     result["slowest_stages"] = dict(sorted(full["stage_s"].items(), key=lambda kv: -kv[1])[:10])
     result["goals"] = {"make_repro_s": "<= 600", "noop_repro_s": "<= 5"}
     result["summary_s"] = {"make_repro": full["wall_s"], "noop_repro": result["noop_repro"]["wall_s"],

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
         if what == "report":
             print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "name": __name__,
                               "stdin": sys.stdin.read(), "var": os.environ.get("STAGE_VAR"),
-                              "random": random.random(), "pid": os.getpid()}))
+                              "random": random.random(), "pid": os.getpid(), "hash": hash("a batch of answers")}))
         elif what == "exit":
             sys.exit(int(sys.argv[2]))
         elif what == "message":
@@ -83,9 +83,13 @@ def test_a_fork_sees_what_a_fresh_process_sees(stage):
     assert f["pid"] != f2["pid"]
     for key in ("argv", "cwd", "path0", "name", "stdin", "var"):
         assert f[key] == p[key], key
-    assert f == {**p, "random": f["random"], "pid": f["pid"]}
+    assert f == {**p, "random": f["random"], "pid": f["pid"], "hash": f["hash"]}
     assert f["path0"] == str(stage / "stages") and f["name"] == "__main__" and f["stdin"] == "piped\n"
     assert f["random"] != f2["random"]          # reseeded per fork, as a fresh process is
+    # string hashing unrandomized in every fork (bert-score's batches follow it: evaluation.fixed_hash_seed)
+    seed0 = subprocess.run([sys.executable, "-c", "print(hash('a batch of answers'))"], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, check=True).stdout
+    assert f["hash"] == f2["hash"] == int(seed0)
     assert forked["err"] == plain["err"] == "stderr line\n"
 
 

@@ -33,8 +33,8 @@ def fixed_hash_seed(script: str) -> None:
     predictions (up to 1.3e-7 measured on the tiny study). With the seed fixed, a rerun is bit-identical.
     Only a process started as `python <script> ...` (sys.orig_argv, which runpy leaves alone) is re-run, with
     its original command line; a caller running the stage inside another program (a test, through runpy) is
-    never replaced, and keeps its own seed."""
-    if os.environ.get("PYTHONHASHSEED") == "0":
+    never replaced, and keeps its own seed. A fork of telekd.forkserver has the seed 0 already (the server's)."""
+    if sys.flags.hash_randomization == 0:       # started with PYTHONHASHSEED=0
         return
     target = Path(script).resolve()
     if any(not a.startswith("-") and Path(a).resolve() == target for a in sys.orig_argv[1:]):

@@ -17,8 +17,10 @@ per-sample score of a whole study), because:
   disk) and computes nothing (a fork of a process whose OpenMP pool had started inherits a dead pool);
 - the environment must be the server's (libraries read some of it at import, e.g. HF_HUB_OFFLINE), up to the
   variables DVC and the shell set per command (SAME_ENV_EXCEPT): a differing variable is an error that names it;
-- `random` and numpy's global generator are reseeded from the OS as a fresh process seeds them; Python's hash seed
-  is the server's for every fork (a fresh process draws its own; no output may depend on it either way).
+- `random` and numpy's global generator are reseeded from the OS as a fresh process seeds them;
+- string hashing is unrandomized (the server starts with PYTHONHASHSEED=0, every fork keeps it): the eval stages
+  re-run themselves with that seed anyway (bert-score batches a set of texts: `evaluation.fixed_hash_seed`), and no
+  other output depends on the seed (README: Determinism).
 A stage under a distributed launcher (WORLD_SIZE > 1) is refused: its processes need their own interpreters.
 When the client process dies (Ctrl-C, DVC killing the stage) the server kills the fork and its process group.
 """
@@ -46,8 +48,9 @@ PRELOAD = (
     "ragas.metrics", "xgrammar", "nltk", "rouge_score.rouge_scorer", "scipy.stats", "statsmodels.stats.multitest",
 )
 # Set per command by DVC (DVC_ROOT, DVC_STAGE, DVC_EXP_*) or by the shell it runs the command in; PATH only
-# locates executables (pyenv's shims are rewritten by DVC's fix_env).
-SAME_ENV_EXCEPT = ("PWD", "OLDPWD", "SHLVL", "_", "PATH")
+# locates executables (pyenv's shims are rewritten by DVC's fix_env); PYTHONHASHSEED acts at start-up only, and
+# the server starts with 0, which every fork keeps (see the module's docstring).
+SAME_ENV_EXCEPT = ("PWD", "OLDPWD", "SHLVL", "_", "PATH", "PYTHONHASHSEED")
 # The process counts a multi-process launcher sets (telekd.shard.WORLD_SIZE_ENV; not imported from there, which
 # would make every stage depend on shard.py)
 _LAUNCHER_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -128,20 +131,15 @@ class _Fork(Exception):
 
 
 def serve(listener: socket.socket, preload=PRELOAD) -> None:
-    """Import `preload`, then serve stage requests on `listener` until SIGTERM; each runs in a fork.
+    """Serve stage requests on `listener` until SIGTERM, each in a fork, importing `preload` while none waits.
 
+    A request that arrives before every module is imported is served by a fork of what is imported so far (the
+    fork imports the rest itself, as a fresh process would), so the first, light stages need not wait for torch.
     In the fork this raises `_Fork` (the caller runs `run_fork`); the server itself never returns but by SIGTERM,
     which kills the stages still running.
     """
     env = dict(os.environ)                     # what the clients must match (before the imports add to it)
-    for name in preload:
-        importlib.import_module(name)
-    # what the imports set (torch: KMP_DUPLICATE_LIB_OK, TORCHINDUCTOR_CACHE_DIR), as a fresh process would get it
-    added = {k: v for k, v in os.environ.items() if env.get(k) != v}
-    # The imported objects move to a generation the collector never scans: a fork's collections would otherwise
-    # touch (and so copy) every page of them (CPython's gc.freeze, meant for exactly this)
-    gc.collect()
-    gc.freeze()
+    pending = list(preload)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, ("listener", 0))
     clients: dict[int, socket.socket] = {}    # pid of a running fork -> its client's connection
@@ -149,30 +147,13 @@ def serve(listener: socket.socket, preload=PRELOAD) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a Ctrl-C reaches each stage through its client, not from here
     try:
         while True:
-            for key, _ in sel.select():
+            events = sel.select(timeout=0 if pending else None)
+            if not events and pending:
+                importlib.import_module(pending.pop(0))
+            for key, _ in events:
                 what, pid = key.data
                 if what == "listener":
-                    request, fds, conn = _receive(listener, env)
-                    if request is None:
-                        continue
-                    pid = os.fork()
-                    if pid == 0:                   # the child: leave the loop without touching the others
-                        request["env"] = {**added, **request["env"]}
-                        clients.clear()
-                        for k in list(sel.get_map().values()):   # the listener, other stages' connections, pidfds
-                            if isinstance(k.fileobj, int):
-                                os.close(k.fileobj)
-                            else:
-                                k.fileobj.close()
-                        sel.close()
-                        conn.close()
-                        raise _Fork(request, fds)
-                    for fd in fds:
-                        os.close(fd)
-                    _send(conn, {"pid": pid})         # the client forwards its signals to it
-                    clients[pid] = conn
-                    sel.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exited", pid))
-                    sel.register(conn, selectors.EVENT_READ, ("client", pid))
+                    _serve_one(listener, sel, clients, env)
                 elif what == "exited":
                     sel.unregister(key.fileobj)
                     os.close(key.fileobj)
@@ -184,6 +165,36 @@ def serve(listener: socket.socket, preload=PRELOAD) -> None:
     finally:
         for pid in clients:
             _kill_group(pid)
+
+
+def _serve_one(listener, sel, clients: dict, env: dict) -> None:
+    """Accept one request and fork for it; in the child raise `_Fork` with the request, its environment completed."""
+    request, fds, conn = _receive(listener, env)
+    if request is None:
+        return
+    # The imported objects move to a generation the collector never scans: the fork's collections would otherwise
+    # touch (and so copy) every page of them (gc.freeze, meant for exactly this)
+    gc.freeze()
+    pid = os.fork()
+    if pid == 0:                               # the child: leave the server without touching the other stages
+        # what the imports set (torch: KMP_DUPLICATE_LIB_OK, ...), as a fresh process importing them would get it
+        added = {k: v for k, v in os.environ.items() if env.get(k) != v}
+        request["env"] = {**added, **request["env"]}
+        clients.clear()
+        for k in list(sel.get_map().values()):   # the listener, other stages' connections, pidfds
+            if isinstance(k.fileobj, int):
+                os.close(k.fileobj)
+            else:
+                k.fileobj.close()
+        sel.close()
+        conn.close()
+        raise _Fork(request, fds)
+    for fd in fds:
+        os.close(fd)
+    _send(conn, {"pid": pid})                 # the client forwards its signals to it
+    clients[pid] = conn
+    sel.register(os.pidfd_open(pid), selectors.EVENT_READ, ("exited", pid))
+    sel.register(conn, selectors.EVENT_READ, ("client", pid))
 
 
 def _kill_group(pid: int) -> None:
@@ -277,7 +288,8 @@ def run_with_server(cmd: list[str], preload=PRELOAD) -> int:
             listener.bind(path)
             listener.listen(64)
             server = subprocess.Popen([sys.executable, "-m", "telekd.forkserver", "--serve", str(listener.fileno()),
-                                       "--preload", ",".join(preload)], pass_fds=[listener.fileno()], env=env)
+                                       "--preload", ",".join(preload)], pass_fds=[listener.fileno()],
+                                      env={**env, "PYTHONHASHSEED": "0"})
         # A Ctrl-C is the command's to handle (DVC stops its stage, whose client forwards it to the fork): this
         # process only waits for the command to end (a handler, not SIG_IGN, which the command would inherit)
         previous = signal.signal(signal.SIGINT, lambda *_: None)
