@@ -82,7 +82,8 @@ def check_study(d):
                                                  "kd@llama-sft-base-dskd-s0", "report"}
     assert d["noop_repro"]["stages_run"] == 0 and d["noop_repro"]["stages_skipped"] == 2
     assert d["families"]["kd"]["stages"] == 2
-    assert d["plan"]["exp_run_dskd"] == "dvc exp run -S kd.alg=dskd"
+    assert d["plan"]["make_repro"] == "python -m telekd.forkserver dvc repro"   # as `make repro` runs it
+    assert d["plan"]["exp_run_dskd"] == "python -m telekd.forkserver dvc exp run -S kd.alg=dskd"
 
 
 def check_dvc_rebuilds(d):
