@@ -141,13 +141,25 @@ def study_rows(d: dict) -> list[list[str]]:
         return reduced_study_rows(d)
     s, g = d["summary_s"], d["goals"]
     mins = s["make_repro"] / 60
-    return [[f"the study (`bench/study.py`, {d['make_repro']['stages_run']} stages): `make repro` from a fresh clone "
-             "(venv reused) / no-op `dvc repro` / `dvc exp run -S kd.alg=dskd` after it",
-             f"{mins:.1f} min / {s['noop_repro']:.1f} s / {s['exp_run_dskd']:.1f} s "
-             f"({d['exp_run_dskd']['stages_run']} stages rerun)",
+    how = f"`{d['make_repro']['command']}`" + (" (what `make repro` runs)" if "forkserver" in
+                                                 d["make_repro"]["command"] else " (plain, no fork server)")
+    rows = [[f"the study (`bench/study.py`, {d['make_repro']['stages_run']} stages) from a fresh clone (venv reused): "
+             f"{how} / no-op `dvc repro`" + (" / `dvc exp run -S kd.alg=dskd` after it" if s["exp_run_dskd"] else ""),
+             f"{mins:.1f} min / {s['noop_repro']:.1f} s" + (f" / {s['exp_run_dskd']:.1f} s "
+                                                            f"({d['exp_run_dskd']['stages_run']} stages rerun)"
+                                                            if s["exp_run_dskd"] else ""),
              f"{met(s['make_repro'], g['make_repro_s'], ' s')} / {met(s['noop_repro'], g['noop_repro_s'], ' s')}"],
-            ["the same `make repro` by stage family (seconds, stages; each includes its process start-up)",
+            ["the same run by stage family (seconds, stages; each includes its process start-up and DVC's work)",
              ", ".join(f"{k} {n(v['total_s'])} ({v['stages']})" for k, v in d["families"].items()), "report"]]
+    if "per_sample_scores_vs" in d:
+        fam = {f["family"]: f for f in d["per_sample_scores_vs"]["families"]}
+        rows.append([f"its per-sample scores against those of `{d['per_sample_scores_vs']['reference_label']}` "
+                     "(`telekd.score_diff`: every value of every run, ==)",
+                     ", ".join(f"{k} {n(f['identical'])} of {n(f['values'])} identical" for k, f in fam.items()),
+                     "n-gram and embedding identical, " + ("met" if all(
+                         fam[k]["identical"] == fam[k]["values"] and not fam[k]["missing"]
+                         for k in d["per_sample_scores_vs"]["strict_families"]) else "not met")])
+    return rows
 
 
 def reduced_study_rows(d: dict) -> list[list[str]]:

@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="time plain `dvc repro`, without the fork server")
     ap.add_argument("--compare", metavar="DIR", help="a study folder with an earlier run's scores/ (e.g. this "
                     "checkout): every per-sample score compared with the clone's (telekd.score_diff)")
+    ap.add_argument("--compare-label", help="what --compare DIR holds, for the README table (e.g. plain dvc repro at "
+                    "<commit>)")
     add_output_args(ap, "no clone and no DVC: the plan's commands replaced by fixture output (see above)")
     a = ap.parse_args()
     if a.smoke:
@@ -176,8 +178,8 @@ def main() -> None:
         if a.compare:   # telekd.score_diff, before `dvc exp run` changes the workspace: every value, exactly (==)
             from telekd.score_diff import STRICT, compare
 
-            result["per_sample_scores_vs"] = {"reference": a.compare, "strict_families": list(STRICT),
-                                              "families": compare(a.compare, clone)}
+            result["per_sample_scores_vs"] = {"reference": a.compare, "reference_label": a.compare_label or a.compare,
+                                              "strict_families": list(STRICT), "families": compare(a.compare, clone)}
         result["noop_repro"] = timed(plan(target, a.plain)["noop_repro"], clone, env, log)
         if not a.skip_exp:
             result["exp_run_dskd"] = timed(plan(target, a.plain)["exp_run_dskd"], clone, env, log)

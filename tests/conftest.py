@@ -123,10 +123,10 @@ def reduce_study(params: dict) -> dict:
     return params
 
 
-def run_study(root: Path, forkserver: bool = True) -> dict:
-    """Copy the repository into `root`, reduce params.yaml, `dvc repro` with the network cut off: under the fork
-    server as `make repro` runs it (`python -m telekd.forkserver dvc repro`), or with `forkserver=False` as plain
-    `dvc repro`, every stage its own interpreter.
+def run_study(root: Path, forkserver: bool = True, targets: tuple[str, ...] = ()) -> dict:
+    """Copy the repository into `root`, reduce params.yaml, `dvc repro [targets]` with the network cut off: under the
+    fork server as `make repro` runs it (`python -m telekd.forkserver dvc repro`), or with `forkserver=False` as
+    plain `dvc repro`, every stage its own interpreter.
 
     Returns {"dir", "netlog", "seconds", "snapshot"}: the snapshot (see `study_snapshot`) is taken right after
     the run, before any test changes the copy.
@@ -150,7 +150,7 @@ def run_study(root: Path, forkserver: bool = True) -> dict:
     t0 = time.perf_counter()
     # a dummy judge key in the environment, as a user's real one would be: tests/reliability/test_security.py
     # greps every file of the run (outputs, logs, metrics, dvc.lock) for it
-    cmd = [sys.executable, "-m", "telekd.forkserver", "dvc", "repro"] if forkserver else ["dvc", "repro"]
+    cmd = [*([sys.executable, "-m", "telekd.forkserver"] if forkserver else []), "dvc", "repro", *targets]
     out = run_cmd(cmd, root, env={**study_env(netlog), "TELEKD_JUDGE_API_KEY": STUDY_KEY})
     seconds = time.perf_counter() - t0
     return {"dir": root, "netlog": netlog, "seconds": seconds, "output": out, "snapshot": study_snapshot(root)}
@@ -175,7 +175,8 @@ def study_snapshot(root: Path) -> dict:
 
     snap = {}
     for d in ("scores", "predictions", "metrics", "logs", "data/prepared", "report/stats_table.json"):
-        for f in sorted((root / d).rglob("*")) if (root / d).is_dir() else [root / d]:
+        p = root / d
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p] if p.exists() else []:   # a partial run lacks some
             rel = str(f.relative_to(root))
             if f.suffix == ".json":
                 snap[rel] = _stable(json.loads(f.read_text()))
@@ -190,22 +191,31 @@ def study_snapshot(root: Path) -> dict:
     return snap
 
 
-SECOND_STUDY_TEST = "test_two_runs_from_scratch_give_identical_results"  # tests/reliability/test_determinism.py
+# tests/reliability/test_determinism.py: the tests that need a run of their own besides `study`
+SECOND_STUDY_TEST = "test_two_runs_from_scratch_give_identical_results"
+PLAIN_RUN_TEST = "test_plain_dvc_repro_gives_the_fork_server_s_results"
+# The plain run: one KD cell's whole chain, across vocabularies (Mistral teacher, DSKD with cross-model attention),
+# which runs every stage script but stats.py and report.py (they read all the cells)
+PLAIN_TARGETS = tuple(f"eval_{f}@mistral-base-sft-dskd-0" for f in ("ngram", "embed", "llm"))
 
 
 @pytest.fixture(scope="session")
 def _studies(request, tmp_path_factory) -> dict:
-    """The session's reduced-study runs, started together: the study, and, when the session collected the
-    determinism test that needs one, a second run from scratch in its own copy, as plain `dvc repro` (the first runs
-    under the fork server). Each `dvc repro` is one stage process at a time, so on 2 cores the pair takes about the
-    time of the slower one. Neither run shares files with the other."""
+    """The session's reduced-study runs, started together, each in its own copy (no shared files, DVC cache or
+    run-cache): the study under the fork server, as `make repro` runs it; when the session collected the tests that
+    need them, a second such run from scratch, and plain `dvc repro` (every stage its own interpreter) of
+    PLAIN_TARGETS. Each `dvc repro` runs one stage process at a time: the three share the 2 cores."""
     from concurrent.futures import ThreadPoolExecutor
 
-    roots = {"study": tmp_path_factory.mktemp("study") / "repo"}
-    if any(item.originalname == SECOND_STUDY_TEST for item in request.session.items):
-        roots["second"] = tmp_path_factory.mktemp("study2") / "repo"
-    with ThreadPoolExecutor(max_workers=len(roots)) as pool:  # threads: each only waits on its `dvc repro`
-        futures = {name: pool.submit(run_study, root, forkserver=name == "study") for name, root in roots.items()}
+    runs = {"study": {}}
+    names = {item.originalname for item in request.session.items}
+    if SECOND_STUDY_TEST in names:
+        runs["second"] = {}
+    if PLAIN_RUN_TEST in names:
+        runs["plain"] = {"forkserver": False, "targets": PLAIN_TARGETS}
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:  # threads: each only waits on its `dvc repro`
+        futures = {name: pool.submit(run_study, tmp_path_factory.mktemp(name) / "repo", **kw)
+                   for name, kw in runs.items()}
         yield {name: f.result() for name, f in futures.items()}
 
 
@@ -219,3 +229,9 @@ def study(_studies) -> dict:
 def second_study(_studies) -> dict:
     """A second reduced study from scratch (separate copy, no shared DVC cache or run-cache), run alongside `study`."""
     return _studies["second"]
+
+
+@pytest.fixture(scope="session")
+def plain_study(_studies) -> dict:
+    """PLAIN_TARGETS of the reduced study by plain `dvc repro` from scratch, run alongside `study`."""
+    return _studies["plain"]

@@ -35,7 +35,7 @@ def test_paper_profile_judges_every_question_with_real_bounds(tmp_path):
     cfg = JudgeConfig.from_params(p)
     assert (cfg.max_samples, cfg.max_chars, cfg.max_items) == (None, 400, 32)
     tiny = JudgeConfig.from_params(load_params("params.yaml"))
-    assert (tiny.max_samples, tiny.max_chars, tiny.max_items) == (1, 16, 1)  # a smoke-test judge: cheap bounds
+    assert (tiny.max_samples, tiny.max_chars, tiny.max_items) == (2, 16, 1)  # a smoke-test judge: cheap bounds
 
 
 def test_judge_caps_are_no_longer_global_keys(tmp_path):

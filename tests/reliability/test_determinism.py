@@ -68,14 +68,29 @@ def test_base_models_in_parallel_processes_are_bitwise_the_sequential_ones(seque
 
 @pytest.mark.slow
 def test_two_runs_from_scratch_give_identical_results(study, second_study):
-    """The study twice from scratch (separate copies, no shared DVC cache or run-cache), once under the fork server
-    as `make repro` runs it and once as plain `dvc repro` (a fresh interpreter per stage): every per-sample score,
-    prediction, metric (without wall times / throughputs), log, model and cache file is identical."""
+    """The study twice from scratch under the fork server, as `make repro` runs it (separate copies, no shared DVC
+    cache or run-cache): every per-sample score, prediction, metric (without wall times / throughputs), log, model
+    and cache file is identical."""
     a, b = study["snapshot"], second_study["snapshot"]
     assert sorted(a) == sorted(b)
     assert any(k.startswith("scores/") and k.endswith("ngram.jsonl") for k in a)
     assert any(k.startswith("models/kd/") and k.endswith("model.safetensors") for k in a)
     differing = [k for k in a if a[k] != b[k]]
+    assert not differing, differing
+
+
+@pytest.mark.slow
+def test_plain_dvc_repro_gives_the_fork_server_s_results(study, plain_study):
+    """Plain `dvc repro` (a fresh interpreter per stage) of one cell's chain across vocabularies, from scratch in
+    its own copy: every file it computed equals the fork-server run's (telekd.forkserver: same bytes)."""
+    a, b = study["snapshot"], plain_study["snapshot"]
+    assert set(b) <= set(a)
+    cell = "mistral-base-sft-dskd-s0"
+    for want in (f"scores/{cell}/ngram.jsonl", f"scores/{cell}/embed.jsonl", f"scores/{cell}/llm.jsonl",
+                 f"predictions/{cell}.jsonl", f"models/kd/{cell}/model.safetensors", "models/sft/student/config.json"):
+        assert want in b, want
+    assert any(k.startswith("cache/teacher/mistral-base/") for k in b)
+    differing = [k for k in b if a[k] != b[k]]
     assert not differing, differing
 
 
