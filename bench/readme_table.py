@@ -144,7 +144,8 @@ def study_rows(d: dict) -> list[list[str]]:
     how = f"`{d['make_repro']['command']}`" + (" (what `make repro` runs)" if "forkserver" in
                                                  d["make_repro"]["command"] else " (plain, no fork server)")
     rows = [[f"the study (`bench/study.py`, {d['make_repro']['stages_run']} stages) from a fresh clone (venv reused): "
-             f"{how} / no-op `dvc repro`" + (" / `dvc exp run -S kd.alg=dskd` after it" if s["exp_run_dskd"] else ""),
+             f"{how} / no-op `dvc repro`" + (" / `dvc exp run -S kd.alg=dskd` after it" if s["exp_run_dskd"] else "")
+             + f"; other work on the machine: {d['machine']['shared']}",
              f"{mins:.1f} min / {s['noop_repro']:.1f} s" + (f" / {s['exp_run_dskd']:.1f} s "
                                                             f"({d['exp_run_dskd']['stages_run']} stages rerun)"
                                                             if s["exp_run_dskd"] else ""),

@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="time plain `dvc repro`, without the fork server")
     ap.add_argument("--compare", metavar="DIR", help="a study folder with an earlier run's scores/ (e.g. this "
                     "checkout): every per-sample score compared with the clone's (telekd.score_diff)")
+    ap.add_argument("--shared", default="yes: other agents' work ran at the same time",
+                    help="what else ran on the machine meanwhile, as recorded in the result")
     ap.add_argument("--compare-label", help="what --compare DIR holds, for the README table (e.g. plain dvc repro at "
                     "<commit>)")
     add_output_args(ap, "no clone and no DVC: the plan's commands replaced by fixture output (see above)")
@@ -195,7 +197,7 @@ def main() -> None:
     import torch  # only for the versions line
 
     result.update({"machine": {"platform": f"{platform.machine()}, {os.cpu_count()} cores",
-                               "shared": "yes: other agents' work ran at the same time"},
+                               "shared": a.shared},
                    "versions": {"python": platform.python_version(), "torch": torch.__version__}})
     print(f"{'step':<16}{'wall s':>10}{'stages run':>12}{'skipped':>9}")
     for k in ("make_repro", "noop_repro", "exp_run_dskd"):

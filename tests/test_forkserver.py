@@ -201,3 +201,13 @@ def test_stages_of_two_commands_run_at_once(stage):
     (forked,) = run_all(stage, [call])
     lines = forked["out"].splitlines()
     assert json.loads(lines[0])["name"] == "__main__" and lines[1] == "3 0"
+
+
+def test_a_malformed_request_is_refused_and_the_server_serves_on(stage):
+    """A client that connects and sends nothing usable (it died, or is not run_stage) gets a refusal; the next
+    stage is served as usual."""
+    probe = (f"{sys.executable} -c \"import os, socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); "
+             f"s.connect(os.environ['{forkserver.ENV}']); s.send(b'not json'); print(s.recv(4096).decode())\"")
+    refused, served = run_all(stage, [probe, f"{sys.executable} stages/fake.py exit 3"])
+    assert "expected run_stage's request" in refused["out"]
+    assert served["rc"] == 3

@@ -209,14 +209,18 @@ def _receive(listener, env: dict):
     """Accept one connection: (request, its three fds, connection), or Nones after refusing it."""
     conn, _ = listener.accept()
     msg, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
-    request = json.loads(msg)
-    differ = env_difference(env, request["env"])
-    if len(fds) == 3 and not differ:
+    try:
+        request = json.loads(msg)
+        differ = env_difference(env, request["env"])
+    except (ValueError, KeyError, TypeError):   # a client that died before sending, or not run_stage's
+        request, differ = None, []
+    if request is not None and len(fds) == 3 and not differ:
         return request, fds, conn
     for fd in fds:
         os.close(fd)
     why = (f"environment variable(s) {', '.join(differ)} differ from the server's (libraries read some at "
-           "import): run the command under a server started with them" if differ else "expected fds 0, 1 and 2")
+           "import): run the command under a server started with them" if differ else
+           "expected run_stage's request: argv, cwd, env and fds 0, 1 and 2")
     _reply(conn, None, {"error": why})
     return None, None, None
 
