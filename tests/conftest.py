@@ -186,7 +186,7 @@ def study_snapshot(root: Path) -> dict:
                 snap[rel] = f.read_text()
     for d in ("models", "cache/teacher"):
         for f in sorted((root / d).rglob("*")):
-            if f.is_file():
+            if f.is_file() and f.name != ".gitignore":   # DVC's list of the outputs the run made, not a result
                 snap[str(f.relative_to(root))] = hashlib.sha256(f.read_bytes()).hexdigest()
     return snap
 

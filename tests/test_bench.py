@@ -154,20 +154,44 @@ def test_every_script_has_a_smoke_run():
     assert scripts <= {args[0] for args, _, _ in SMOKES}
 
 
-@pytest.mark.parametrize("args,name,check", SMOKES, ids=[" ".join(s[0]) for s in SMOKES])
-def test_smoke(tmp_path, args, name, check):
-    if args[0] in NEEDS_VOCAB:
-        from telekd import vocab
+def _vocab_missing() -> str | None:
+    from telekd import vocab
 
-        try:
-            vocab.llama_gguf_file(), vocab.mistral_model_file()
-        except vocab.VocabMissing as e:
-            pytest.skip(f"paper vocabularies not installed: {e}")
+    try:
+        vocab.llama_gguf_file(), vocab.mistral_model_file()
+    except vocab.VocabMissing as e:
+        return str(e)
+    return None
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Every smoke run, two at a time (each a single-threaded subprocess: 2 cores): {script args: (process, its
+    output folder)}, and the digest of bench/results before them."""
+    from concurrent.futures import ThreadPoolExecutor
+
     before = _results_digest()
-    cmd = [sys.executable, str(BENCH / args[0]), *args[1:], "--smoke", "--out-dir", str(tmp_path)]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    skip = _vocab_missing()
+
+    def run(args):
+        out = tmp_path_factory.mktemp("smoke")
+        cmd = [sys.executable, str(BENCH / args[0]), *args[1:], "--smoke", "--out-dir", str(out)]
+        return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300), out
+
+    todo = [args for args, _, _ in SMOKES if not (skip and args[0] in NEEDS_VOCAB)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = dict(zip((" ".join(a) for a in todo), pool.map(run, todo)))
+    return runs, before, skip
+
+
+@pytest.mark.parametrize("args,name,check", SMOKES, ids=[" ".join(s[0]) for s in SMOKES])
+def test_smoke(smoke_runs, args, name, check):
+    runs, before, skip = smoke_runs
+    if skip and args[0] in NEEDS_VOCAB:
+        pytest.skip(f"paper vocabularies not installed: {skip}")
+    p, out = runs[" ".join(args)]
     assert p.returncode == 0, p.stderr[-3000:]
-    d = json.loads((tmp_path / f"{name}.json").read_text())
+    d = json.loads((out / f"{name}.json").read_text())
     assert d["smoke"] is True
     assert re.fullmatch(r"[0-9a-f]{40}", d["commit"]) and isinstance(d["dirty"], bool)
     assert d["command"].startswith(f"python bench/{args[0]}") and "--smoke" in d["command"]

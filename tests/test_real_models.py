@@ -107,19 +107,31 @@ def test_pinned_hashes_match_the_installed_packages(tmp_path):
         assert path.stat().st_size > 90_000_000
 
 
-# The real models, converted once per module (one thread, busy machine: SmolLM2 26 s, Gemma-3 120 s wall; 68 CPU-s
-# for both). Greedy next token of a prompt (the tokenizer's own special tokens: Gemma adds <bos>,
-# SmolLM2 none), verified once by hand: (prompt, id, text, logit margin over the runner-up as measured).
+# The real models, converted once per module, at the same time in two worker processes of one thread each (68 CPU-s
+# for both, the larger Gemma-3 the longer). Greedy next token of a prompt (the tokenizer's own special tokens: Gemma
+# adds <bos>, SmolLM2 none), verified once by hand: (prompt, id, text, logit margin over the runner-up as measured).
 NEXT_TOKEN = {
     "smollm2-135m-instruct": ("The capital of France is", 7042, " Paris"),           # margin 2.48 over " the"
     "gemma-3-270m": ("The capital of France is the city of", 9079, " Paris"),    # margin 2.45 over " Bordeaux"
 }
 
 
+def _convert_one_thread(name: str, root):
+    import torch
+
+    torch.set_num_threads(1)
+    return gguf.convert(name, root / name, root)
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     root = tmp_path_factory.mktemp("pretrained")
-    return {name: (root / name, gguf.convert(name, root / name, root)) for name in gguf.MODELS}
+    with ProcessPoolExecutor(len(gguf.MODELS), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_convert_one_thread, name, root) for name in gguf.MODELS}
+        return {name: (root / name, f.result()) for name, f in futures.items()}
 
 
 @pytest.mark.slow   # ~70 CPU-s of conversion (one thread): `make test` (plain pytest) runs it, `-m "not slow"` skips it
