@@ -115,7 +115,13 @@ def test_an_uncaught_exception_exits_1_with_its_traceback(stage):
 def test_a_different_environment_is_refused_by_name(stage):
     (forked,) = run_all(stage, [f"EXTRA_SETTING=1 {sys.executable} stages/fake.py exit 0"])
     assert forked["rc"] == 2
-    assert "EXTRA_SETTING" in forked["err"] and "differ from the server's" in forked["err"]
+    assert "EXTRA_SETTING" in forked["err"] and "from the server's" in forked["err"]
+
+
+def test_interpreter_flags_are_refused_by_name(stage):
+    """`python -O` cannot act in a fork of a server started without it: refused, not silently dropped."""
+    (forked,) = run_all(stage, [f"{sys.executable} -O stages/fake.py exit 0"])
+    assert forked["rc"] == 2 and "interpreter flags" in forked["err"]
 
 
 def test_dvc_s_own_variables_are_allowed(stage):
@@ -142,7 +148,7 @@ def test_no_server_and_distributed_launchers_are_refused(stage, monkeypatch):
     monkeypatch.setenv(forkserver.ENV, str(stage / "no-socket"))
     with pytest.raises(SystemExit, match="no fork server there"):
         forkserver.run_stage(lambda: None)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")          # torchrun with one process sets WORLD_SIZE=1 and LOCAL_RANK
     with pytest.raises(SystemExit, match="distributed launcher"):
         forkserver.run_stage(lambda: None)
 
@@ -194,8 +200,8 @@ def test_a_signal_to_the_client_reaches_the_fork(stage):
 
 
 def test_stages_of_two_commands_run_at_once(stage):
-    """One server, two stages at the same time (`dvc exp run --queue` workers, or two shells): each gets its own
-    fork, streams and exit status."""
+    """One server, two stages at the same time (two commands under one server): each gets its own fork, streams
+    and exit status."""
     py = sys.executable
     call = f"{py} stages/fake.py exit 3 & a=$!; {py} stages/fake.py report < /dev/null; ra=$?; wait $a; echo $? $ra"
     (forked,) = run_all(stage, [call])
@@ -211,3 +217,47 @@ def test_a_malformed_request_is_refused_and_the_server_serves_on(stage):
     refused, served = run_all(stage, [probe, f"{sys.executable} stages/fake.py exit 3"])
     assert "expected run_stage's request" in refused["out"]
     assert served["rc"] == 3
+
+
+def test_a_stop_of_the_whole_job_lets_the_running_stage_save(stage):
+    """SIGTERM to the whole process group (a scheduler's pre-emption, `scancel`): the server stops accepting but lets
+    the running fork handle its own SIGTERM (forwarded by its client) and exit with its own status."""
+    pid_file, seen = stage / "fork.pid", stage / "seen"
+    (stage / "stages" / "slow_term.py").write_text(textwrap.dedent(f'''
+        import os, signal, sys, time
+        from telekd.forkserver import run_stage
+
+
+        def main():
+            def save(*_):
+                time.sleep(1)                      # finishing the step, writing the checkpoint
+                open({str(seen)!r}, "w").write("saved")
+                sys.exit(7)
+            signal.signal(signal.SIGTERM, save)
+            open({str(pid_file)!r}, "w").write(str(os.getpid()))
+            time.sleep(60)
+
+
+        if __name__ == "__main__":
+            run_stage(main)
+    '''))
+    script = stage / "job.sh"
+    script.write_text(f"{sys.executable} stages/slow_term.py > {stage}/out.txt 2>&1; echo $? > {stage}/rc.txt\n")
+    job = subprocess.Popen([sys.executable, "-m", "telekd.forkserver", "--preload", "json", "bash", str(script)],
+                           cwd=stage, start_new_session=True)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGTERM)
+    job.wait(timeout=30)
+    assert seen.read_text() == "saved"
+
+
+def test_a_preload_module_that_fails_is_reported_and_the_stages_still_run(stage):
+    script = stage / "one.sh"
+    script.write_text(f"{sys.executable} stages/fake.py exit 3\n")
+    p = subprocess.run([sys.executable, "-m", "telekd.forkserver", "--preload", "json,no_such_module_here", "bash",
+                        str(script)], cwd=stage, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3
+    assert "preloading no_such_module_here failed (ModuleNotFoundError" in p.stderr

@@ -21,8 +21,16 @@ per-sample score of a whole study), because:
 - string hashing is unrandomized (the server starts with PYTHONHASHSEED=0, every fork keeps it): the eval stages
   re-run themselves with that seed anyway (bert-score batches a set of texts: `evaluation.fixed_hash_seed`), and no
   other output depends on the seed (README: Determinism).
-A stage under a distributed launcher (WORLD_SIZE > 1) is refused: its processes need their own interpreters.
-When the client process dies (Ctrl-C, DVC killing the stage) the server kills the fork and its process group.
+A stage under a launcher (torchrun, accelerate launch, mpirun: WORLD_SIZE or LOCAL_RANK set) is refused: its
+processes need their own interpreters. Signals sent to the client are forwarded (SIGINT to the fork's process
+group, as a terminal sends it); when the client dies, or the server does, the fork dies too (its process group,
+PR_SET_PDEATHSIG). A server asked to stop (SIGTERM: a scheduler stopping the whole job) lets running forks finish.
+
+Where a fork is not a fresh `python <script>` (a stage must not rely on these): it runs with the server's
+interpreter flags (`python -O/-W/-X` on a stage command are refused by name), its cgroup and resource limits
+but the client's CPU affinity and niceness; a stage's module-level code runs twice (client and fork: keep it to
+imports); SIGTSTP/SIGCONT (Ctrl-Z) are not forwarded; `dvc queue start` is not served (its workers outlive the
+command that started the server).
 """
 
 from __future__ import annotations
@@ -53,7 +61,11 @@ PRELOAD = (
 SAME_ENV_EXCEPT = ("PWD", "OLDPWD", "SHLVL", "_", "PATH", "PYTHONHASHSEED")
 # The process counts a multi-process launcher sets (telekd.shard.WORLD_SIZE_ENV; not imported from there, which
 # would make every stage depend on shard.py)
-_LAUNCHER_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+# sys.flags a fork inherits from the server (hash_randomization aside: the server's 0 is deliberate, see above)
+_FLAGS = ("debug", "inspect", "interactive", "optimize", "dont_write_bytecode", "no_user_site", "no_site",
+          "ignore_environment", "verbose", "bytes_warning", "quiet", "isolated", "dev_mode", "utf8_mode", "safe_path",
+          "warn_default_encoding")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 _MAX_REQUEST = 1 << 20
 _in_fork = False              # True in a fork the server made for a stage
@@ -69,7 +81,7 @@ def run_stage(main) -> None:
     if not path or _in_fork:
         main()
         return
-    launcher = [k for k in _LAUNCHER_ENV if os.environ.get(k, "1") != "1"]
+    launcher = [k for k in _LAUNCHER_ENV if k in os.environ]
     if launcher:
         raise SystemExit(f"{ENV} is set under a distributed launcher ({launcher[0]}={os.environ[launcher[0]]}): "
                          f"unset {ENV} for launcher runs")
@@ -83,7 +95,9 @@ def _delegate(path: str) -> int:
     training stage still checkpoints on SIGTERM and a Ctrl-C still interrupts it.
     """
     fds = [fd if _is_open(fd) else os.open(os.devnull, os.O_RDWR) for fd in (0, 1, 2)]
-    request = json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    request = json.dumps({"argv": sys.argv, "orig_argv": sys.orig_argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                          "interpreter": _interpreter(), "affinity": sorted(os.sched_getaffinity(0)),
+                          "nice": os.nice(0)}).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         try:
             s.connect(path)
@@ -99,12 +113,28 @@ def _delegate(path: str) -> int:
             r = json.loads(reply)
             if "pid" in r:
                 for sig in FORWARDED:
-                    signal.signal(sig, lambda signum, _, pid=r["pid"]: os.kill(pid, signum))
+                    signal.signal(sig, lambda signum, _, pid=r["pid"]: _forward(pid, signum))
             elif "error" in r:
                 print(f"fork server: {r['error']}", file=sys.stderr)
                 return 2
             else:
                 return r["exit"]
+
+
+def _forward(pid: int, signum: int) -> None:
+    """A signal this client got, to its fork: SIGINT to the fork's process group (a terminal's Ctrl-C reaches every
+    process of the foreground group, spawn workers included), any other to the fork alone, as `kill <pid>` would."""
+    try:
+        os.killpg(pid, signum) if signum == signal.SIGINT else os.kill(pid, signum)
+    except ProcessLookupError:   # it has just exited; its status is on its way
+        pass
+
+
+def _interpreter() -> dict:
+    """What a fork cannot change after start-up: the interpreter and its flags (-O, -W, -X, -B, ...)."""
+    flags = {k: getattr(sys.flags, k) for k in _FLAGS if hasattr(sys.flags, k)}
+    return {"executable": os.path.realpath(sys.executable), "flags": flags, "warnoptions": sys.warnoptions,
+            "xoptions": {k: str(v) for k, v in sys._xoptions.items()}}
 
 
 def _is_open(fd: int) -> bool:
@@ -143,17 +173,22 @@ def serve(listener: socket.socket, preload=PRELOAD) -> None:
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, ("listener", 0))
     clients: dict[int, socket.socket] = {}    # pid of a running fork -> its client's connection
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    stopping = []
+    # SIGTERM (the command has ended, or a scheduler stops the whole job): accept nothing more and let the running
+    # forks finish (each got the signal through its client and may be saving a checkpoint)
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(sel.unregister(listener)) if not stopping else None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a Ctrl-C reaches each stage through its client, not from here
     try:
-        while True:
-            events = sel.select(timeout=0 if pending else None)
-            if not events and pending:
-                importlib.import_module(pending.pop(0))
+        while not stopping or clients:
+            events = sel.select(timeout=0 if pending and not stopping else 1)   # 1: a SIGTERM is seen within 1 s
+            if not events and pending and not stopping:
+                _preload(pending.pop(0))
             for key, _ in events:
                 what, pid = key.data
                 if what == "listener":
                     _serve_one(listener, sel, clients, env)
+                elif what == "client" and pid not in clients:   # reaped in this same round: nothing to stop
+                    continue
                 elif what == "exited":
                     sel.unregister(key.fileobj)
                     os.close(key.fileobj)
@@ -165,6 +200,16 @@ def serve(listener: socket.socket, preload=PRELOAD) -> None:
     finally:
         for pid in clients:
             _kill_group(pid)
+
+
+def _preload(name: str) -> None:
+    """Import one module of the preload list; one that fails is reported and left to the forks that need it (each
+    then fails as a fresh process would), not fatal to the others."""
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 (any import error: reported, and the stages that import it will raise it)
+        print(f"telekd.forkserver: preloading {name} failed ({type(e).__name__}: {e}); stages import it themselves",
+              file=sys.stderr)
 
 
 def _serve_one(listener, sel, clients: dict, env: dict) -> None:
@@ -212,14 +257,15 @@ def _receive(listener, env: dict):
     try:
         request = json.loads(msg)
         differ = env_difference(env, request["env"])
+        differ += [f"interpreter {k}" for k, v in _interpreter().items() if request["interpreter"][k] != v]
     except (ValueError, KeyError, TypeError):   # a client that died before sending, or not run_stage's
         request, differ = None, []
     if request is not None and len(fds) == 3 and not differ:
         return request, fds, conn
     for fd in fds:
         os.close(fd)
-    why = (f"environment variable(s) {', '.join(differ)} differ from the server's (libraries read some at "
-           "import): run the command under a server started with them" if differ else
+    why = (f"{', '.join(differ)} differ(s) from the server's (libraries read the environment at import; flags act at "
+           "start-up): run the command under a server started with them" if differ else
            "expected run_stage's request: argv, cwd, env and fds 0, 1 and 2")
     _reply(conn, None, {"error": why})
     return None, None, None
@@ -254,6 +300,14 @@ def run_fork(request: dict, fds: list[int]) -> int:
     global _in_fork
     _in_fork = True
     os.setsid()                              # its own process group: the server kills the group if the client dies
+    import ctypes
+
+    server = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG: die with the server
+    if os.getppid() != server:
+        os._exit(128 + signal.SIGKILL)
+    os.sched_setaffinity(0, request["affinity"])
+    os.nice(request["nice"] - os.nice(0))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)          # as in a fresh interpreter
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for target, fd in zip((0, 1, 2), fds):
@@ -268,10 +322,10 @@ def run_fork(request: dict, fds: list[int]) -> int:
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
     script = request["argv"][0]
-    sys.argv = list(request["argv"])
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    sys.argv, sys.orig_argv = list(request["argv"]), list(request["orig_argv"])
+    sys.path[0] = os.path.dirname(os.path.realpath(script))      # as python sets it: the script's real folder
     try:
-        runpy.run_path(script, run_name="__main__")
+        runpy.run_path(script, run_name="__main__")   # argv[0] as given (so __file__ too: python makes it absolute)
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
@@ -295,14 +349,25 @@ def run_with_server(cmd: list[str], preload=PRELOAD) -> int:
                                        "--preload", ",".join(preload)], pass_fds=[listener.fileno()],
                                       env={**env, "PYTHONHASHSEED": "0"})
         # A Ctrl-C is the command's to handle (DVC stops its stage, whose client forwards it to the fork): this
-        # process only waits for the command to end (a handler, not SIG_IGN, which the command would inherit)
-        previous = signal.signal(signal.SIGINT, lambda *_: None)
+        # process waits for the command (a handler, not SIG_IGN, which the command would inherit); SIGTERM and
+        # SIGHUP go on to the command; the server stops after it, once its running forks have ended
         try:
-            return subprocess.call(cmd, env=env)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+            proc = subprocess.Popen(cmd, env=env)
+        except OSError as e:
             server.terminate()
             server.wait()
+            raise SystemExit(f"python -m telekd.forkserver: cannot run {cmd[0]!r}: {e.strerror}") from None
+        previous = {sig: signal.signal(sig, handler) for sig, handler in (
+            (signal.SIGINT, lambda *_: None), (signal.SIGTERM, lambda signum, _: proc.send_signal(signum)),
+            (signal.SIGHUP, lambda signum, _: proc.send_signal(signum)))}
+        try:
+            code = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            server.terminate()
+            server.wait()
+        return code if code >= 0 else 128 - code
 
 
 def main(argv: list[str]) -> int:
@@ -319,9 +384,13 @@ def main(argv: list[str]) -> int:
     if a.serve is not None:
         try:
             serve(socket.socket(fileno=a.serve), preload)
-        except _Fork as f:
-            return run_fork(f.request, f.fds)
-        return 0
+        except _Fork as f:       # run the stage outside the handler: no exception context leaks into it
+            fork = f
+        else:
+            return 0
+        return run_fork(fork.request, fork.fds)
+    if a.command[:1] == ["--"]:
+        a.command = a.command[1:]
     if not a.command:
         ap.error("give the command to run, e.g. dvc repro")
     return run_with_server(a.command, preload)
