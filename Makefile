@@ -46,10 +46,11 @@ setup: $(VENV)/.installed
 	dvc config core.analytics false
 	dvc config core.check_update false
 
-# Under a fork server (src/telekd/forkserver.py): each stage runs as a fork of one process that imported torch,
-# transformers, peft, ragas, ... once, instead of importing them anew; the same results as plain `dvc repro`.
+# `dvc repro` under a fork server (src/telekd/forkserver.py: each stage runs as a fork of one process that imported
+# torch, transformers, peft, ragas, ... once) with dvc.lock kept parsed between stages (src/telekd/lockfile.py:
+# DVC otherwise re-reads and rewrites all of it after each stage); the same results and dvc.lock as plain `dvc repro`.
 repro: setup
-	python -m telekd.forkserver dvc repro
+	python -m telekd.forkserver python -m telekd.lockfile repro
 
 # The junit report is written when the session ends: its absence (a process that replaced pytest, e.g. by exec)
 # or a count of 0 fails the target even when the exit status says 0.

@@ -6,8 +6,9 @@ is streamed and time-stamped, and each "Running stage 'x':" line opens a stage t
 DVC's own hashing and lock-file work.
 
 By default the clone reuses this interpreter's virtual environment (--venv) and runs what
-`make repro` runs after `make setup` (`python -m telekd.forkserver dvc repro`: every stage a fork of one
-process that imported the libraries once); --plain runs `dvc repro` alone, a fresh interpreter per stage;
+`make repro` runs after `make setup` (`python -m telekd.forkserver python -m telekd.lockfile repro`: every
+stage a fork of one process that imported the libraries once, and dvc.lock kept parsed between stages); --plain
+runs `dvc repro` alone, a fresh interpreter per stage;
 --fresh-venv runs the real `make repro`, pip install included. --compare DIR compares every per-sample
 score of the run with those of another study folder (telekd.score_diff, exact).
 
@@ -101,10 +102,11 @@ def fixture_cmd(key: str) -> list[str]:
 
 def plan(target: list[str], plain: bool = False) -> dict:
     """The DVC commands the benchmark times, by result key: the study as `make repro` runs it (under the fork
-    server, src/telekd/forkserver.py), or with `plain` as `dvc repro` alone (a fresh interpreter per stage)."""
-    server = [] if plain else ["python", "-m", "telekd.forkserver"]
-    return {"make_repro": [*server, "dvc", "repro", *target], "noop_repro": ["dvc", "repro", *target],
-            "exp_run_dskd": [*server, "dvc", "exp", "run", "-S", "kd.alg=dskd", *target]}
+    server, src/telekd/forkserver.py, with dvc.lock kept parsed, src/telekd/lockfile.py), or with `plain` as
+    `dvc repro` alone (a fresh interpreter per stage, DVC as installed)."""
+    dvc = ["dvc"] if plain else ["python", "-m", "telekd.forkserver", "python", "-m", "telekd.lockfile"]
+    return {"make_repro": [*dvc, "repro", *target], "noop_repro": ["dvc", "repro", *target],
+            "exp_run_dskd": [*dvc, "exp", "run", "-S", "kd.alg=dskd", *target]}
 
 
 def smoke(a) -> None:
@@ -133,7 +135,7 @@ def main() -> None:
     ap.add_argument("--reduced", action="store_true",
                     help="the tests' reduced study (tests/conftest.py: reduce_study) committed in the clone")
     ap.add_argument("--keep", action="store_true", help="keep the clone")
-    ap.add_argument("--plain", action="store_true", help="time plain `dvc repro`, without the fork server")
+    ap.add_argument("--plain", action="store_true", help="time plain `dvc repro`, without the fork server and telekd.lockfile")
     ap.add_argument("--compare", metavar="DIR", help="a study folder with an earlier run's scores/ (e.g. this "
                     "checkout): every per-sample score compared with the clone's (telekd.score_diff)")
     ap.add_argument("--shared", default="yes: other agents' work ran at the same time",

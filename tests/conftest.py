@@ -124,12 +124,13 @@ def reduce_study(params: dict) -> dict:
 
 
 def run_study(root: Path, forkserver: bool = True, targets: tuple[str, ...] = ()) -> dict:
-    """Copy the repository into `root`, reduce params.yaml, `dvc repro [targets]` with the network cut off: under the
-    fork server as `make repro` runs it (`python -m telekd.forkserver dvc repro`), or with `forkserver=False` as
-    plain `dvc repro`, every stage its own interpreter.
+    """Copy the repository into `root`, reduce params.yaml, `dvc repro [targets]` with the network cut off: as `make
+    repro` runs it (`python -m telekd.forkserver python -m telekd.lockfile repro`: every stage a fork of one server,
+    dvc.lock kept parsed between stages), or with `forkserver=False` as plain `dvc repro`, every stage its own
+    interpreter.
 
-    Returns {"dir", "netlog", "seconds", "snapshot"}: the snapshot (see `study_snapshot`) is taken right after
-    the run, before any test changes the copy.
+    Returns {"dir", "netlog", "seconds", "output", "snapshot", "lock"}: the snapshot (see `study_snapshot`) and
+    dvc.lock's text are taken right after the run, before any test changes the copy.
     """
     import shutil
     import sys
@@ -150,10 +151,11 @@ def run_study(root: Path, forkserver: bool = True, targets: tuple[str, ...] = ()
     t0 = time.perf_counter()
     # a dummy judge key in the environment, as a user's real one would be: tests/reliability/test_security.py
     # greps every file of the run (outputs, logs, metrics, dvc.lock) for it
-    cmd = [*([sys.executable, "-m", "telekd.forkserver"] if forkserver else []), "dvc", "repro", *targets]
-    out = run_cmd(cmd, root, env={**study_env(netlog), "TELEKD_JUDGE_API_KEY": STUDY_KEY})
+    dvc = [sys.executable, "-m", "telekd.forkserver", sys.executable, "-m", "telekd.lockfile"] if forkserver else ["dvc"]
+    out = run_cmd([*dvc, "repro", *targets], root, env={**study_env(netlog), "TELEKD_JUDGE_API_KEY": STUDY_KEY})
     seconds = time.perf_counter() - t0
-    return {"dir": root, "netlog": netlog, "seconds": seconds, "output": out, "snapshot": study_snapshot(root)}
+    return {"dir": root, "netlog": netlog, "seconds": seconds, "output": out, "snapshot": study_snapshot(root),
+            "lock": (root / "dvc.lock").read_text()}
 
 
 VOLATILE = ("_s", "_per_s")  # wall times and throughputs: measured, not computed
