@@ -8,8 +8,9 @@ descriptors themselves, SCM_RIGHTS) over a Unix socket to the server, which fork
 `python <script>` would (runpy, `__name__ == "__main__"`) and its exit status becomes the stage process's. Without
 TELEKD_FORKSERVER in the environment `run_stage(main)` is `main()`: the scripts stay standalone.
 
-    python -m telekd.forkserver dvc repro                      # what `make repro` runs
-    python -m telekd.forkserver dvc exp run -S kd.alg=dskd
+    python -m telekd.forkserver dvc repro
+    python -m telekd.forkserver python -m telekd.lockfile repro    # what `make repro` runs (telekd.lockfile: DVC
+                                                                   # with dvc.lock kept parsed between stages)
 
 A fork is the same computation as a fresh process (`tests/test_forkserver.py`; `bench/study.py` compares every
 per-sample score of a whole study), because:
@@ -165,35 +166,43 @@ def serve(listener: socket.socket, preload=PRELOAD) -> None:
 
     A request that arrives before every module is imported is served by a fork of what is imported so far (the
     fork imports the rest itself, as a fresh process would), so the first, light stages need not wait for torch.
-    In the fork this raises `_Fork` (the caller runs `run_fork`); the server itself never returns but by SIGTERM,
-    which kills the stages still running.
+    In the fork this raises `_Fork` (the caller runs `run_fork`); the server itself returns after SIGTERM (the
+    command has ended, or a scheduler stops the whole job), once the stages still running have ended: it accepts
+    nothing more meanwhile, and each of them got the signal through its client and may be saving a checkpoint.
     """
     env = dict(os.environ)                     # what the clients must match (before the imports add to it)
     pending = list(preload)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, ("listener", 0))
     clients: dict[int, socket.socket] = {}    # pid of a running fork -> its client's connection
-    stopping = []
-    # SIGTERM (the command has ended, or a scheduler stops the whole job): accept nothing more and let the running
-    # forks finish (each got the signal through its client and may be saving a checkpoint)
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(sel.unregister(listener)) if not stopping else None)
+    # A signal's number is written to `woken` as it arrives, so the select below wakes for SIGTERM
+    woken, wake = os.pipe()
+    os.set_blocking(wake, False)
+    signal.set_wakeup_fd(wake)
+    sel.register(woken, selectors.EVENT_READ, ("signal", 0))
+    signal.signal(signal.SIGTERM, lambda *_: None)   # a Python handler, so that the wakeup fd is written
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a Ctrl-C reaches each stage through its client, not from here
+    stopping = False
     try:
         while not stopping or clients:
-            events = sel.select(timeout=0 if pending and not stopping else 1)   # 1: a SIGTERM is seen within 1 s
+            events = sel.select(timeout=0 if pending and not stopping else None)
             if not events and pending and not stopping:
                 _preload(pending.pop(0))
             for key, _ in events:
                 what, pid = key.data
                 if what == "listener":
                     _serve_one(listener, sel, clients, env)
+                elif what == "signal":
+                    if signal.SIGTERM in os.read(woken, 64) and not stopping:
+                        stopping = True
+                        sel.unregister(listener)
                 elif what == "client" and pid not in clients:   # reaped in this same round: nothing to stop
                     continue
                 elif what == "exited":
                     sel.unregister(key.fileobj)
                     os.close(key.fileobj)
                     _, status = os.waitpid(pid, 0)
-                    _reply(clients.pop(pid), sel, {"exit": _exit_code(status)})
+                    _reply(clients.pop(pid), sel, {"exit": _shell_code(os.waitstatus_to_exitcode(status))})
                 else:                              # EOF from the client: it died, so the stage must too
                     sel.unregister(key.fileobj)
                     _kill_group(pid)
@@ -226,7 +235,8 @@ def _serve_one(listener, sel, clients: dict, env: dict) -> None:
         added = {k: v for k, v in os.environ.items() if env.get(k) != v}
         request["env"] = {**added, **request["env"]}
         clients.clear()
-        for k in list(sel.get_map().values()):   # the listener, other stages' connections, pidfds
+        os.close(signal.set_wakeup_fd(-1))
+        for k in list(sel.get_map().values()):   # the listener, other stages' connections, pidfds, the wakeup pipe
             if isinstance(k.fileobj, int):
                 os.close(k.fileobj)
             else:
@@ -286,9 +296,8 @@ def _send(conn: socket.socket, message: dict) -> None:
         pass
 
 
-def _exit_code(status: int) -> int:
-    """A wait status as a shell reports it: the exit code, or 128 + the signal that killed the process."""
-    code = os.waitstatus_to_exitcode(status)
+def _shell_code(code: int) -> int:
+    """An exit code as subprocess/os.waitstatus_to_exitcode give it (-n: killed by signal n) as a shell reports it."""
     return code if code >= 0 else 128 - code
 
 
@@ -367,7 +376,7 @@ def run_with_server(cmd: list[str], preload=PRELOAD) -> int:
                 signal.signal(sig, handler)
             server.terminate()
             server.wait()
-        return code if code >= 0 else 128 - code
+        return _shell_code(code)
 
 
 def main(argv: list[str]) -> int:
@@ -375,7 +384,7 @@ def main(argv: list[str]) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m telekd.forkserver", description=__doc__.split("\n\n")[0],
-                                 epilog="e.g. python -m telekd.forkserver dvc repro")
+                                 epilog="e.g. python -m telekd.forkserver python -m telekd.lockfile repro")
     ap.add_argument("--preload", default=",".join(PRELOAD), help="modules the server imports (comma-separated)")
     ap.add_argument("--serve", type=int, metavar="FD", help=argparse.SUPPRESS)   # the server, run_with_server's child
     ap.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, e.g. dvc repro")
