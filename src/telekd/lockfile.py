@@ -61,14 +61,12 @@ class LockfileCache:
         Raises what DVC's would (YAMLFileCorruptedError for a corrupt file). If the body raises, nothing is written
         and the data is forgotten, so the next call parses the file again.
         """
+        from dvc.utils.serialize._common import _dump_data, _load_data
         from dvc.utils.serialize._yaml import parse_yaml_for_update
 
         key = os.path.abspath(os.fspath(path))
         exists = fs.exists(os.fspath(path)) if fs else os.path.exists(path)
-        text = None
-        if exists:
-            with (fs.open if fs else open)(path, encoding="utf-8") as f:
-                text = f.read()
+        text = _load_data(path, parser=lambda text, _: text, fs=fs) if exists else None   # DVC's reading, unparsed
         last = self.written.pop(key, None)
         if text is None:
             data = {}
@@ -79,8 +77,7 @@ class LockfileCache:
             self.entries.pop(key, None)
         yield data
         out = self.dumps(key, data)
-        with (fs.open if fs else open)(path, "w+", encoding="utf-8") as f:
-            f.write(out)
+        _dump_data(path, out, dumper=lambda text, stream: stream.write(text), fs=fs)
         self.written[key] = (out, data)
 
     def dumps(self, key: str, data: Any) -> str:
