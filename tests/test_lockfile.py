@@ -77,7 +77,7 @@ def test_a_study_s_worth_of_stage_updates_gives_dvc_s_file_and_parses_once(pair,
     names = list(yaml.safe_load(lock_text)["stages"])
     for i, name in enumerate([names[0], names[5], names[-1], names[5], "a_new_stage@x"]):
         both(pair, cache, lambda d: rerun(d, name, md5=f"{i:032d}"))
-    assert cache.by_entry is True
+    assert os.path.abspath(pair[1]) in cache.entries and not cache.whole
     assert parses.count(pair[1]) == 1               # the first call only: then its own text each time
     assert "  a_new_stage@x:\n" in pair[1].read_text()
 
@@ -135,14 +135,89 @@ def test_an_entry_by_entry_dump_that_differs_is_dropped_for_whole_dumps(pair, mo
 
     def off(data):                                   # an entry's text that a whole dump would not contain
         text = real(data)
-        return text + "    # drift\n" if set(data) == {"stages"} else text
+        return text + "    # drift\n" if set(data) == {"stages"} and len(data["stages"]) == 1 else text
 
     monkeypatch.setattr(lockfile, "_dumps", off)
+    monkeypatch.setattr(lockfile, "_round_trips", lambda text: True)
     cache = lockfile.LockfileCache()
     both(pair, cache, lambda d: rerun(d, next(iter(d["stages"]))))
     both(pair, cache, lambda d: rerun(d, list(d["stages"])[1]))
-    assert cache.by_entry is False
-    assert "dumping it whole from now on" in capsys.readouterr().err
+    assert cache.whole == {os.path.abspath(pair[1])}
+    assert "writing it whole from now on, as DVC does" in capsys.readouterr().err
+
+
+def test_objects_shared_between_entries_are_dumped_whole_with_dvc_s_anchors(pair, parses):
+    """DVC's params reader hands the same mapping to every stage that reads a YAML anchor (or a section and its key):
+    ruamel writes &id001 / *id001 numbered across the file, which entries dumped one by one would restart."""
+    cache = lockfile.LockfileCache()
+    shared = {"layers": [8, 8], "lr": 0.1}
+
+    def share(data):
+        for name in list(data["stages"])[:3]:
+            rerun(data, name)
+            data["stages"][name]["params"] = {"params.yaml": {"base": shared}}
+
+    for _ in range(2):
+        both(pair, cache, share)
+    assert "&id001" in pair[1].read_text() and "*id001" in pair[1].read_text()
+    assert parses.count(pair[1]) == 2                       # nothing kept: parsed each time, as DVC does
+
+
+def test_an_entry_whose_text_does_not_round_trip_is_parsed_again_as_dvc_does(pair, parses):
+    """U+0085 (NEL) in a param: ruamel's dump of it parses back as another string, so DVC's next dump differs."""
+    cache = lockfile.LockfileCache()
+    first = lambda d: (rerun(d, "prepare"), d["stages"]["prepare"].update(params={"params.yaml": {"sep": "a\x85b"}}))
+    both(pair, cache, first)
+    both(pair, cache, lambda d: rerun(d, "base_models"))
+    both(pair, cache, lambda d: rerun(d, "sft@llama"))
+    assert parses.count(pair[1]) == 2          # again after the write that did not round-trip; its text then does
+
+
+def test_a_comment_at_the_top_is_kept_in_every_file_and_after_every_parse(tmp_path, pair, lock_text, capsys):
+    """The entry-by-entry check is made per file and again after each parse: a comment another writer adds later,
+    or one in a second dvc.lock (a pipeline in a subfolder), is written back as DVC writes it."""
+    from dvc.utils.serialize import modify_yaml
+
+    cache = lockfile.LockfileCache()
+    both(pair, cache, lambda d: rerun(d, "prepare"))          # checked: entry by entry from here on
+    for p in pair:
+        p.write_text("# kept by DVC\n" + p.read_text())
+    both(pair, cache, lambda d: rerun(d, "base_models"))
+    both(pair, cache, lambda d: rerun(d, "sft@llama"))
+    sub = [tmp_path / "dvc" / "sub" / "dvc.lock", tmp_path / "ours" / "sub" / "dvc.lock"]
+    for p in sub:
+        p.parent.mkdir()
+        p.write_text("# a subfolder's pipeline\n" + lock_text)
+    both(sub, cache, lambda d: rerun(d, "prepare"))
+    assert pair[1].read_text().startswith("# kept by DVC\n") and sub[1].read_text().startswith("# a subfolder")
+    assert capsys.readouterr().err.count("writing it whole from now on") == 2
+    with modify_yaml(pair[0]) as data:                       # DVC's own next write: the same text again
+        rerun(data, "sft@mistral")
+    with cache.modify_yaml(pair[1]) as data:
+        rerun(data, "sft@mistral")
+    assert pair[1].read_text() == pair[0].read_text()
+
+
+def test_dvc_repro_with_anchored_params_writes_dvc_s_lock(tmp_path):
+    """End to end, a toy pipeline whose params.yaml merges an anchor (DVC then shares the mapping between stages):
+    `python -m telekd.lockfile repro` and `dvc repro` write the same dvc.lock, and DVC reads it back."""
+    import subprocess
+    import sys
+
+    params = "base: &base\n  layers: [8, 8]\n  lr: 0.1\ntrain:\n  <<: *base\n  lr: 0.2\n"
+    pipeline = ("stages:\n  prep: {cmd: echo 0 > p0.txt, params: [base, train], outs: [p0.txt]}\n"
+                "  train: {cmd: cat p0.txt > p1.txt, deps: [p0.txt], params: [base, train], outs: [p1.txt]}\n")
+    locks = []
+    for name, dvc in (("dvc", ["dvc"]), ("ours", [sys.executable, "-m", "telekd.lockfile"])):
+        repo = tmp_path / name
+        repo.mkdir()
+        (repo / "params.yaml").write_text(params)
+        (repo / "dvc.yaml").write_text(pipeline)
+        for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], [*dvc, "repro", "-q"], ["dvc", "status", "-q"]):
+            subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+        locks.append((repo / "dvc.lock").read_text())
+    assert locks[1] == locks[0]
+    assert "&id001" in locks[0]
 
 
 def test_install_routes_dvc_lock_only_and_refuses_a_second_install(tmp_path, monkeypatch, parses):
@@ -152,7 +227,7 @@ def test_install_routes_dvc_lock_only_and_refuses_a_second_install(tmp_path, mon
     cache = lockfile.install()
     lock, other = tmp_path / "dvc.lock", tmp_path / "dvc.yaml"
     for p in (lock, other):
-        p.write_text("stages:\n  a:\n    cmd: echo a  # a comment DVC keeps in dvc.yaml\n")
+        p.write_text("schema: '2.0'\nstages:\n  a:\n    cmd: echo a  # a comment DVC keeps in dvc.yaml\n")
     for _ in range(2):
         for p in (lock, other):
             with dvc.dvcfile.modify_yaml(p) as data:

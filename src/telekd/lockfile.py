@@ -6,13 +6,15 @@ again (`dvc.dvcfile.Lockfile.dump_stages` -> `dvc.utils.serialize.modify_yaml`).
 the square of the stage count (treeverse/dvc#10629). Within one DVC process, `install()` replaces the
 `modify_yaml` that dvc.dvcfile calls, for files named dvc.lock only, by `LockfileCache.modify_yaml`, which
 - skips the parse when the file holds exactly the text this process last wrote there: it hands DVC back the very
-  object whose dump that text is (a parse of it would give equal values);
+  object whose dump that text is, kept only when DVC's parse of the text would dump the same text again;
 - dumps each stage's entry on its own and reuses the text of the entries that are the same objects with the same
-  contents (`repr`) as at the last dump; DVC replaces the entry of each stage it runs.
-What it writes is ruamel's dump through DVC's own dumper (`dvc.utils.serialize._yaml._dump`). The entry-by-entry
-text is used only after it has reproduced a whole dump byte for byte in this process; if it ever doesn't, the
-process goes on dumping whole and says so once on stderr. tests/test_lockfile.py checks both against DVC's own
-modify_yaml on the study's dvc.lock.
+  contents (`repr`) as at the last dump (DVC replaces the entry of each stage it runs).
+The file is DVC's own dump (`dvc.utils.serialize._yaml._dump`), read and written by DVC's `_load_data` and
+`_dump_data`. Entry by entry is used only where it cannot differ: the data is {schema, stages} alone, no mapping or
+list is reached twice (ruamel would write anchors numbered across the file: DVC shares a params mapping between
+stages that read a YAML anchor), each entry's text round-trips, and for data just parsed (or new) the entry-by-entry
+text equals the whole dump (a comment at the top of the file would not), else that file is dumped whole, as DVC does,
+for the rest of the process, with one line on stderr. tests/test_lockfile.py compares with DVC's own modify_yaml.
 
     python -m telekd.lockfile repro                            # = dvc repro
     python -m telekd.forkserver python -m telekd.lockfile repro # what `make repro` runs
@@ -39,6 +41,27 @@ def _dumps(data: Any) -> str:
     return stream.getvalue()
 
 
+def _round_trips(text: str) -> bool:
+    """Whether DVC's parse of `text` dumps as `text` again (not so for a few exotic strings, e.g. one holding U+0085)."""
+    from dvc.utils.serialize._yaml import parse_yaml_for_update
+
+    return _dumps(parse_yaml_for_update(text, LOCK_FILE)) == text
+
+
+def _shares_objects(data: Any) -> bool:
+    """Whether a mapping or list is reachable twice in `data`: ruamel then writes an anchor and aliases (&id001,
+    *id001), numbered across the whole document, so no entry can be dumped on its own."""
+    seen, todo = set(), [data]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, (dict, list)):
+            if id(obj) in seen:
+                return True
+            seen.add(id(obj))
+            todo.extend(obj.values() if isinstance(obj, dict) else obj)
+    return False
+
+
 @dataclass
 class _Entry:
     """One stage's entry as last dumped: the object, its repr then, and its text under `stages:`."""
@@ -49,17 +72,17 @@ class _Entry:
 
 @dataclass
 class LockfileCache:
-    """What one process last wrote to each dvc.lock (the text and the object dumped), and its stages' texts."""
+    """What one process last wrote to each dvc.lock (text and object), and the texts of its stages' entries."""
     written: dict[str, tuple[str, Any]] = field(default_factory=dict)   # absolute path -> (text, data)
     entries: dict[str, dict[str, _Entry]] = field(default_factory=dict)  # absolute path -> stage name -> entry
-    by_entry: bool | None = None    # None: not checked against a whole dump yet; False: a check failed
+    whole: set[str] = field(default_factory=set)    # paths whose entry-by-entry dump failed its check: dumped whole
 
     @contextmanager
     def modify_yaml(self, path, fs=None):
         """DVC's `modify_yaml(path, fs)` for a dvc.lock: yields its data (a ruamel round-trip mapping), then writes it.
 
-        Raises what DVC's would (YAMLFileCorruptedError for a corrupt file). If the body raises, nothing is written
-        and the data is forgotten, so the next call parses the file again.
+        Raises what DVC's would (YAMLFileCorruptedError for a corrupt file, EncodingError). If the body raises,
+        nothing is written and the data is forgotten, so the next call parses the file again.
         """
         from dvc.utils.serialize._common import _dump_data, _load_data
         from dvc.utils.serialize._yaml import parse_yaml_for_update
@@ -68,46 +91,51 @@ class LockfileCache:
         exists = fs.exists(os.fspath(path)) if fs else os.path.exists(path)
         text = _load_data(path, parser=lambda text, _: text, fs=fs) if exists else None   # DVC's reading, unparsed
         last = self.written.pop(key, None)
-        if text is None:
-            data = {}
-        elif last is not None and last[0] == text:
+        if last is not None and last[0] == text:
             data = last[1]
         else:
-            data = parse_yaml_for_update(text, path)
+            data = parse_yaml_for_update(text, path) if text is not None else {}
             self.entries.pop(key, None)
         yield data
-        out = self.dumps(key, data)
+        out, stands_for_text = self.dumps(key, data)
         _dump_data(path, out, dumper=lambda text, stream: stream.write(text), fs=fs)
-        self.written[key] = (out, data)
+        if stands_for_text:
+            self.written[key] = (out, data)
 
-    def dumps(self, key: str, data: Any) -> str:
-        """ruamel's dump of `data` (DVC's dumper), from the texts of unchanged stage entries where it can."""
+    def dumps(self, key: str, data: Any) -> tuple[str, bool]:
+        """ruamel's dump of `data` (DVC's dumper), from the texts of unchanged stage entries where it can; and whether
+        `data` may stand for a parse of that text next time (DVC's parse of it would dump the same text).
+
+        Entry by entry only when: data is {schema, stages} alone; no object is reached twice (no anchors); every
+        entry's text round-trips; and, for data not yet checked (just parsed or new), the result equals the whole
+        dump (which a comment at the top of the file, for one, would not). Otherwise the whole dump, and no reuse.
+        """
         stages = data.get("stages") if isinstance(data, dict) else None
-        if self.by_entry is False or not stages or not isinstance(stages, dict) or list(data) != ["schema", "stages"]:
+        if (key in self.whole or not stages or not isinstance(stages, dict) or list(data) != ["schema", "stages"]
+                or _shares_objects(data)):
             self.entries.pop(key, None)
-            return _dumps(data)
-        old = self.entries.get(key, {})
+            return _dumps(data), False
+        old = self.entries.get(key)               # None: this data has not been checked against a whole dump
         new = {}
         for name, obj in stages.items():
-            entry = old.get(name)
+            entry = (old or {}).get(name)
             contents = repr(obj)
             if entry is None or entry.obj is not obj or entry.contents != contents:
                 text = _dumps({"stages": {name: obj}})
-                assert text.startswith(_STAGES), text[:40]
+                if not _round_trips(text):
+                    self.entries.pop(key, None)
+                    return _dumps(data), False
                 entry = _Entry(obj, contents, text[len(_STAGES):])
             new[name] = entry
         out = _dumps({"schema": data["schema"]}) + _STAGES + "".join(e.text for e in new.values())
-        if not self.by_entry:
-            whole = _dumps(data)
-            if out != whole:
-                print("telekd.lockfile: an entry-by-entry dump of dvc.lock differed from ruamel's whole dump; "
-                      "dumping it whole from now on (slower, same file)", file=sys.stderr)
-                self.by_entry = False
-                self.entries.pop(key, None)
-                return whole
-            self.by_entry = True
+        if old is None and out != (whole := _dumps(data)):
+            print(f"telekd.lockfile: {key} holds what an entry-by-entry dump does not reproduce (a comment at its "
+                  "top?); writing it whole from now on, as DVC does", file=sys.stderr)
+            self.whole.add(key)
+            self.entries.pop(key, None)
+            return whole, False
         self.entries[key] = new
-        return out
+        return out, True
 
 
 def install(cache: LockfileCache | None = None) -> LockfileCache:
