@@ -135,7 +135,8 @@ def main() -> None:
     ap.add_argument("--reduced", action="store_true",
                     help="the tests' reduced study (tests/conftest.py: reduce_study) committed in the clone")
     ap.add_argument("--keep", action="store_true", help="keep the clone")
-    ap.add_argument("--plain", action="store_true", help="time plain `dvc repro`, without the fork server and telekd.lockfile")
+    ap.add_argument("--plain", action="store_true",
+                    help="time plain `dvc repro`, without the fork server and telekd.lockfile")
     ap.add_argument("--compare", metavar="DIR", help="a study folder with an earlier run's scores/ (e.g. this "
                     "checkout): every per-sample score compared with the clone's (telekd.score_diff)")
     ap.add_argument("--shared", default="yes: other agents' work ran at the same time",

@@ -151,7 +151,8 @@ def run_study(root: Path, forkserver: bool = True, targets: tuple[str, ...] = ()
     t0 = time.perf_counter()
     # a dummy judge key in the environment, as a user's real one would be: tests/reliability/test_security.py
     # greps every file of the run (outputs, logs, metrics, dvc.lock) for it
-    dvc = [sys.executable, "-m", "telekd.forkserver", sys.executable, "-m", "telekd.lockfile"] if forkserver else ["dvc"]
+    fast_dvc = [sys.executable, "-m", "telekd.forkserver", sys.executable, "-m", "telekd.lockfile"]
+    dvc = fast_dvc if forkserver else ["dvc"]
     out = run_cmd([*dvc, "repro", *targets], root, env={**study_env(netlog), "TELEKD_JUDGE_API_KEY": STUDY_KEY})
     seconds = time.perf_counter() - t0
     return {"dir": root, "netlog": netlog, "seconds": seconds, "output": out, "snapshot": study_snapshot(root),

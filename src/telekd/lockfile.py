@@ -42,7 +42,7 @@ def _dumps(data: Any) -> str:
 
 
 def _round_trips(text: str) -> bool:
-    """Whether DVC's parse of `text` dumps as `text` again (not so for a few exotic strings, e.g. one holding U+0085)."""
+    """Whether DVC's parse of `text` dumps as `text` again (not so for some exotic strings, e.g. one holding U+0085)."""
     from dvc.utils.serialize._yaml import parse_yaml_for_update
 
     return _dumps(parse_yaml_for_update(text, LOCK_FILE)) == text
