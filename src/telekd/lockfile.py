@@ -10,11 +10,13 @@ the square of the stage count (treeverse/dvc#10629). Within one DVC process, `in
 - dumps each stage's entry on its own and reuses the text of the entries that are the same objects with the same
   contents (`repr`) as at the last dump (DVC replaces the entry of each stage it runs).
 The file is DVC's own dump (`dvc.utils.serialize._yaml._dump`), read and written by DVC's `_load_data` and
-`_dump_data`. Entry by entry is used only where it cannot differ: the data is {schema, stages} alone, no mapping or
-list is reached twice (ruamel would write anchors numbered across the file: DVC shares a params mapping between
-stages that read a YAML anchor), each entry's text round-trips, and for data just parsed (or new) the entry-by-entry
-text equals the whole dump (a comment at the top of the file would not), else that file is dumped whole, as DVC does,
-for the rest of the process, with one line on stderr. tests/test_lockfile.py compares with DVC's own modify_yaml.
+`_dump_data`. Entry by entry is used only where it cannot differ: the data is {schema, stages} alone; no object
+that ruamel would alias is reached twice (ruamel numbers anchors across the file: DVC shares a params mapping
+between stages that read a YAML anchor, params.py tuples too); each entry's text stands alone (indented through,
+so no `...` or `---` marker, and round-tripping); and for data just parsed (or new) the entry-by-entry text equals
+the whole dump (a comment at the top of the file would not), else that file is dumped whole, as DVC does, for the
+rest of the process, which DVC's logger says once (hidden by -q). tests/test_lockfile.py compares with DVC's own
+modify_yaml, and with `dvc repro` end to end.
 
     python -m telekd.lockfile repro                            # = dvc repro
     python -m telekd.forkserver python -m telekd.lockfile repro # what `make repro` runs
@@ -23,6 +25,7 @@ for the rest of the process, with one line on stderr. tests/test_lockfile.py com
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -31,6 +34,8 @@ from typing import Any
 
 LOCK_FILE = "dvc.lock"          # dvc.dvcfile.LOCK_FILE
 _STAGES = "stages:\n"
+_PLAIN = (str, int, float, bool, bytes, type(None))
+_log = logging.getLogger("dvc.telekd_lockfile")    # under DVC's logger: quiet with -q, as DVC's own messages
 
 
 def _dumps(data: Any) -> str:
@@ -48,18 +53,44 @@ def _round_trips(text: str) -> bool:
     return _dumps(parse_yaml_for_update(text, LOCK_FILE)) == text
 
 
+def _aliasable(obj: Any) -> bool:
+    """Whether ruamel's round-trip representer writes `obj` once with an anchor and then as aliases if it meets it
+    twice: anything but None, (), str, bytes, bool, int and float, and those too when they carry an anchor of
+    their own (ruamel.yaml.representer.RoundTripRepresenter.ignore_aliases, negated)."""
+    from ruamel.yaml.anchor import Anchor
+
+    anchor = getattr(obj, Anchor.attrib, None)
+    if anchor is not None and anchor.value is not None:
+        return True
+    return not (obj is None or isinstance(obj, (bytes, str, bool, int, float)) or (isinstance(obj, tuple) and not obj))
+
+
 def _shares_objects(data: Any) -> bool:
-    """Whether a mapping or list is reachable twice in `data`: ruamel then writes an anchor and aliases (&id001,
-    *id001), numbered across the whole document, so no entry can be dumped on its own."""
+    """Whether an object ruamel would alias is reached twice in `data` (a params mapping DVC hands two stages, a
+    tuple of params.py): ruamel then writes an anchor and aliases (&id001, *id001) numbered across the whole
+    document, so no entry can be dumped on its own."""
     seen, todo = set(), [data]
     while todo:
         obj = todo.pop()
-        if isinstance(obj, (dict, list)):
+        if type(obj) in _PLAIN:                   # most of a lock: no anchor possible, nothing inside
+            continue
+        if _aliasable(obj):
             if id(obj) in seen:
                 return True
             seen.add(id(obj))
-            todo.extend(obj.values() if isinstance(obj, dict) else obj)
+        if isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
     return False
+
+
+def _stands_alone(text: str) -> bool:
+    """Whether an entry's text holds nothing of the document around it: every line inside the entry (indented), so
+    no end marker (`...`, which ruamel writes after a keep-chomping `|+` scalar that ends a document), start marker
+    or top-level comment; and DVC's parse of it dumps it again (not so for some strings, e.g. one holding U+0085)."""
+    return all(line.startswith(" ") or not line for line in text[len(_STAGES):].split("\n")) and _round_trips(text)
 
 
 @dataclass
@@ -106,9 +137,10 @@ class LockfileCache:
         """ruamel's dump of `data` (DVC's dumper), from the texts of unchanged stage entries where it can; and whether
         `data` may stand for a parse of that text next time (DVC's parse of it would dump the same text).
 
-        Entry by entry only when: data is {schema, stages} alone; no object is reached twice (no anchors); every
-        entry's text round-trips; and, for data not yet checked (just parsed or new), the result equals the whole
-        dump (which a comment at the top of the file, for one, would not). Otherwise the whole dump, and no reuse.
+        Entry by entry only when: data is {schema, stages} alone; no object ruamel would alias is reached twice (no
+        anchors); every entry's text stands alone (`_stands_alone`); and, for data not yet checked (just parsed or
+        new), the result equals the whole dump (which a comment at the top of the file, for one, would not).
+        Otherwise the whole dump, and no reuse.
         """
         stages = data.get("stages") if isinstance(data, dict) else None
         if (key in self.whole or not stages or not isinstance(stages, dict) or list(data) != ["schema", "stages"]
@@ -122,15 +154,15 @@ class LockfileCache:
             contents = repr(obj)
             if entry is None or entry.obj is not obj or entry.contents != contents:
                 text = _dumps({"stages": {name: obj}})
-                if not _round_trips(text):
+                if not _stands_alone(text):
                     self.entries.pop(key, None)
                     return _dumps(data), False
                 entry = _Entry(obj, contents, text[len(_STAGES):])
             new[name] = entry
         out = _dumps({"schema": data["schema"]}) + _STAGES + "".join(e.text for e in new.values())
         if old is None and out != (whole := _dumps(data)):
-            print(f"telekd.lockfile: {key} holds what an entry-by-entry dump does not reproduce (a comment at its "
-                  "top?); writing it whole from now on, as DVC does", file=sys.stderr)
+            _log.info("telekd.lockfile: writing %s whole after each stage, as DVC does: it holds what an "
+                      "entry-by-entry dump does not reproduce (a comment, flow style)", key)
             self.whole.add(key)
             self.entries.pop(key, None)
             return whole, False
