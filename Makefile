@@ -63,7 +63,7 @@ test: setup
 
 # The benchmark suite (bench/*.py, results in bench/results/*.json, each with its commit and command).
 # kd_cache and generation read the study's models, hence `repro` first; study.py clones the repository
-# and reruns the study (~12 min); the README's performance table is regenerated from the results last.
+# and reruns the study (~10 min); the README's performance table is regenerated from the results last.
 bench: repro
 	python bench/gkd.py
 	python bench/mfu.py --bf16

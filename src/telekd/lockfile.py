@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-LOCK_FILE = "dvc.lock"          # dvc.dvcfile.LOCK_FILE
 _STAGES = "stages:\n"
 _PLAIN = (str, int, float, bool, bytes, type(None))
 _log = logging.getLogger("dvc.telekd_lockfile")    # under DVC's logger: quiet with -q, as DVC's own messages
@@ -48,6 +47,7 @@ def _dumps(data: Any) -> str:
 
 def _round_trips(text: str) -> bool:
     """Whether DVC's parse of `text` dumps as `text` again (not so for some exotic strings, e.g. one holding U+0085)."""
+    from dvc.dvcfile import LOCK_FILE
     from dvc.utils.serialize._yaml import parse_yaml_for_update
 
     return _dumps(parse_yaml_for_update(text, LOCK_FILE)) == text
@@ -145,8 +145,7 @@ class LockfileCache:
         stages = data.get("stages") if isinstance(data, dict) else None
         if (key in self.whole or not stages or not isinstance(stages, dict) or list(data) != ["schema", "stages"]
                 or _shares_objects(data)):
-            self.entries.pop(key, None)
-            return _dumps(data), False
+            return self._whole_dump(key, data)
         old = self.entries.get(key)               # None: this data has not been checked against a whole dump
         new = {}
         for name, obj in stages.items():
@@ -155,8 +154,7 @@ class LockfileCache:
             if entry is None or entry.obj is not obj or entry.contents != contents:
                 text = _dumps({"stages": {name: obj}})
                 if not _stands_alone(text):
-                    self.entries.pop(key, None)
-                    return _dumps(data), False
+                    return self._whole_dump(key, data)
                 entry = _Entry(obj, contents, text[len(_STAGES):])
             new[name] = entry
         out = _dumps({"schema": data["schema"]}) + _STAGES + "".join(e.text for e in new.values())
@@ -164,10 +162,15 @@ class LockfileCache:
             _log.info("telekd.lockfile: writing %s whole after each stage, as DVC does: it holds what an "
                       "entry-by-entry dump does not reproduce (a comment, flow style)", key)
             self.whole.add(key)
-            self.entries.pop(key, None)
-            return whole, False
+            return self._whole_dump(key, data, whole)
         self.entries[key] = new
         return out, True
+
+    def _whole_dump(self, key: str, data: Any, whole: str | None = None) -> tuple[str, bool]:
+        """DVC's own whole dump of `data` (`whole` if already made), keeping nothing of it: the next write parses
+        the file as DVC does."""
+        self.entries.pop(key, None)
+        return (_dumps(data) if whole is None else whole), False
 
 
 def install(cache: LockfileCache | None = None) -> LockfileCache:
@@ -176,6 +179,7 @@ def install(cache: LockfileCache | None = None) -> LockfileCache:
     Raises RuntimeError if dvc.dvcfile no longer calls a `modify_yaml` (a DVC this module does not know).
     """
     import dvc.dvcfile
+    from dvc.dvcfile import is_lock_file
     from dvc.utils.serialize import modify_yaml as dvc_modify_yaml
 
     if getattr(dvc.dvcfile, "modify_yaml", None) is not dvc_modify_yaml:
@@ -185,7 +189,7 @@ def install(cache: LockfileCache | None = None) -> LockfileCache:
 
     @contextmanager
     def modify_yaml(path, fs=None):
-        if os.path.basename(os.fspath(path)) != LOCK_FILE:
+        if not is_lock_file(os.fspath(path)):
             with dvc_modify_yaml(path, fs=fs) as data:
                 yield data
         else:
